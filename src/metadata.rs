@@ -1,0 +1,212 @@
+//! One metadata update as a caller hands it in, and the checks it must pass.
+//!
+//! `add` validates a whole call before it queues anything: a key must be non-empty and at
+//! most [`MAX_KEY_CHARS`] characters (PostgreSQL's `varchar(127)` counts characters), and no
+//! field may hold a NUL byte (PostgreSQL `text` cannot store one). Over-long values and
+//! errors are not rejected but cut, exactly as Coder's agent API does before its batcher,
+//! so a chatty agent still gets its latest state recorded with an explanation.
+
+use std::fmt;
+use std::time::SystemTime;
+
+/// The longest key, in characters, that the `varchar(127)` column accepts.
+pub const MAX_KEY_CHARS: usize = 127;
+
+/// Values longer than this many bytes are cut to it and the error explains why.
+pub const MAX_VALUE_BYTES: usize = 2048;
+
+/// Errors longer than this many bytes are replaced by a message that gives their length.
+pub const MAX_ERROR_BYTES: usize = 2048;
+
+/// One metadata update of one agent: the newest result of one of its metadata scripts.
+///
+/// ```
+/// use std::time::SystemTime;
+/// use metadata_batcher::Metadata;
+///
+/// let m = Metadata::new("cpu", "42%", "", SystemTime::now());
+/// assert_eq!(m.key, "cpu");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata {
+    /// The metadata key, as registered for the agent.
+    pub key: String,
+    /// The value the agent collected.
+    pub value: String,
+    /// The error the agent's script reported, empty when it succeeded.
+    pub error: String,
+    /// When the agent collected the value; per (agent, key) only the newest is kept.
+    pub collected_at: SystemTime,
+}
+
+impl Metadata {
+    /// Makes an update.
+    pub fn new(
+        key: impl Into<String>,
+        value: impl Into<String>,
+        error: impl Into<String>,
+        collected_at: SystemTime,
+    ) -> Self {
+        Metadata {
+            key: key.into(),
+            value: value.into(),
+            error: error.into(),
+            collected_at,
+        }
+    }
+
+    /// Checks what the database would refuse. Cheap on the common path: a key of at most
+    /// 127 bytes cannot have more than 127 characters, so characters are only counted for
+    /// longer keys.
+    pub(crate) fn validate(&self) -> Result<(), InvalidMetadata> {
+        if self.key.is_empty() {
+            return Err(InvalidMetadata::EmptyKey);
+        }
+        if self.key.len() > MAX_KEY_CHARS {
+            let chars = self.key.chars().count();
+            if chars > MAX_KEY_CHARS {
+                return Err(InvalidMetadata::KeyTooLong { chars });
+            }
+        }
+        for (field, text) in [
+            (MetadataField::Key, &self.key),
+            (MetadataField::Value, &self.value),
+            (MetadataField::Error, &self.error),
+        ] {
+            if text.as_bytes().contains(&0) {
+                return Err(InvalidMetadata::NulByte { field });
+            }
+        }
+        Ok(())
+    }
+
+    /// Cuts an over-long value or error the way Coder's agent API does.
+    pub(crate) fn enforce_size_limits(&mut self) {
+        if self.value.len() > MAX_VALUE_BYTES {
+            self.error = format!(
+                "value of {} bytes exceeded {MAX_VALUE_BYTES} bytes",
+                self.value.len()
+            );
+            truncate_at_char_boundary(&mut self.value, MAX_VALUE_BYTES);
+        }
+        if self.error.len() > MAX_ERROR_BYTES {
+            self.error = format!(
+                "error of {} bytes exceeded {MAX_ERROR_BYTES} bytes",
+                self.error.len()
+            );
+        }
+    }
+}
+
+fn truncate_at_char_boundary(text: &mut String, max_bytes: usize) {
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+}
+
+/// Which field of a [`Metadata`] a problem is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataField {
+    /// [`Metadata::key`].
+    Key,
+    /// [`Metadata::value`].
+    Value,
+    /// [`Metadata::error`].
+    Error,
+}
+
+impl MetadataField {
+    /// The field's name: `"key"`, `"value"` or `"error"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetadataField::Key => "key",
+            MetadataField::Value => "value",
+            MetadataField::Error => "error",
+        }
+    }
+}
+
+/// What is wrong with one [`Metadata`] that `add` refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvalidMetadata {
+    /// The key is the empty string.
+    EmptyKey,
+    /// The key has more than [`MAX_KEY_CHARS`] characters.
+    KeyTooLong {
+        /// How many characters it has.
+        chars: usize,
+    },
+    /// A field holds a NUL byte, which PostgreSQL text cannot store.
+    NulByte {
+        /// The field that holds it.
+        field: MetadataField,
+    },
+}
+
+impl fmt::Display for InvalidMetadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidMetadata::EmptyKey => f.write_str("the key is empty; every metadata entry needs the key it was registered under"),
+            InvalidMetadata::KeyTooLong { chars } => write!(
+                f,
+                "the key has {chars} characters, more than the {MAX_KEY_CHARS} a key may have"
+            ),
+            InvalidMetadata::NulByte { field } => write!(
+                f,
+                "the {} contains a NUL byte, which PostgreSQL text cannot store; strip or escape it",
+                field.as_str()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for InvalidMetadata {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn md(key: &str, value: &str, error: &str) -> Metadata {
+        Metadata::new(key, value, error, SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(md("", "", "").validate(), Err(InvalidMetadata::EmptyKey));
+        assert_eq!(md(&"k".repeat(127), "", "").validate(), Ok(()));
+        // 127 characters of 2 bytes each: 254 bytes, still valid.
+        assert_eq!(md(&"é".repeat(127), "", "").validate(), Ok(()));
+        assert_eq!(
+            md(&"é".repeat(128), "", "").validate(),
+            Err(InvalidMetadata::KeyTooLong { chars: 128 })
+        );
+        for (m, field) in [
+            (md("a\0", "", ""), MetadataField::Key),
+            (md("a", "b\0", ""), MetadataField::Value),
+            (md("a", "b", "\0c"), MetadataField::Error),
+        ] {
+            assert_eq!(m.validate(), Err(InvalidMetadata::NulByte { field }));
+        }
+    }
+
+    #[test]
+    fn long_value_is_cut_at_a_char_boundary_and_explained() {
+        // 1 byte then 'é' (2 bytes) repeated: byte 2048 falls inside a character.
+        let mut m = md("k", &format!("a{}", "é".repeat(1200)), "old error");
+        m.enforce_size_limits();
+        assert_eq!(m.value.len(), 2047);
+        assert!(m.value.is_char_boundary(m.value.len()));
+        assert_eq!(m.error, "value of 2401 bytes exceeded 2048 bytes");
+
+        let mut m = md("k", "v", &"e".repeat(3000));
+        m.enforce_size_limits();
+        assert_eq!(m.value, "v");
+        assert_eq!(m.error, "error of 3000 bytes exceeded 2048 bytes");
+
+        let mut m = md("k", &"v".repeat(2048), &"e".repeat(2048));
+        m.enforce_size_limits();
+        assert_eq!((m.value.len(), m.error.len()), (2048, 2048));
+    }
+}

@@ -1,0 +1,1 @@
+//! PostgreSQL: the blocking store, the NOTIFY publisher, the LISTEN subscriber and the schema.

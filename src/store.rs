@@ -1,0 +1,113 @@
+//! Where a flush writes: the [`Store`] trait and how a write can fail.
+//!
+//! A store gets one [`MetadataBatch`] per flush and writes it with one statement. Its error
+//! tells the batcher what to do with the rows: keep them and retry ([`StoreError::Unavailable`],
+//! [`StoreError::Canceled`]), or look for the rows the database refuses
+//! ([`StoreError::Rejected`]). Classify with care: calling an outage "rejected" makes the
+//! batcher throw good rows away.
+
+use std::fmt;
+
+use crate::MetadataBatch;
+
+/// Writes batches of metadata; [`PgStore`](crate::postgres::PgStore) is the PostgreSQL one,
+/// [`MemoryStore`](crate::MemoryStore) the in-process one.
+///
+/// The batcher calls it from its flusher thread only, one call at a time.
+///
+/// ```
+/// use metadata_batcher::{MetadataBatch, Store, StoreError};
+///
+/// /// Counts rows instead of writing them.
+/// struct Counting(u64);
+///
+/// impl Store for Counting {
+///     fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+///         self.0 += batch.len() as u64;
+///         Ok(batch.len() as u64)
+///     }
+/// }
+/// ```
+pub trait Store: Send + 'static {
+    /// Writes one batch; returns how many stored rows it updated.
+    ///
+    /// A row whose (agent, key) is not stored, or whose stored `collected_at` is newer, is
+    /// not updated and not counted; the batcher counts the difference as unmatched.
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError>;
+
+    /// A way to stop a `batch_update` that is running on another thread, taken just before
+    /// each call. The batcher fires it when [`close`](crate::Batcher::close) runs out of its
+    /// final flush timeout, so a hung database cannot hold a service's shutdown.
+    ///
+    /// The default, `None`, means a call cannot be interrupted: `close` then still returns in
+    /// time, but leaves the call running on the flusher thread.
+    fn interrupt_handle(&mut self) -> Option<Interrupt> {
+        None
+    }
+}
+
+/// Stops one store call in flight; see [`Store::interrupt_handle`].
+///
+/// ```
+/// use metadata_batcher::Interrupt;
+///
+/// let interrupt = Interrupt::new(|| println!("canceling the query"));
+/// interrupt.fire();
+/// ```
+pub struct Interrupt(Box<dyn FnOnce() + Send>);
+
+impl Interrupt {
+    /// Wraps the code that interrupts the call, such as sending PostgreSQL a cancel request.
+    pub fn new(interrupt: impl FnOnce() + Send + 'static) -> Self {
+        Interrupt(Box::new(interrupt))
+    }
+
+    /// Interrupts the call. It may block briefly (a PostgreSQL cancel request opens a
+    /// connection of its own).
+    pub fn fire(self) {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for Interrupt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Interrupt")
+    }
+}
+
+/// Why a [`Store`] could not write a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database could not be reached or failed for a reason unrelated to the rows
+    /// (connection refused or lost, server shutting down, timeout). The batcher keeps the
+    /// rows and retries them with a backoff.
+    Unavailable(String),
+    /// The database refused the data itself (SQLSTATE classes 22 and 23: a value out of
+    /// range, a violated constraint). The batcher splits the batch to find the refused rows,
+    /// drops only those and writes the rest.
+    Rejected(String),
+    /// The statement was canceled (SQLSTATE 57014: a statement timeout or a cancel request).
+    /// Retried like [`StoreError::Unavailable`], except during shutdown.
+    Canceled,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Unavailable(message) => write!(
+                f,
+                "metadata store unavailable: {message}; the batch is kept and retried"
+            ),
+            StoreError::Rejected(message) => write!(
+                f,
+                "metadata store rejected the data: {message}; the refused rows are isolated and dropped"
+            ),
+            StoreError::Canceled => f.write_str(
+                "metadata store statement canceled (statement timeout or cancel request); \
+                 a slow database or a lock held elsewhere is the usual cause",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}

@@ -1,1 +1,48 @@
 //! PostgreSQL: the blocking store, the NOTIFY publisher, the LISTEN subscriber and the schema.
+//!
+//! A replica of a service opens three connections:
+//!
+//! - [`PgStore`] writes each flush with one prepared `UPDATE ... FROM unnest(...)` into
+//!   `workspace_agent_metadata`, the table [`migrate`] creates and [`register`] fills;
+//! - [`PgPublisher`] announces the flushed agents with `pg_notify`;
+//! - [`PgSubscriber`] `LISTEN`s and hands out the agent IDs every replica announces.
+//!
+//! The store and the publisher keep separate connections so that a NOTIFY is never queued
+//! behind a slow batch update, and a cancel request sent to the store cannot hit a publish.
+//! All three use the blocking `postgres` client without TLS. See `docs/postgres.md` for the
+//! schema, the statement, and the operational advice.
+//!
+//! ```no_run
+//! use metadata_batcher::postgres::{self, PgPublisher, PgStore, PgSubscriber, SubscriberEvent};
+//! use metadata_batcher::METADATA_BATCH_CHANNEL;
+//! use std::time::Duration;
+//!
+//! let url = "postgres://postgres@127.0.0.1:5432/postgres";
+//! let mut client = ::postgres::Client::connect(url, ::postgres::NoTls)?;
+//! postgres::migrate(&mut client)?;
+//! postgres::register(&mut client, uuid::Uuid::from_u128(1), &["cpu", "mem"])?;
+//!
+//! let store = PgStore::connect(url)?;
+//! let publisher = PgPublisher::connect(url)?;
+//! let mut subscriber = PgSubscriber::listen(url, METADATA_BATCH_CHANNEL)?;
+//! // ... hand store and publisher to a Batcher ...
+//! match subscriber.next(Duration::from_secs(1))? {
+//!     Some(SubscriberEvent::Agents(agents)) => println!("changed: {agents:?}"),
+//!     Some(SubscriberEvent::Reconnected) => println!("may have missed some; re-read the table"),
+//!     None => println!("nothing within a second"),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod connect;
+mod error;
+mod publisher;
+mod schema;
+mod store;
+mod subscriber;
+
+pub use connect::{PgOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT};
+pub use publisher::{PgPublisher, MAX_NOTIFY_PAYLOAD};
+pub use schema::{migrate, register, register_agents, MigrateError, MIGRATION_0001};
+pub use store::{PgStore, BATCH_UPDATE_SQL};
+pub use subscriber::{PgSubscriber, SubscribeError, SubscriberEvent};

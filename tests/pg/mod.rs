@@ -1,0 +1,182 @@
+//! Test support for the PostgreSQL tests: every test gets a freshly created database of its
+//! own, dropped when the test ends, so tests run in parallel and leave nothing behind.
+//!
+//! The server comes from `DATABASE_URL` (`scripts/ensure-postgres` prints one), else
+//! `postgres://postgres@127.0.0.1:5432/postgres`. No server is a test failure, never a skip.
+#![allow(dead_code)] // each test file uses its own part of this module
+
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use postgres::{Client, NoTls};
+use uuid::Uuid;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// The server's URL, as the tests were told.
+pub fn server_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+/// `url` pointing at database `dbname` instead; works for URLs and `key=value` strings.
+pub fn with_dbname(url: &str, dbname: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        // key=value: a later key overrides an earlier one.
+        return format!("{url} dbname={dbname}");
+    };
+    let rest = &url[scheme_end + 3..];
+    let query_at = rest.find('?').unwrap_or(rest.len());
+    let path_at = rest[..query_at].find('/').unwrap_or(query_at);
+    format!(
+        "{}{}/{}{}",
+        &url[..scheme_end + 3],
+        &rest[..path_at],
+        dbname,
+        &rest[query_at..]
+    )
+}
+
+/// Connects or fails the test with a message that says how to provide a server.
+pub fn connect(url: &str, application_name: &str) -> Client {
+    let mut config: postgres::Config = url.parse().expect("DATABASE_URL is not a valid URL");
+    config.application_name(application_name);
+    config.connect(NoTls).unwrap_or_else(|err| {
+        panic!(
+            "cannot connect to PostgreSQL at {url}: {err} ({:?}); run scripts/ensure-postgres \
+             or set DATABASE_URL to a server where user may CREATE DATABASE",
+            err.as_db_error().map(|db| db.message())
+        )
+    })
+}
+
+/// A database created for one test; dropped (with its connections) when this is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// A fresh database with the crate's migration applied.
+    pub fn new() -> TestDb {
+        let db = TestDb::empty();
+        let mut client = db.client("mb-test migrate");
+        metadata_batcher::postgres::migrate(&mut client).expect("migrate");
+        db
+    }
+
+    /// A fresh database without any table.
+    pub fn empty() -> TestDb {
+        let admin_url = server_url();
+        let name = format!("mb_test_{}", Uuid::new_v4().simple());
+        connect(&admin_url, "mb-test admin")
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("CREATE DATABASE");
+        TestDb {
+            url: with_dbname(&admin_url, &name),
+            name,
+            admin_url,
+        }
+    }
+
+    /// A connection to this database, named so `pg_stat_activity` can find it.
+    pub fn client(&self, application_name: &str) -> Client {
+        connect(&self.url, application_name)
+    }
+
+    /// A connection to the server's maintenance database, for statements about this one.
+    pub fn admin(&self) -> Client {
+        connect(&self.admin_url, "mb-test admin")
+    }
+
+    /// Terminates this database's backends named `application_name` and waits until they
+    /// are gone; returns how many there were.
+    pub fn terminate(&self, application_name: &str) -> usize {
+        let mut admin = self.admin();
+        let rows = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = $2",
+                &[&self.name, &application_name],
+            )
+            .expect("pg_terminate_backend");
+        // pg_terminate_backend only signals the backend; polling the server (not the code
+        // under test) with a deadline is the only way to know it has exited.
+        wait_until("backend exits", || self.backends(&mut admin, application_name) == 0);
+        rows.len()
+    }
+
+    /// How many backends named `application_name` are connected to this database.
+    pub fn backends(&self, admin: &mut Client, application_name: &str) -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+                &[&self.name, &application_name],
+            )
+            .expect("pg_stat_activity")
+            .get(0)
+    }
+
+    /// Waits until a backend named `application_name` is blocked on a lock.
+    pub fn wait_for_lock_wait(&self, application_name: &str) {
+        let mut admin = self.admin();
+        // The statement under test runs on another thread; only the server knows when it
+        // reaches the lock, so poll pg_stat_activity with a deadline.
+        wait_until("statement waits on the lock", || {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                     AND application_name = $2 AND wait_event_type = 'Lock'",
+                    &[&self.name, &application_name],
+                )
+                .expect("pg_stat_activity")
+                .get::<_, i64>(0)
+                > 0
+        });
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let dropped = postgres::Client::connect(&self.admin_url, NoTls).and_then(|mut admin| {
+            admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+        });
+        if let Err(err) = dropped {
+            eprintln!("could not drop test database {}: {err:?}", self.name);
+        }
+    }
+}
+
+/// Polls `condition` every 10 ms for up to 10 s; panics naming `what` on timeout.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A timestamp PostgreSQL stores exactly: whole microseconds.
+pub fn micros(unix_micros: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_micros(unix_micros)
+}
+
+/// The stored row of (agent, key): value, error, collected_at.
+pub fn row(client: &mut Client, agent_id: Uuid, key: &str) -> Option<(String, String, SystemTime)> {
+    client
+        .query_opt(
+            "SELECT value, error, collected_at FROM workspace_agent_metadata \
+             WHERE workspace_agent_id = $1 AND key = $2",
+            &[&agent_id, &key],
+        )
+        .expect("select row")
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+}
+
+/// How many rows the table holds.
+pub fn row_count(client: &mut Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM workspace_agent_metadata", &[])
+        .expect("count rows")
+        .get(0)
+}

@@ -1,0 +1,182 @@
+//! `PgStore`, the schema and error classification against a real PostgreSQL server.
+
+mod pg;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use metadata_batcher::postgres::{self as mbpg, PgOptions, PgStore};
+use metadata_batcher::{Metadata, MetadataBatch, Store, StoreError};
+use pg::{micros, row, row_count, TestDb};
+use uuid::Uuid;
+
+fn options(application_name: &str) -> PgOptions {
+    PgOptions {
+        application_name: Some(application_name.to_owned()),
+        ..PgOptions::default()
+    }
+}
+
+fn batch(rows: &[(Uuid, &str, &str, u64)]) -> MetadataBatch {
+    let mut batch = MetadataBatch::default();
+    for &(agent, key, value, at) in rows {
+        batch.push(agent, Metadata::new(key, value, "", micros(at)));
+    }
+    batch
+}
+
+fn agent(n: u128) -> Uuid {
+    Uuid::from_u128(0xa9e0_0000_0000_0000_0000_0000_0000_0000 | n)
+}
+
+#[test]
+fn round_trip_exact_values_and_timestamps() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    mbpg::register_agents(&mut client, &[agent(1), agent(2)], &["cpu", "mem"]).unwrap();
+    let mut store = PgStore::connect(&db.url).unwrap();
+
+    let mut batch = MetadataBatch::default();
+    let at = micros(1_764_000_000_123_456);
+    batch.push(agent(1), Metadata::new("cpu", "42%", "", at));
+    batch.push(agent(1), Metadata::new("mem", "", "exit status 1", at));
+    batch.push(agent(2), Metadata::new("cpu", "ünïcødé ✓ 'quoted'", "", micros(1)));
+    // Before 1970 and before 2000 (PostgreSQL's epoch) must survive too.
+    let early = std::time::SystemTime::UNIX_EPOCH - Duration::from_micros(86_400_000_001);
+    batch.push(agent(2), Metadata::new("mem", "old", "", early));
+    assert_eq!(store.batch_update(&batch).unwrap(), 4);
+
+    assert_eq!(row(&mut client, agent(1), "cpu"), Some(("42%".into(), "".into(), at)));
+    assert_eq!(
+        row(&mut client, agent(1), "mem"),
+        Some(("".into(), "exit status 1".into(), at))
+    );
+    assert_eq!(
+        row(&mut client, agent(2), "cpu"),
+        Some(("ünïcødé ✓ 'quoted'".into(), "".into(), micros(1)))
+    );
+    assert_eq!(row(&mut client, agent(2), "mem"), Some(("old".into(), "".into(), early)));
+}
+
+#[test]
+fn unknown_rows_are_neither_created_nor_counted() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    assert_eq!(mbpg::register(&mut client, agent(1), &["cpu"]).unwrap(), 1);
+    let mut store = PgStore::connect(&db.url).unwrap();
+
+    let updated = store
+        .batch_update(&batch(&[
+            (agent(1), "cpu", "1", 10),
+            (agent(1), "invented", "2", 10),
+            (agent(9), "cpu", "3", 10),
+        ]))
+        .unwrap();
+    assert_eq!(updated, 1);
+    assert_eq!(row_count(&mut client), 1);
+    assert_eq!(row(&mut client, agent(1), "invented"), None);
+}
+
+#[test]
+fn older_collected_at_never_overwrites_newer() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    mbpg::register_agents(&mut client, &[agent(1)], &["a", "b"]).unwrap();
+    let mut store = PgStore::connect(&db.url).unwrap();
+
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "new", 2_000), (agent(1), "b", "new", 2_000)]))
+            .unwrap(),
+        2
+    );
+    // Older: ignored and not counted. Equal: a retried write of the same moment applies.
+    let updated = store
+        .batch_update(&batch(&[(agent(1), "a", "older", 1_999), (agent(1), "b", "same", 2_000)]))
+        .unwrap();
+    assert_eq!(updated, 1);
+    assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "new");
+    assert_eq!(row(&mut client, agent(1), "b").unwrap().0, "same");
+}
+
+#[test]
+fn register_is_idempotent_and_bulk() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    let agents: Vec<Uuid> = (0..1_000).map(agent).collect();
+    let keys = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"];
+    assert_eq!(mbpg::register_agents(&mut client, &agents, &keys).unwrap(), 10_000);
+    assert_eq!(mbpg::register_agents(&mut client, &agents, &keys).unwrap(), 0);
+    assert_eq!(mbpg::register(&mut client, agent(5), &["k0", "new"]).unwrap(), 1);
+    assert_eq!(row_count(&mut client), 10_001);
+    let (value, error, at) = row(&mut client, agent(5), "new").unwrap();
+    assert_eq!((value.as_str(), error.as_str()), ("", ""));
+    assert!(at < std::time::SystemTime::UNIX_EPOCH, "default collected_at is year 1");
+}
+
+#[test]
+fn migrate_is_idempotent_and_safe_in_parallel() {
+    let db = TestDb::empty();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let mut client = db.client(&format!("mb-test migrate {i}"));
+            thread::spawn(move || mbpg::migrate(&mut client))
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap().unwrap();
+    }
+    let mut client = db.client("mb-test check");
+    mbpg::migrate(&mut client).unwrap();
+    let fillfactor: Option<Vec<String>> = client
+        .query_one(
+            "SELECT reloptions FROM pg_class WHERE relname = 'workspace_agent_metadata'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(fillfactor, Some(vec!["fillfactor=80".to_owned()]));
+}
+
+#[test]
+fn check_violation_is_rejected_with_the_servers_message() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    mbpg::register_agents(&mut client, &[agent(1)], &["a", "b"]).unwrap();
+    client
+        .batch_execute(
+            "ALTER TABLE workspace_agent_metadata ADD CONSTRAINT no_poison CHECK (value <> 'poison')",
+        )
+        .unwrap();
+    let mut store = PgStore::connect(&db.url).unwrap();
+
+    let err = store
+        .batch_update(&batch(&[(agent(1), "a", "fine", 1), (agent(1), "b", "poison", 1)]))
+        .unwrap_err();
+    let StoreError::Rejected(message) = &err else {
+        panic!("expected Rejected, got {err:?}");
+    };
+    assert!(message.contains("23514"), "{message}");
+    assert!(message.contains("no_poison"), "{message}");
+    // The statement is atomic: the good row was not written either.
+    assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "");
+    // The session survives a rejection.
+    assert_eq!(store.batch_update(&batch(&[(agent(1), "a", "fine", 1)])).unwrap(), 1);
+}
+
+#[test]
+fn timestamp_out_of_range_is_rejected() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    mbpg::register(&mut client, agent(1), &["a"]).unwrap();
+    let mut store = PgStore::connect(&db.url).unwrap();
+    // About 20,000 years before 1970: before 4713 BC, the earliest timestamptz.
+    let prehistoric = std::time::SystemTime::UNIX_EPOCH - Duration::from_secs(700_000_000_000);
+    let mut batch = MetadataBatch::default();
+    batch.push(agent(1), Metadata::new("a", "v", "", prehistoric));
+    let err = store.batch_update(&batch).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Rejected(message) if message.contains("22008")),
+        "{err:?}"
+    );
+}

@@ -40,13 +40,19 @@ fn round_trip_exact_values_and_timestamps() {
     let at = micros(1_764_000_000_123_456);
     batch.push(agent(1), Metadata::new("cpu", "42%", "", at));
     batch.push(agent(1), Metadata::new("mem", "", "exit status 1", at));
-    batch.push(agent(2), Metadata::new("cpu", "ünïcødé ✓ 'quoted'", "", micros(1)));
+    batch.push(
+        agent(2),
+        Metadata::new("cpu", "ünïcødé ✓ 'quoted'", "", micros(1)),
+    );
     // Before 1970 and before 2000 (PostgreSQL's epoch) must survive too.
     let early = std::time::SystemTime::UNIX_EPOCH - Duration::from_micros(86_400_000_001);
     batch.push(agent(2), Metadata::new("mem", "old", "", early));
     assert_eq!(store.batch_update(&batch).unwrap(), 4);
 
-    assert_eq!(row(&mut client, agent(1), "cpu"), Some(("42%".into(), "".into(), at)));
+    assert_eq!(
+        row(&mut client, agent(1), "cpu"),
+        Some(("42%".into(), "".into(), at))
+    );
     assert_eq!(
         row(&mut client, agent(1), "mem"),
         Some(("".into(), "exit status 1".into(), at))
@@ -55,7 +61,10 @@ fn round_trip_exact_values_and_timestamps() {
         row(&mut client, agent(2), "cpu"),
         Some(("ünïcødé ✓ 'quoted'".into(), "".into(), micros(1)))
     );
-    assert_eq!(row(&mut client, agent(2), "mem"), Some(("old".into(), "".into(), early)));
+    assert_eq!(
+        row(&mut client, agent(2), "mem"),
+        Some(("old".into(), "".into(), early))
+    );
 }
 
 #[test]
@@ -86,13 +95,19 @@ fn older_collected_at_never_overwrites_newer() {
 
     assert_eq!(
         store
-            .batch_update(&batch(&[(agent(1), "a", "new", 2_000), (agent(1), "b", "new", 2_000)]))
+            .batch_update(&batch(&[
+                (agent(1), "a", "new", 2_000),
+                (agent(1), "b", "new", 2_000)
+            ]))
             .unwrap(),
         2
     );
     // Older: ignored and not counted. Equal: a retried write of the same moment applies.
     let updated = store
-        .batch_update(&batch(&[(agent(1), "a", "older", 1_999), (agent(1), "b", "same", 2_000)]))
+        .batch_update(&batch(&[
+            (agent(1), "a", "older", 1_999),
+            (agent(1), "b", "same", 2_000),
+        ]))
         .unwrap();
     assert_eq!(updated, 1);
     assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "new");
@@ -105,13 +120,25 @@ fn register_is_idempotent_and_bulk() {
     let mut client = db.client("mb-test check");
     let agents: Vec<Uuid> = (0..1_000).map(agent).collect();
     let keys = ["k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9"];
-    assert_eq!(mbpg::register_agents(&mut client, &agents, &keys).unwrap(), 10_000);
-    assert_eq!(mbpg::register_agents(&mut client, &agents, &keys).unwrap(), 0);
-    assert_eq!(mbpg::register(&mut client, agent(5), &["k0", "new"]).unwrap(), 1);
+    assert_eq!(
+        mbpg::register_agents(&mut client, &agents, &keys).unwrap(),
+        10_000
+    );
+    assert_eq!(
+        mbpg::register_agents(&mut client, &agents, &keys).unwrap(),
+        0
+    );
+    assert_eq!(
+        mbpg::register(&mut client, agent(5), &["k0", "new"]).unwrap(),
+        1
+    );
     assert_eq!(row_count(&mut client), 10_001);
     let (value, error, at) = row(&mut client, agent(5), "new").unwrap();
     assert_eq!((value.as_str(), error.as_str()), ("", ""));
-    assert!(at < std::time::SystemTime::UNIX_EPOCH, "default collected_at is year 1");
+    assert!(
+        at < std::time::SystemTime::UNIX_EPOCH,
+        "default collected_at is year 1"
+    );
 }
 
 #[test]
@@ -151,7 +178,10 @@ fn check_violation_is_rejected_with_the_servers_message() {
     let mut store = PgStore::connect(&db.url).unwrap();
 
     let err = store
-        .batch_update(&batch(&[(agent(1), "a", "fine", 1), (agent(1), "b", "poison", 1)]))
+        .batch_update(&batch(&[
+            (agent(1), "a", "fine", 1),
+            (agent(1), "b", "poison", 1),
+        ]))
         .unwrap_err();
     let StoreError::Rejected(message) = &err else {
         panic!("expected Rejected, got {err:?}");
@@ -161,7 +191,12 @@ fn check_violation_is_rejected_with_the_servers_message() {
     // The statement is atomic: the good row was not written either.
     assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "");
     // The session survives a rejection.
-    assert_eq!(store.batch_update(&batch(&[(agent(1), "a", "fine", 1)])).unwrap(), 1);
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "fine", 1)]))
+            .unwrap(),
+        1
+    );
 }
 
 #[test]
@@ -177,6 +212,219 @@ fn timestamp_out_of_range_is_rejected() {
     let err = store.batch_update(&batch).unwrap_err();
     assert!(
         matches!(&err, StoreError::Rejected(message) if message.contains("22008")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn statement_timeout_cancels_a_slow_statement() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    mbpg::register(&mut client, agent(1), &["a"]).unwrap();
+    // A trigger that sleeps makes the store's own statement slow, as a struggling server would.
+    client
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN PERFORM pg_sleep(5); RETURN NEW; END $$; \
+             CREATE TRIGGER slow BEFORE UPDATE ON workspace_agent_metadata \
+               FOR EACH ROW EXECUTE FUNCTION slow();",
+        )
+        .unwrap();
+    let mut store = PgStore::connect_with(
+        &db.url,
+        PgOptions {
+            statement_timeout: Duration::from_millis(200),
+            ..options("mb-test store")
+        },
+    )
+    .unwrap();
+
+    let started = Instant::now();
+    let err = store
+        .batch_update(&batch(&[(agent(1), "a", "v", 1)]))
+        .unwrap_err();
+    assert_eq!(err, StoreError::Canceled);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+
+    client
+        .batch_execute("DROP TRIGGER slow ON workspace_agent_metadata")
+        .unwrap();
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "v", 1)]))
+            .unwrap(),
+        1
+    );
+}
+
+#[test]
+fn terminated_connection_is_reopened_by_a_later_call() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    mbpg::register(&mut client, agent(1), &["a"]).unwrap();
+    let mut store = PgStore::connect_with(&db.url, options("mb-test store")).unwrap();
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "1", 1)]))
+            .unwrap(),
+        1
+    );
+
+    assert_eq!(db.terminate("mb-test store"), 1);
+
+    // The client may or may not have read the termination notice yet: the first call either
+    // fails as Unavailable (and drops the session) or finds the session closed and reconnects.
+    match store.batch_update(&batch(&[(agent(1), "a", "2", 2)])) {
+        Ok(1) => {}
+        Err(StoreError::Unavailable(message)) => {
+            assert!(!message.is_empty());
+            assert_eq!(
+                store
+                    .batch_update(&batch(&[(agent(1), "a", "2", 2)]))
+                    .unwrap(),
+                1
+            );
+        }
+        other => panic!("expected Unavailable or a reconnect, got {other:?}"),
+    }
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "3", 3)]))
+            .unwrap(),
+        1
+    );
+    assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "3");
+}
+
+#[test]
+fn database_refusing_connections_is_unavailable_until_restored() {
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    mbpg::register(&mut client, agent(1), &["a"]).unwrap();
+    drop(client);
+    let mut store = PgStore::connect_with(&db.url, options("mb-test store")).unwrap();
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "1", 1)]))
+            .unwrap(),
+        1
+    );
+
+    let mut admin = db.admin();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            db.name
+        ))
+        .unwrap();
+    db.terminate("mb-test store");
+
+    // The first call may fail on the dead session; the one after must fail reconnecting.
+    for _ in 0..2 {
+        let err = store
+            .batch_update(&batch(&[(agent(1), "a", "2", 2)]))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+    let err = store
+        .batch_update(&batch(&[(agent(1), "a", "2", 2)]))
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("55000") && m.contains("not currently accepting connections")),
+        "{err:?}"
+    );
+    assert!(
+        store.interrupt_handle().is_none(),
+        "no session, nothing to cancel"
+    );
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            db.name
+        ))
+        .unwrap();
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "2", 2)]))
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        row(&mut db.client("mb-test check"), agent(1), "a")
+            .unwrap()
+            .0,
+        "2"
+    );
+}
+
+#[test]
+fn interrupt_cancels_a_statement_blocked_on_a_row_lock() {
+    let db = TestDb::new();
+    let mut locker = db.client("mb-test locker");
+    mbpg::register(&mut locker, agent(1), &["a"]).unwrap();
+    let mut store = PgStore::connect_with(&db.url, options("mb-test store")).unwrap();
+
+    let mut transaction = locker.transaction().unwrap();
+    transaction
+        .execute("SELECT 1 FROM workspace_agent_metadata FOR UPDATE", &[])
+        .unwrap();
+
+    let interrupt = store
+        .interrupt_handle()
+        .expect("an open session can be interrupted");
+    let started = Instant::now();
+    let writer = thread::spawn(move || {
+        let result = store.batch_update(&batch(&[(agent(1), "a", "v", 1)]));
+        (store, result)
+    });
+    db.wait_for_lock_wait("mb-test store");
+    interrupt.fire();
+    let (mut store, result) = writer.join().unwrap();
+    assert_eq!(result, Err(StoreError::Canceled));
+    // Well below the 10 s statement timeout: the cancel request ended it.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    transaction.rollback().unwrap();
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "v", 1)]))
+            .unwrap(),
+        1
+    );
+}
+
+#[test]
+fn connect_failures_are_unavailable_and_say_why() {
+    let err = PgStore::connect("not a url at all")
+        .err()
+        .expect("invalid URL");
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("invalid PostgreSQL connection URL")),
+        "{err:?}"
+    );
+    // Port 1 is never PostgreSQL: the connection is refused at once.
+    let err = PgStore::connect("postgres://postgres@127.0.0.1:1/postgres")
+        .err()
+        .expect("nothing listens on port 1");
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("refused")),
+        "{err:?}"
+    );
+
+    // Without the migration the statement cannot be prepared: say so at connect.
+    let db = TestDb::empty();
+    let err = PgStore::connect(&db.url).err().expect("no table");
+    assert!(
+        matches!(&err, StoreError::Unavailable(m) if m.contains("workspace_agent_metadata")),
         "{err:?}"
     );
 }

@@ -35,12 +35,7 @@ pub(crate) fn classify(err: &postgres::Error) -> Class {
 /// "db error" for every server error, which tells an operator nothing.
 pub(crate) fn describe(err: &postgres::Error) -> String {
     if let Some(db) = err.as_db_error() {
-        let mut message = format!(
-            "{} {}: {}",
-            db.severity(),
-            db.code().code(),
-            db.message()
-        );
+        let mut message = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
         if let Some(detail) = db.detail() {
             message.push_str("; detail: ");
             message.push_str(detail);

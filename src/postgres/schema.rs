@@ -49,7 +49,11 @@ pub fn migrate(client: &mut Client) -> Result<(), MigrateError> {
 /// assert!(created <= 2);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn register(client: &mut Client, agent_id: Uuid, keys: &[&str]) -> Result<u64, postgres::Error> {
+pub fn register(
+    client: &mut Client,
+    agent_id: Uuid,
+    keys: &[&str],
+) -> Result<u64, postgres::Error> {
     register_agents(client, &[agent_id], keys)
 }
 

@@ -73,8 +73,7 @@ impl PgStore {
 
     /// Connects with the given options.
     pub fn connect_with(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
-        let connector =
-            Connector::new(url, &options, "store").map_err(StoreError::Unavailable)?;
+        let connector = Connector::new(url, &options, "store").map_err(StoreError::Unavailable)?;
         let mut store = PgStore {
             connector,
             session: None,

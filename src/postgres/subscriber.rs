@@ -109,18 +109,20 @@ impl PgSubscriber {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let received = client.notifications().timeout_iter(remaining).next();
             match received {
-                Ok(Some(notification)) => match agent_ids::decode_chunk(notification.payload().as_bytes()) {
-                    Ok(agents) => return Ok(Some(SubscriberEvent::Agents(agents))),
-                    Err(err) => {
-                        self.malformed += 1;
-                        warn!(
-                            channel = %self.channel,
-                            payload_bytes = notification.payload().len(),
-                            error = %err,
-                            "skipping malformed metadata notification"
-                        );
+                Ok(Some(notification)) => {
+                    match agent_ids::decode_chunk(notification.payload().as_bytes()) {
+                        Ok(agents) => return Ok(Some(SubscriberEvent::Agents(agents))),
+                        Err(err) => {
+                            self.malformed += 1;
+                            warn!(
+                                channel = %self.channel,
+                                payload_bytes = notification.payload().len(),
+                                error = %err,
+                                "skipping malformed metadata notification"
+                            );
+                        }
                     }
-                },
+                }
                 // Timed out, or the server hung up: the client tells which.
                 Ok(None) if !client.is_closed() => return Ok(None),
                 Ok(None) => self.lost("the server closed the connection".to_owned()),

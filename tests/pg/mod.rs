@@ -102,7 +102,9 @@ impl TestDb {
             .expect("pg_terminate_backend");
         // pg_terminate_backend only signals the backend; polling the server (not the code
         // under test) with a deadline is the only way to know it has exited.
-        wait_until("backend exits", || self.backends(&mut admin, application_name) == 0);
+        wait_until("backend exits", || {
+            self.backends(&mut admin, application_name) == 0
+        });
         rows.len()
     }
 
@@ -139,7 +141,10 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let dropped = postgres::Client::connect(&self.admin_url, NoTls).and_then(|mut admin| {
-            admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
         });
         if let Err(err) = dropped {
             eprintln!("could not drop test database {}: {err:?}", self.name);

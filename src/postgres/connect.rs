@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use postgres::fallible_iterator::FallibleIterator as _;
 use postgres::{Client, Config, NoTls};
 
 /// Connection settings shared by [`PgStore`](super::PgStore),
@@ -101,4 +102,24 @@ impl Connector {
     pub(crate) fn application_name(&self) -> &str {
         self.config.get_application_name().unwrap_or_default()
     }
+}
+
+/// How long [`is_open`] lets the client's IO driver look at the socket. Zero is not enough:
+/// the driver learns that data arrived only when it waits, so a check that never waits sees
+/// a session the server already ended as open.
+const LIVENESS_WAIT: Duration = Duration::from_millis(1);
+
+/// Whether a session is still open, found without a round trip: reading what the server
+/// already sent shows a session it ended (`pg_terminate_backend`, an admin shutdown, an
+/// idle timeout), so that the next statement runs on a new session instead of failing on
+/// the dead one. Costs [`LIVENESS_WAIT`] on a live session. Only for sessions that do not
+/// `LISTEN`: a notification read here would be lost.
+pub(crate) fn is_open(client: &mut Client) -> bool {
+    !client.is_closed()
+        && client
+            .notifications()
+            .timeout_iter(LIVENESS_WAIT)
+            .next()
+            .is_ok()
+        && !client.is_closed()
 }

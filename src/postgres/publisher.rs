@@ -3,7 +3,7 @@
 use postgres::{Client, Statement};
 use tracing::{debug, warn};
 
-use super::connect::Connector;
+use super::connect::{is_open, Connector};
 use super::error::{classify, describe, Class};
 use super::PgOptions;
 use crate::{PublishError, Publisher};
@@ -58,9 +58,13 @@ impl PgPublisher {
     }
 
     fn session(&mut self) -> Result<&mut Session, PublishError> {
-        let session = match self.session.take() {
-            Some(session) if !session.client.is_closed() => session,
-            _ => self.open()?,
+        let still_open = self
+            .session
+            .take()
+            .and_then(|mut session| is_open(&mut session.client).then_some(session));
+        let session = match still_open {
+            Some(session) => session,
+            None => self.open()?,
         };
         Ok(self.session.insert(session))
     }

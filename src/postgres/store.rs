@@ -3,7 +3,7 @@
 use postgres::{Client, NoTls, Statement};
 use tracing::{debug, warn};
 
-use super::connect::Connector;
+use super::connect::{is_open, Connector};
 use super::error::{classify, describe, store_error, Class};
 use super::PgOptions;
 use crate::{Interrupt, MetadataBatch, Store, StoreError};
@@ -36,7 +36,8 @@ struct Session {
 /// The PostgreSQL [`Store`]: one connection, one prepared statement.
 ///
 /// No hidden retries and no sleeps: a call that fails returns its classified error at once.
-/// After an [`Unavailable`](StoreError::Unavailable) error (a lost connection, a server
+/// A session the server has already ended (`pg_terminate_backend`, a restart) is noticed
+/// before the statement, from what the server sent, and replaced. After an [`Unavailable`](StoreError::Unavailable) error (a lost connection, a server
 /// shutting down, anything not about the data) the connection is dropped and the *next*
 /// call reconnects, re-sets `statement_timeout` and re-prepares. Pacing those retries is
 /// the batcher's job (its timer backoff, capped at 5 s); a manual flush calls straight
@@ -84,9 +85,13 @@ impl PgStore {
 
     /// The open session, opening one first if there is none or it has closed.
     fn session(&mut self) -> Result<&mut Session, StoreError> {
-        let session = match self.session.take() {
-            Some(session) if !session.client.is_closed() => session,
-            _ => self.open()?,
+        let still_open = self
+            .session
+            .take()
+            .and_then(|mut session| is_open(&mut session.client).then_some(session));
+        let session = match still_open {
+            Some(session) => session,
+            None => self.open()?,
         };
         Ok(self.session.insert(session))
     }
@@ -156,7 +161,11 @@ impl Store for PgStore {
     /// would); the statement then fails with [`StoreError::Canceled`]. `None` while there is
     /// no open connection: the next call connects first, bounded by the connect timeout.
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
-        if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
+        if !self
+            .session
+            .as_mut()
+            .is_some_and(|session| is_open(&mut session.client))
+        {
             self.session = None;
         }
         let token = self.session.as_ref()?.client.cancel_token();

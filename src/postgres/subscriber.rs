@@ -63,6 +63,9 @@ pub struct PgSubscriber {
     malformed: u64,
     backoff: Duration,
     next_attempt: Instant,
+    /// Why the last reconnect attempt failed, for the error of a `next` that waits out the
+    /// backoff without an attempt of its own.
+    last_failure: Option<SubscribeError>,
 }
 
 impl PgSubscriber {
@@ -92,6 +95,7 @@ impl PgSubscriber {
             malformed: 0,
             backoff: RECONNECT_BACKOFF_MIN,
             next_attempt: Instant::now(),
+            last_failure: None,
         })
     }
 
@@ -156,11 +160,12 @@ impl PgSubscriber {
             if now < self.next_attempt {
                 if self.next_attempt > deadline {
                     thread::sleep(deadline.saturating_duration_since(now));
-                    return Err(SubscribeError::Unavailable(format!(
-                        "still reconnecting to LISTEN on {:?}; the next attempt is in {:?}",
-                        self.channel,
-                        self.next_attempt.saturating_duration_since(Instant::now())
-                    )));
+                    return Err(self.last_failure.clone().unwrap_or_else(|| {
+                        SubscribeError::Unavailable(format!(
+                            "reconnecting to LISTEN on {:?}",
+                            self.channel
+                        ))
+                    }));
                 }
                 thread::sleep(self.next_attempt - now);
             }
@@ -169,11 +174,13 @@ impl PgSubscriber {
                     debug!(channel = %self.channel, "metadata subscriber reconnected");
                     self.client = Some(client);
                     self.backoff = RECONNECT_BACKOFF_MIN;
+                    self.last_failure = None;
                     return Ok(Some(SubscriberEvent::Reconnected));
                 }
                 Err(err) => {
                     self.next_attempt = Instant::now() + self.backoff;
                     self.backoff = (self.backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                    self.last_failure = Some(err.clone());
                     if Instant::now() >= deadline {
                         return Err(err);
                     }

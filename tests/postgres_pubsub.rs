@@ -210,3 +210,61 @@ fn channel_names_are_quoted_and_checked() {
         .expect("nothing listens on port 1");
     assert!(err.message().contains("refused"), "{err}");
 }
+
+#[test]
+fn arbitrary_payloads_never_end_the_subscription() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    let db = TestDb::new();
+    // The runner takes a `Fn`; the connections are reused by every case.
+    let connections = std::cell::RefCell::new((
+        PgSubscriber::listen(&db.url, METADATA_BATCH_CHANNEL).unwrap(),
+        db.client("mb-test foreign publisher"),
+    ));
+    let sentinel = agents(1);
+    let sentinel_payload =
+        String::from_utf8(agent_ids::encode_chunks(&sentinel).remove(0)).expect("base64 is ASCII");
+    // Any text PostgreSQL accepts as a payload: no NUL, and base64-looking strings often,
+    // so that near-valid payloads are tried as well as garbage.
+    let payload = prop_oneof![
+        "[^\u{0}]{0,300}",
+        "[A-Za-z0-9+/]{0,100}",
+        "([A-Za-z0-9+/]{21}[AQgw]){1,5}",
+    ];
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        ..Config::default()
+    });
+    runner
+        .run(&proptest::collection::vec(payload, 1..4), |payloads| {
+            let (subscriber, raw) = &mut *connections.borrow_mut();
+            let malformed_before = subscriber.malformed();
+            let mut valid = 0;
+            for payload in &payloads {
+                raw.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&METADATA_BATCH_CHANNEL, payload],
+                )
+                .unwrap();
+                valid += usize::from(agent_ids::decode_chunk(payload.as_bytes()).is_ok());
+            }
+            raw.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&METADATA_BATCH_CHANNEL, &sentinel_payload],
+            )
+            .unwrap();
+            // Every payload is either handed out as agents or counted; then the sentinel.
+            for _ in 0..valid {
+                assert!(matches!(
+                    subscriber.next(WAIT),
+                    Ok(Some(SubscriberEvent::Agents(_)))
+                ));
+            }
+            assert_eq!(next_agents(subscriber), sentinel);
+            let malformed = subscriber.malformed() - malformed_before;
+            prop_assert_eq!(malformed as usize, payloads.len() - valid);
+            Ok(())
+        })
+        .unwrap();
+}

@@ -154,10 +154,7 @@ mod tests {
     #[test]
     fn rejects_malformed_payloads() {
         assert_eq!(decode_chunk(b""), Err(DecodeError::Empty));
-        assert_eq!(
-            decode_chunk(b"AAAA"),
-            Err(DecodeError::Length { len: 4 })
-        );
+        assert_eq!(decode_chunk(b"AAAA"), Err(DecodeError::Length { len: 4 }));
         let mut payload = encode_chunks(&[Uuid::nil(), Uuid::max()]).remove(0);
         payload[30] = b'*';
         assert!(matches!(

@@ -1,0 +1,381 @@
+//! [`Batcher`]: the handle callers share, and the life of an update.
+//!
+//! `add` validates a call, reserves room for its keys in the channel's budget and sends the
+//! caller's vector to the worker in one message; it never waits. Everything after that
+//! happens on the worker thread ([`crate::worker`]) and the flusher thread
+//! ([`crate::flusher`]). `sync`, `flush` and `close` are control messages that carry
+//! their own reply channel, so the handle holds no lock the worker could need.
+
+use std::fmt;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{select, Sender, TrySendError};
+use parking_lot::{Mutex, RwLock};
+use uuid::Uuid;
+
+use crate::builder::Builder;
+use crate::flusher::{Cancellation, Flusher};
+use crate::metrics::Metrics;
+use crate::stats::Counters;
+use crate::worker::{Control, Flushing, Update, Worker, WorkerConfig};
+use crate::{
+    Clock, FlushMode, FlushReport, Health, InvalidMetadata, Metadata, Publisher, Stats, Store,
+};
+
+/// `add` logs dropped keys at warn level at most this often (debug otherwise), by the
+/// injected clock, as in Go: a full channel drops on every call.
+const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Batches metadata updates and flushes them to a [`Store`], announcing changed agents on
+/// a [`Publisher`].
+///
+/// Share it (`Arc<Batcher>` or `&Batcher`) between the threads that receive updates;
+/// dropping the last one closes it.
+///
+/// ```
+/// use std::time::SystemTime;
+/// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore, Metadata, METADATA_BATCH_CHANNEL};
+/// use uuid::Uuid;
+///
+/// let store = MemoryStore::new();
+/// let pubsub = MemoryPubsub::new();
+/// let announcements = pubsub.subscribe(METADATA_BATCH_CHANNEL);
+/// let agent = Uuid::from_u128(7);
+/// store.register(agent, ["cpu", "mem"]);
+///
+/// let batcher = Batcher::builder(store.clone(), pubsub).build().unwrap();
+/// let now = SystemTime::now();
+/// let report = batcher.add(agent, vec![
+///     Metadata::new("cpu", "42%", "", now),
+///     Metadata::new("mem", "1.2 GiB", "", now),
+/// ]).unwrap();
+/// assert_eq!(report.accepted, 2);
+///
+/// let flush = batcher.flush().expect("two entries were batched");
+/// assert_eq!((flush.count, flush.agents, flush.chunks), (2, 1, 1));
+/// assert_eq!(store.get(agent, "cpu").unwrap().value, "42%");
+/// assert!(announcements.try_recv().is_ok());
+/// batcher.close();
+/// ```
+pub struct Batcher {
+    updates: Sender<Update>,
+    control: Sender<Control>,
+    /// `true` while open. `add` holds a read guard while it sends, so once `close` has
+    /// taken the write guard no accepted key can miss the final drain.
+    intake: RwLock<bool>,
+    channel_capacity: usize,
+    final_flush_timeout: Duration,
+    clock: Arc<dyn Clock>,
+    counters: Arc<Counters>,
+    metrics: Arc<Metrics>,
+    cancellation: Arc<Cancellation>,
+    worker: Mutex<Option<thread::JoinHandle<()>>>,
+}
+
+/// What `add` did with a call's keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AddReport {
+    /// Keys queued for the batch.
+    pub accepted: usize,
+    /// Keys dropped because the channel was full; counted in `Stats::dropped`.
+    pub dropped: usize,
+}
+
+/// Why `add` refused a call; nothing of a refused call is queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddError {
+    /// The batcher is closed (or closing).
+    Closed,
+    /// An entry of the call is invalid.
+    Invalid {
+        /// Its position in the call's vector.
+        index: usize,
+        /// What is wrong with it.
+        problem: InvalidMetadata,
+    },
+}
+
+impl fmt::Display for AddError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AddError::Closed => {
+                f.write_str("the metadata batcher is closed; updates can no longer be accepted")
+            }
+            AddError::Invalid { index, problem } => write!(
+                f,
+                "metadata entry {index} is invalid: {problem}; nothing from this call was queued"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for AddError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AddError::Invalid { problem, .. } => Some(problem),
+            AddError::Closed => None,
+        }
+    }
+}
+
+impl Batcher {
+    /// Starts configuring a batcher that writes to `store` and announces on `publisher`.
+    pub fn builder(store: impl Store, publisher: impl Publisher) -> Builder {
+        Builder::new(store, publisher)
+    }
+
+    pub(crate) fn start(builder: Builder) -> Result<Batcher, crate::BuildError> {
+        let channel_capacity = builder
+            .channel_capacity
+            .unwrap_or(builder.batch_size * crate::builder::DEFAULT_CHANNEL_MULTIPLIER);
+        let config = WorkerConfig {
+            batch_size: builder.batch_size,
+            interval: builder.interval,
+            max_pending: builder
+                .max_pending
+                .unwrap_or(builder.batch_size * crate::builder::DEFAULT_MAX_PENDING_MULTIPLIER),
+            retry_backoff_initial: builder.retry_backoff_initial,
+            retry_backoff_max: builder.retry_backoff_max,
+        };
+        let clock = builder.clock;
+        let counters = Arc::new(Counters::new(clock.now()));
+        let metrics = Arc::new(Metrics::register());
+        let cancellation = Arc::new(Cancellation::default());
+        // Every message carries at least one key, so a channel of `channel_capacity`
+        // messages never refuses a send that the key budget admitted.
+        let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);
+        let (control, control_rx) = crossbeam_channel::unbounded();
+        // Armed here, not on the worker thread, so a test's first `advance` cannot race it.
+        let timer = clock.after(config.interval);
+
+        let flusher = Flusher::new(
+            builder.store,
+            builder.publisher,
+            clock.clone(),
+            counters.clone(),
+            metrics.clone(),
+            cancellation.clone(),
+        );
+        let flushing = match builder.flush_mode {
+            FlushMode::Inline => Flushing::Inline(flusher),
+            FlushMode::Pipelined => {
+                let (jobs, jobs_rx) = crossbeam_channel::bounded(1);
+                let (completed_tx, completed) = crossbeam_channel::bounded(1);
+                let thread = thread::Builder::new()
+                    .name("metadata-batcher-flush".into())
+                    .spawn(move || flusher.run(jobs_rx, completed_tx))
+                    .map_err(crate::BuildError::Spawn)?;
+                Flushing::Thread {
+                    jobs,
+                    completed,
+                    thread: Some(thread),
+                }
+            }
+        };
+        let worker = Worker::new(
+            config,
+            clock.clone(),
+            counters.clone(),
+            cancellation.clone(),
+            metrics.clone(),
+            updates_rx,
+            control_rx,
+            timer,
+            flushing,
+        );
+        let worker = thread::Builder::new()
+            .name("metadata-batcher".into())
+            .spawn(move || worker.run())
+            .map_err(crate::BuildError::Spawn)?;
+        Ok(Batcher {
+            updates,
+            control,
+            intake: RwLock::new(true),
+            channel_capacity,
+            final_flush_timeout: builder.final_flush_timeout,
+            clock,
+            counters,
+            metrics,
+            cancellation,
+            worker: Mutex::new(Some(worker)),
+        })
+    }
+
+    /// Queues an agent's updates; never blocks.
+    ///
+    /// The whole call is checked first: an invalid entry refuses the call with
+    /// [`AddError::Invalid`] and queues nothing. Over-long values and errors are cut (see
+    /// [`MAX_VALUE_BYTES`](crate::MAX_VALUE_BYTES)). Keys that do not fit in the channel are
+    /// dropped and counted; the report says how many.
+    pub fn add(&self, agent_id: Uuid, mut metadata: Vec<Metadata>) -> Result<AddReport, AddError> {
+        for (index, entry) in metadata.iter().enumerate() {
+            entry
+                .validate()
+                .map_err(|problem| AddError::Invalid { index, problem })?;
+        }
+        // `try_read` fails only while `close` holds or waits for the write guard.
+        let intake = self.intake.try_read().ok_or(AddError::Closed)?;
+        if !*intake {
+            return Err(AddError::Closed);
+        }
+        let total = metadata.len();
+        let accepted = self.reserve(total);
+        if accepted > 0 {
+            metadata.truncate(accepted);
+            for entry in &mut metadata {
+                entry.enforce_size_limits();
+            }
+            match self.updates.try_send(Update { agent_id, metadata }) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    unreachable!("the key budget admits no more messages than the channel holds")
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.counters.queued.fetch_sub(accepted, Relaxed);
+                    return Err(AddError::Closed);
+                }
+            }
+        }
+        drop(intake);
+        let dropped = total - accepted;
+        if dropped > 0 {
+            self.count_dropped(agent_id, dropped);
+        }
+        Ok(AddReport { accepted, dropped })
+    }
+
+    /// Reserves room for up to `wanted` keys in the channel's budget; returns how many fit.
+    fn reserve(&self, wanted: usize) -> usize {
+        let queued = &self.counters.queued;
+        let mut current = queued.load(Relaxed);
+        loop {
+            let fits = wanted.min(self.channel_capacity.saturating_sub(current));
+            if fits == 0 {
+                return 0;
+            }
+            match queued.compare_exchange_weak(current, current + fits, Relaxed, Relaxed) {
+                Ok(_) => return fits,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn count_dropped(&self, agent_id: Uuid, dropped: usize) {
+        self.counters.dropped.fetch_add(dropped as u64, Relaxed);
+        self.metrics.dropped_keys.increment(dropped as u64);
+        let now = self.counters.encode(self.clock.now());
+        let last = self.counters.last_drop_warning.load(Relaxed);
+        let due =
+            last == u64::MAX || now.saturating_sub(last) >= DROP_WARNING_EVERY.as_nanos() as u64;
+        if due
+            && self
+                .counters
+                .last_drop_warning
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %agent_id,
+                channel_size = self.channel_capacity,
+                dropped_count = dropped,
+                "metadata channel at capacity, dropped updates"
+            );
+        } else {
+            tracing::debug!(
+                %agent_id,
+                channel_size = self.channel_capacity,
+                dropped_count = dropped,
+                "metadata channel at capacity, dropped updates"
+            );
+        }
+    }
+
+    /// Returns once the worker has taken in every update accepted before the call, has
+    /// handled every timer that had fired before the call, and every flush those triggered
+    /// has completed.
+    ///
+    /// With a [`MockClock`](crate::MockClock), `clock.advance(interval); batcher.sync();`
+    /// leaves the scheduled flush complete. Returns at once after `close`.
+    pub fn sync(&self) {
+        let (reply, done) = crossbeam_channel::bounded(1);
+        if self.control.send(Control::Sync(reply)).is_ok() {
+            let _ = done.recv();
+        }
+    }
+
+    /// Flushes now (reason `manual`) everything accepted before the call, including
+    /// entries kept from failed flushes, without waiting out a retry backoff. Blocks until
+    /// the flush is done; `None` when there was nothing to flush or the batcher is closed.
+    pub fn flush(&self) -> Option<FlushReport> {
+        let (reply, report) = crossbeam_channel::bounded(1);
+        self.control.send(Control::Flush(reply)).ok()?;
+        report.recv().ok().flatten()
+    }
+
+    /// Running totals; never waits on the worker.
+    pub fn stats(&self) -> Stats {
+        self.counters.snapshot()
+    }
+
+    /// What a readiness probe needs; never waits on the worker.
+    pub fn health(&self) -> Health {
+        self.counters.health(self.clock.now())
+    }
+
+    /// Stops intake, drains everything already accepted, makes the final flush and joins
+    /// the worker.
+    ///
+    /// Returns within the final flush timeout (by the injected clock) even when the store
+    /// hangs: then it interrupts the store call (see
+    /// [`Store::interrupt_handle`](crate::Store::interrupt_handle)), leaves the threads to
+    /// finish on their own, and counts what was not written in
+    /// `Stats::unwritten_at_shutdown`. Idempotent; dropping the batcher calls it.
+    pub fn close(&self) {
+        let mut worker = self.worker.lock();
+        let Some(handle) = worker.take() else {
+            return;
+        };
+        *self.intake.write() = false;
+        let deadline = self.clock.after(self.final_flush_timeout);
+        let (reply, done) = crossbeam_channel::bounded(1);
+        if self.control.send(Control::Shutdown(reply)).is_err() {
+            return;
+        }
+        select! {
+            recv(done) -> _ => {
+                let _ = handle.join();
+            }
+            recv(deadline) -> _ => {
+                self.cancellation.abandon();
+                let stats = self.counters.snapshot();
+                let unwritten = stats.queued + stats.batched + stats.in_flight;
+                self.counters
+                    .unwritten_at_shutdown
+                    .store(unwritten as u64, Relaxed);
+                tracing::error!(
+                    unwritten,
+                    timeout = ?self.final_flush_timeout,
+                    "metadata batcher final flush timed out; interrupted the store call"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Batcher")
+            .field("channel_capacity", &self.channel_capacity)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}

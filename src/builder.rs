@@ -1,0 +1,234 @@
+//! [`Builder`]: the batcher's settings, checked before any thread starts.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{Batcher, Clock, Publisher, Store, SystemClock};
+
+/// Entries per flush before a capacity flush, as in Go: with agents reporting 5-15 keys,
+/// one flush covers 30-100 agents.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// Time between scheduled flushes, as in Go: a balance between database load and how fresh
+/// the dashboard is.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// Channel capacity, in keys, per entry of batch size: Go's headroom for bursts.
+pub const DEFAULT_CHANNEL_MULTIPLIER: usize = 5;
+/// Distinct entries the batch may hold, per entry of batch size, while the store is down
+/// or slow; beyond it the oldest `collected_at` are dropped.
+pub const DEFAULT_MAX_PENDING_MULTIPLIER: usize = 20;
+/// How long `close` may take, as in Go.
+pub const DEFAULT_FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(15);
+/// First retry delay after a failed flush; it doubles on each further failure.
+pub const DEFAULT_RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(250);
+/// The longest retry delay.
+pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where flushes run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FlushMode {
+    /// On a flusher thread of their own: the worker keeps taking in and deduplicating
+    /// updates while the database works, and the next flush carries everything that
+    /// accrued meanwhile (up to the pending bound). The default.
+    #[default]
+    Pipelined,
+    /// On the worker thread, as Coder's Go batcher does: intake waits while the store
+    /// works, the channel fills, and a flush never carries more than `batch_size` entries.
+    /// For comparison and for tests that need a full channel.
+    Inline,
+}
+
+/// Settings of a [`Batcher`]; made by [`Batcher::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore};
+///
+/// let batcher = Batcher::builder(MemoryStore::new(), MemoryPubsub::new())
+///     .batch_size(1000)
+///     .interval(Duration::from_secs(2))
+///     .build()
+///     .unwrap();
+/// batcher.close();
+/// ```
+pub struct Builder {
+    pub(crate) store: Box<dyn Store>,
+    pub(crate) publisher: Box<dyn Publisher>,
+    pub(crate) batch_size: usize,
+    pub(crate) interval: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) channel_capacity: Option<usize>,
+    pub(crate) max_pending: Option<usize>,
+    pub(crate) final_flush_timeout: Duration,
+    pub(crate) retry_backoff_initial: Duration,
+    pub(crate) retry_backoff_max: Duration,
+    pub(crate) flush_mode: FlushMode,
+}
+
+impl Builder {
+    pub(crate) fn new(store: impl Store, publisher: impl Publisher) -> Self {
+        Builder {
+            store: Box::new(store),
+            publisher: Box::new(publisher),
+            batch_size: DEFAULT_BATCH_SIZE,
+            interval: DEFAULT_INTERVAL,
+            clock: Arc::new(SystemClock),
+            channel_capacity: None,
+            max_pending: None,
+            final_flush_timeout: DEFAULT_FINAL_FLUSH_TIMEOUT,
+            retry_backoff_initial: DEFAULT_RETRY_BACKOFF_INITIAL,
+            retry_backoff_max: DEFAULT_RETRY_BACKOFF_MAX,
+            flush_mode: FlushMode::default(),
+        }
+    }
+
+    /// Distinct entries that trigger a capacity flush (default 500).
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// Time from the end of one flush to the next scheduled one (default 5 s).
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// The clock for every timer and duration (default [`SystemClock`]).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Keys the channel holds before `add` drops (default 5 × batch size).
+    pub fn channel_capacity(mut self, keys: usize) -> Self {
+        self.channel_capacity = Some(keys);
+        self
+    }
+
+    /// Distinct entries the batch may hold while a flush is running or the store is
+    /// failing (default 20 × batch size; at least the batch size). Beyond it the entries
+    /// with the oldest `collected_at` are dropped and counted as `retention_dropped`.
+    pub fn max_pending(mut self, entries: usize) -> Self {
+        self.max_pending = Some(entries);
+        self
+    }
+
+    /// The longest `close` may take (default 15 s): past it the store call in flight is
+    /// interrupted and what is unwritten is counted in `unwritten_at_shutdown`.
+    pub fn final_flush_timeout(mut self, timeout: Duration) -> Self {
+        self.final_flush_timeout = timeout;
+        self
+    }
+
+    /// Retry delays after failed flushes: `initial`, doubling per failure, at most `max`
+    /// (defaults 250 ms and 5 s). Capacity flushes pause while the store is failing, so an
+    /// outage costs one store call per delay, not one per update.
+    pub fn retry_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.retry_backoff_initial = initial;
+        self.retry_backoff_max = max;
+        self
+    }
+
+    /// Where flushes run (default [`FlushMode::Pipelined`]).
+    pub fn flush_mode(mut self, mode: FlushMode) -> Self {
+        self.flush_mode = mode;
+        self
+    }
+
+    /// Checks the settings and starts the worker thread (and the flusher thread, when
+    /// pipelined). Metric handles are registered here, with the recorder current on the
+    /// calling thread.
+    pub fn build(self) -> Result<Batcher, BuildError> {
+        for (setting, zero) in [
+            ("batch_size", self.batch_size == 0),
+            ("interval", self.interval.is_zero()),
+            ("channel_capacity", self.channel_capacity == Some(0)),
+            ("final_flush_timeout", self.final_flush_timeout.is_zero()),
+            ("retry_backoff", self.retry_backoff_initial.is_zero()),
+        ] {
+            if zero {
+                return Err(BuildError::Zero { setting });
+            }
+        }
+        if self.retry_backoff_max < self.retry_backoff_initial {
+            return Err(BuildError::BackoffMaxBelowInitial {
+                initial: self.retry_backoff_initial,
+                max: self.retry_backoff_max,
+            });
+        }
+        if let Some(max_pending) = self.max_pending {
+            if max_pending < self.batch_size {
+                return Err(BuildError::MaxPendingBelowBatchSize {
+                    max_pending,
+                    batch_size: self.batch_size,
+                });
+            }
+        }
+        Batcher::start(self)
+    }
+}
+
+/// Why [`Builder::build`] refused.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// A size or duration that must be positive is zero.
+    Zero {
+        /// The builder method that set it.
+        setting: &'static str,
+    },
+    /// The pending bound cannot hold one batch.
+    MaxPendingBelowBatchSize {
+        /// The bound asked for.
+        max_pending: usize,
+        /// The batch size.
+        batch_size: usize,
+    },
+    /// The longest retry delay is shorter than the first.
+    BackoffMaxBelowInitial {
+        /// The first delay.
+        initial: Duration,
+        /// The longest delay.
+        max: Duration,
+    },
+    /// The operating system refused to start a thread.
+    Spawn(std::io::Error),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::Zero { setting } => {
+                write!(
+                    f,
+                    "{setting} is zero; give it a positive value or leave the default"
+                )
+            }
+            BuildError::MaxPendingBelowBatchSize {
+                max_pending,
+                batch_size,
+            } => write!(
+                f,
+                "max_pending ({max_pending}) is below batch_size ({batch_size}); \
+                 the batch must be able to hold at least one full flush"
+            ),
+            BuildError::BackoffMaxBelowInitial { initial, max } => write!(
+                f,
+                "retry_backoff max ({max:?}) is shorter than its initial delay ({initial:?})"
+            ),
+            BuildError::Spawn(error) => {
+                write!(f, "could not start the metadata batcher's thread: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BuildError::Spawn(error) => Some(error),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! What the batcher reports: flush reports, running totals and health.
+//!
+//! The totals live in atomics shared by the caller-facing handle, the worker and the
+//! flusher, so [`Batcher::stats`](crate::Batcher::stats) and
+//! [`Batcher::health`](crate::Batcher::health) answer at once, even while a flush is stuck
+//! in a hung database.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::StoreError;
+
+/// Why a flush happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlushReason {
+    /// The batch reached the batch size.
+    Capacity,
+    /// The flush interval passed (or, while the store is failing, the retry backoff).
+    Scheduled,
+    /// The batcher is closing.
+    Shutdown,
+    /// [`Batcher::flush`](crate::Batcher::flush) asked for it.
+    Manual,
+}
+
+impl FlushReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [FlushReason; 4] = [
+        FlushReason::Capacity,
+        FlushReason::Scheduled,
+        FlushReason::Shutdown,
+        FlushReason::Manual,
+    ];
+
+    /// The `reason` label value: `"capacity"`, `"scheduled"`, `"shutdown"` or `"manual"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushReason::Capacity => "capacity",
+            FlushReason::Scheduled => "scheduled",
+            FlushReason::Shutdown => "shutdown",
+            FlushReason::Manual => "manual",
+        }
+    }
+}
+
+/// What one flush did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Why it ran.
+    pub reason: FlushReason,
+    /// Distinct (agent, key) entries it carried.
+    pub count: usize,
+    /// Distinct agents among the entries it stored, each announced once.
+    pub agents: usize,
+    /// NOTIFY payloads it published (successfully or not).
+    pub chunks: usize,
+    /// Time from the first store call to the last publish, by the injected clock.
+    pub elapsed: Duration,
+    /// Entries the store accepted.
+    pub stored: usize,
+    /// Stored rows the store updated; `stored - updated` were unmatched (not registered, or
+    /// older than the stored row).
+    pub updated: u64,
+    /// Entries the database refused, isolated and dropped.
+    pub rejected: usize,
+    /// Entries handed back to the batch because the store was unavailable.
+    pub retained: usize,
+    /// Store calls made; more than one when refused rows were being isolated.
+    pub statements: usize,
+    /// Payloads whose publish failed.
+    pub publish_errors: usize,
+    /// The last store error, if any call failed.
+    pub error: Option<StoreError>,
+}
+
+/// Flush counts by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushCounts {
+    /// Flushes because the batch was full.
+    pub capacity: u64,
+    /// Flushes on the timer.
+    pub scheduled: u64,
+    /// The final flush.
+    pub shutdown: u64,
+    /// Flushes asked for with [`Batcher::flush`](crate::Batcher::flush).
+    pub manual: u64,
+}
+
+/// Running totals since the batcher was built.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Keys in the channel, not yet taken in by the worker.
+    pub queued: usize,
+    /// Distinct entries in the batch, waiting for a flush.
+    pub batched: usize,
+    /// Entries of the flush in progress, if any.
+    pub in_flight: usize,
+    /// Flushes whose store call succeeded, by reason.
+    pub flushes: FlushCounts,
+    /// Entries written.
+    pub flushed: u64,
+    /// Keys dropped at `add` because the channel was full.
+    pub dropped: u64,
+    /// Written entries that updated no row (not registered, or older than the stored row).
+    pub unmatched: u64,
+    /// Failed store calls, panics included.
+    pub store_errors: u64,
+    /// Failed publishes, panics included.
+    pub publish_errors: u64,
+    /// Entries dropped, oldest `collected_at` first, because the batch reached its bound.
+    pub retention_dropped: u64,
+    /// Entries the database refused, isolated and dropped.
+    pub rejected: u64,
+    /// Entries lost because the store panicked while writing them.
+    pub lost_to_panics: u64,
+    /// Panics caught in the store or publisher.
+    pub panics: u64,
+    /// Entries the final flush could not write before `close` returned.
+    pub unwritten_at_shutdown: u64,
+    /// The most recent flush that carried entries.
+    pub last_flush: Option<FlushReport>,
+}
+
+/// What a readiness probe needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The worker thread is running (false after `close`, or if it died).
+    pub worker_alive: bool,
+    /// Store calls that failed in a row; 0 after any success.
+    pub consecutive_store_failures: u64,
+    /// How long the oldest entry not yet written has waited, by the injected clock.
+    pub oldest_unflushed_age: Option<Duration>,
+}
+
+/// Sentinel for "no instant" in the atomics below.
+const NONE: u64 = u64::MAX;
+
+/// The totals, shared by the handle, the worker and the flusher.
+#[derive(Debug)]
+pub(crate) struct Counters {
+    /// Instants are stored as nanoseconds since this one, the clock's time at build.
+    epoch: Instant,
+    pub(crate) queued: AtomicUsize,
+    pub(crate) batched: AtomicUsize,
+    pub(crate) in_flight: AtomicUsize,
+    flushes: [AtomicU64; FlushReason::ALL.len()],
+    pub(crate) flushed: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) unmatched: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) publish_errors: AtomicU64,
+    pub(crate) retention_dropped: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) lost_to_panics: AtomicU64,
+    pub(crate) panics: AtomicU64,
+    pub(crate) unwritten_at_shutdown: AtomicU64,
+    pub(crate) consecutive_failures: AtomicU64,
+    pub(crate) worker_alive: AtomicBool,
+    /// When the oldest entry of the batch arrived, and of the flush in progress.
+    oldest_batched: AtomicU64,
+    oldest_in_flight: AtomicU64,
+    /// When `add` last logged dropped keys at warn level.
+    pub(crate) last_drop_warning: AtomicU64,
+    last_flush: Mutex<Option<FlushReport>>,
+}
+
+impl Counters {
+    pub(crate) fn new(epoch: Instant) -> Self {
+        Counters {
+            epoch,
+            queued: AtomicUsize::new(0),
+            batched: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            flushes: Default::default(),
+            flushed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            unmatched: AtomicU64::new(0),
+            store_errors: AtomicU64::new(0),
+            publish_errors: AtomicU64::new(0),
+            retention_dropped: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            lost_to_panics: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
+            unwritten_at_shutdown: AtomicU64::new(0),
+            consecutive_failures: AtomicU64::new(0),
+            worker_alive: AtomicBool::new(true),
+            oldest_batched: AtomicU64::new(NONE),
+            oldest_in_flight: AtomicU64::new(NONE),
+            last_drop_warning: AtomicU64::new(NONE),
+            last_flush: Mutex::new(None),
+        }
+    }
+
+    /// An instant as stored in the atomics.
+    pub(crate) fn encode(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(NONE - 1)
+    }
+
+    fn decode(&self, stored: u64) -> Option<Instant> {
+        (stored != NONE).then(|| self.epoch + Duration::from_nanos(stored))
+    }
+
+    pub(crate) fn set_oldest_batched(&self, at: Option<Instant>) {
+        self.oldest_batched
+            .store(at.map_or(NONE, |at| self.encode(at)), Relaxed);
+    }
+
+    pub(crate) fn set_oldest_in_flight(&self, at: Option<Instant>) {
+        self.oldest_in_flight
+            .store(at.map_or(NONE, |at| self.encode(at)), Relaxed);
+    }
+
+    pub(crate) fn count_flush(&self, reason: FlushReason) {
+        self.flushes[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn set_last_flush(&self, report: FlushReport) {
+        // A lock, deliberately: a report is several words and is written once per flush.
+        *self.last_flush.lock() = Some(report);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let flushes = |reason: FlushReason| self.flushes[reason as usize].load(Relaxed);
+        Stats {
+            queued: self.queued.load(Relaxed),
+            batched: self.batched.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed),
+            flushes: FlushCounts {
+                capacity: flushes(FlushReason::Capacity),
+                scheduled: flushes(FlushReason::Scheduled),
+                shutdown: flushes(FlushReason::Shutdown),
+                manual: flushes(FlushReason::Manual),
+            },
+            flushed: self.flushed.load(Relaxed),
+            dropped: self.dropped.load(Relaxed),
+            unmatched: self.unmatched.load(Relaxed),
+            store_errors: self.store_errors.load(Relaxed),
+            publish_errors: self.publish_errors.load(Relaxed),
+            retention_dropped: self.retention_dropped.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            lost_to_panics: self.lost_to_panics.load(Relaxed),
+            panics: self.panics.load(Relaxed),
+            unwritten_at_shutdown: self.unwritten_at_shutdown.load(Relaxed),
+            last_flush: self.last_flush.lock().clone(),
+        }
+    }
+
+    pub(crate) fn health(&self, now: Instant) -> Health {
+        let oldest = [
+            self.decode(self.oldest_batched.load(Relaxed)),
+            self.decode(self.oldest_in_flight.load(Relaxed)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        Health {
+            worker_alive: self.worker_alive.load(Relaxed),
+            consecutive_store_failures: self.consecutive_failures.load(Relaxed),
+            oldest_unflushed_age: oldest.map(|at| now.saturating_duration_since(at)),
+        }
+    }
+}

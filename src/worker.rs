@@ -1,0 +1,430 @@
+//! The worker thread: the select loop that owns the batch.
+//!
+//! One dedicated OS thread selects over four channels:
+//!
+//! | channel     | carries                              | handled by            |
+//! |-------------|--------------------------------------|-----------------------|
+//! | `updates`   | one message per accepted `add` call  | [`Worker::take_in`]   |
+//! | `timer`     | the scheduled (or retry) flush time  | sets `scheduled_due`  |
+//! | `completed` | outcomes from the flusher thread     | [`Worker::complete`]  |
+//! | `control`   | `sync`, `flush`, `close`             | [`Worker::sync`] ...  |
+//!
+//! After every message [`Worker::dispatch`] starts the next flush if one is due and none is
+//! running. A flush runs on the flusher thread, so intake and dedup never wait on the
+//! database: what accrues while a flush is in flight is carried by the next one, which
+//! makes the batch grow with the database's latency instead of dropping updates. When the
+//! worker keeps up, a capacity flush carries exactly `batch_size` entries.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{never, select, Receiver, Sender};
+use uuid::Uuid;
+
+use crate::batch::Batch;
+use crate::flusher::{Cancellation, FlushJob, FlushOutcome, Flusher};
+use crate::metrics::Metrics;
+use crate::stats::Counters;
+use crate::{Clock, FlushReason, FlushReport, Metadata};
+
+/// One accepted `add` call: the caller's own vector, moved, never copied.
+pub(crate) struct Update {
+    pub(crate) agent_id: Uuid,
+    pub(crate) metadata: Vec<Metadata>,
+}
+
+/// Requests from the handle; each carries the sender its answer goes back on.
+pub(crate) enum Control {
+    Sync(Sender<()>),
+    Flush(Sender<Option<FlushReport>>),
+    Shutdown(Sender<()>),
+}
+
+/// The settings the loop runs by, checked by the builder.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerConfig {
+    pub(crate) batch_size: usize,
+    pub(crate) interval: Duration,
+    pub(crate) max_pending: usize,
+    pub(crate) retry_backoff_initial: Duration,
+    pub(crate) retry_backoff_max: Duration,
+}
+
+/// Where flushes run.
+pub(crate) enum Flushing {
+    /// On the worker thread: intake waits while the store works (the Go design).
+    Inline(Flusher),
+    /// On a flusher thread of its own.
+    Thread {
+        jobs: Sender<FlushJob>,
+        completed: Receiver<FlushOutcome>,
+        thread: Option<JoinHandle<()>>,
+    },
+}
+
+/// How many more messages to take in after one arrives before looking at the other
+/// channels again: amortizes the select over a burst without starving control messages.
+const INTAKE_BURST: usize = 256;
+
+pub(crate) struct Worker {
+    config: WorkerConfig,
+    clock: Arc<dyn Clock>,
+    counters: Arc<Counters>,
+    cancellation: Arc<Cancellation>,
+    metrics: Arc<Metrics>,
+    updates: Receiver<Update>,
+    control: Receiver<Control>,
+    timer: Receiver<Instant>,
+    flushing: Flushing,
+    /// Stands in for `completed` when flushes run inline.
+    no_completions: Receiver<FlushOutcome>,
+    batch: Batch,
+    /// When the oldest entry of `batch` arrived.
+    batch_since: Option<Instant>,
+    /// The running flush: its sequence number and when its oldest entry arrived.
+    in_flight: Option<(u64, Option<Instant>)>,
+    next_seq: u64,
+    scheduled_due: bool,
+    consecutive_failures: u32,
+    manual_waiting: Vec<Sender<Option<FlushReport>>>,
+    manual_in_flight: Vec<Sender<Option<FlushReport>>>,
+    /// `sync` callers, each with the sequence number of the last flush it waits for.
+    sync_waiting: Vec<(u64, Sender<()>)>,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: WorkerConfig,
+        clock: Arc<dyn Clock>,
+        counters: Arc<Counters>,
+        cancellation: Arc<Cancellation>,
+        metrics: Arc<Metrics>,
+        updates: Receiver<Update>,
+        control: Receiver<Control>,
+        timer: Receiver<Instant>,
+        flushing: Flushing,
+    ) -> Self {
+        Worker {
+            config,
+            clock,
+            counters,
+            cancellation,
+            metrics,
+            updates,
+            control,
+            timer,
+            flushing,
+            no_completions: never(),
+            batch: Batch::default(),
+            batch_since: None,
+            in_flight: None,
+            next_seq: 0,
+            scheduled_due: false,
+            consecutive_failures: 0,
+            manual_waiting: Vec::new(),
+            manual_in_flight: Vec::new(),
+            sync_waiting: Vec::new(),
+        }
+    }
+
+    /// The select loop; returns when the batcher closes.
+    pub(crate) fn run(mut self) {
+        loop {
+            let completed = match &self.flushing {
+                Flushing::Thread { completed, .. } => completed,
+                Flushing::Inline(_) => &self.no_completions,
+            };
+            select! {
+                recv(self.updates) -> update => match update {
+                    Ok(update) => {
+                        self.take_in(update);
+                        for _ in 0..INTAKE_BURST {
+                            let Ok(update) = self.updates.try_recv() else { break };
+                            self.take_in(update);
+                        }
+                    }
+                    // The handle is gone without a close: nothing can reach us any more.
+                    Err(_) => return self.shut_down(None),
+                },
+                recv(self.timer) -> _ => {
+                    self.timer = never();
+                    self.scheduled_due = true;
+                }
+                recv(completed) -> outcome => {
+                    if let Ok(outcome) = outcome {
+                        self.complete(outcome);
+                    }
+                }
+                recv(self.control) -> control => match control {
+                    Ok(Control::Sync(reply)) => self.sync(reply),
+                    Ok(Control::Flush(reply)) => self.manual_flush(reply),
+                    Ok(Control::Shutdown(reply)) => return self.shut_down(Some(reply)),
+                    Err(_) => return self.shut_down(None),
+                },
+            }
+            self.dispatch();
+        }
+    }
+
+    /// Adds one call's entries to the batch, flushing at exactly `batch_size` when idle.
+    fn take_in(&mut self, update: Update) {
+        self.counters
+            .queued
+            .fetch_sub(update.metadata.len(), Relaxed);
+        if self.batch_since.is_none() {
+            self.batch_since = Some(self.clock.now());
+            self.counters.set_oldest_batched(self.batch_since);
+        }
+        let agent_id = update.agent_id;
+        for metadata in update.metadata {
+            self.batch.insert(agent_id, metadata);
+            let len = self.batch.len();
+            if len >= self.config.batch_size && self.can_flush_for_capacity() {
+                self.start(FlushReason::Capacity);
+            } else if len >= self.config.max_pending + self.config.batch_size {
+                // Trimming costs a pass over the batch, so it waits for a batch's worth of
+                // excess; flushes trim exactly to the bound.
+                self.trim();
+            }
+        }
+        self.counters.batched.store(self.batch.len(), Relaxed);
+    }
+
+    fn can_flush_for_capacity(&self) -> bool {
+        self.in_flight.is_none() && self.consecutive_failures == 0
+    }
+
+    /// Starts the next flush if one is due and none is running; with nothing due, releases
+    /// the `sync` callers.
+    fn dispatch(&mut self) {
+        loop {
+            if self.in_flight.is_some() {
+                return;
+            }
+            let reason = if !self.manual_waiting.is_empty() {
+                FlushReason::Manual
+            } else if self.scheduled_due {
+                FlushReason::Scheduled
+            } else if self.batch.len() >= self.config.batch_size && self.consecutive_failures == 0 {
+                FlushReason::Capacity
+            } else {
+                for (_, reply) in self.sync_waiting.drain(..) {
+                    let _ = reply.send(());
+                }
+                return;
+            };
+            if self.batch.is_empty() {
+                // Nothing to write: no store call, no publish, nothing recorded.
+                for reply in self.manual_waiting.drain(..) {
+                    let _ = reply.send(None);
+                }
+                if std::mem::take(&mut self.scheduled_due) {
+                    self.timer = self.clock.after(self.config.interval);
+                }
+                continue;
+            }
+            self.start(reason);
+        }
+    }
+
+    /// Hands the whole batch to the flusher.
+    fn start(&mut self, reason: FlushReason) {
+        self.trim();
+        let batch = self.batch.take();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.scheduled_due = false;
+        self.timer = never();
+        if reason == FlushReason::Manual {
+            self.manual_in_flight.append(&mut self.manual_waiting);
+        }
+        let since = self.batch_since.take();
+        self.in_flight = Some((seq, since));
+        self.counters.in_flight.store(batch.len(), Relaxed);
+        self.counters.batched.store(0, Relaxed);
+        self.counters.set_oldest_in_flight(since);
+        self.counters.set_oldest_batched(None);
+        let job = FlushJob { seq, reason, batch };
+        match &mut self.flushing {
+            Flushing::Inline(flusher) => {
+                let outcome = flusher.flush(job);
+                self.complete(outcome);
+            }
+            Flushing::Thread { jobs, .. } => {
+                if let Err(unsent) = jobs.send(job) {
+                    // The flusher thread is gone (it catches the store's panics, so this
+                    // is a bug); keep the rows rather than lose them silently.
+                    tracing::error!("metadata flusher thread is gone; flushes cannot run");
+                    let job = unsent.into_inner();
+                    self.complete(FlushOutcome {
+                        seq,
+                        report: FlushReport {
+                            reason,
+                            count: job.batch.len(),
+                            agents: 0,
+                            chunks: 0,
+                            elapsed: Duration::ZERO,
+                            stored: 0,
+                            updated: 0,
+                            rejected: 0,
+                            retained: job.batch.len(),
+                            statements: 0,
+                            publish_errors: 0,
+                            error: None,
+                        },
+                        retained: job.batch,
+                        failed: true,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Takes a finished flush back: unwritten rows rejoin the batch, the timer re-arms.
+    fn complete(&mut self, outcome: FlushOutcome) {
+        let since = self.in_flight.take().and_then(|(_, since)| since);
+        self.counters.in_flight.store(0, Relaxed);
+        self.counters.set_oldest_in_flight(None);
+        if outcome.failed {
+            self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        } else {
+            self.consecutive_failures = 0;
+        }
+        if !outcome.retained.is_empty() {
+            self.batch.restore(outcome.retained);
+            self.batch_since = match (since, self.batch_since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            self.counters.set_oldest_batched(self.batch_since);
+            self.trim();
+            self.counters.batched.store(self.batch.len(), Relaxed);
+        }
+        for reply in self.manual_in_flight.drain(..) {
+            let _ = reply.send(Some(outcome.report.clone()));
+        }
+        self.timer = self.clock.after(self.next_delay());
+        self.sync_waiting.retain(|(target, reply)| {
+            if *target <= outcome.seq {
+                let _ = reply.send(());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// The interval, or while the store keeps failing, a doubling backoff.
+    fn next_delay(&self) -> Duration {
+        if self.consecutive_failures == 0 {
+            return self.config.interval;
+        }
+        let doublings = (self.consecutive_failures - 1).min(30);
+        self.config
+            .retry_backoff_initial
+            .saturating_mul(1 << doublings)
+            .min(self.config.retry_backoff_max)
+    }
+
+    /// Holds the batch to its bound, oldest `collected_at` first.
+    fn trim(&mut self) {
+        let dropped = self.batch.trim(self.config.max_pending);
+        if dropped > 0 {
+            self.counters
+                .retention_dropped
+                .fetch_add(dropped as u64, Relaxed);
+            self.metrics.retention_dropped.increment(dropped as u64);
+            tracing::warn!(
+                dropped,
+                bound = self.config.max_pending,
+                "metadata batch at its bound; dropped the entries with the oldest collected_at"
+            );
+        }
+    }
+
+    /// Takes in every message that was queued when this was called.
+    fn take_in_queued(&mut self) {
+        for _ in 0..self.updates.len() {
+            match self.updates.try_recv() {
+                Ok(update) => self.take_in(update),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn sync(&mut self, reply: Sender<()>) {
+        self.take_in_queued();
+        if self.timer.try_recv().is_ok() {
+            self.timer = never();
+            self.scheduled_due = true;
+        }
+        self.dispatch();
+        match self.in_flight {
+            None => {
+                let _ = reply.send(());
+            }
+            Some((seq, _)) => {
+                // A flush that is due now starts when this one completes; wait for it too.
+                let another_due = !self.manual_waiting.is_empty()
+                    || self.scheduled_due
+                    || self.batch.len() >= self.config.batch_size;
+                self.sync_waiting
+                    .push((seq + u64::from(another_due), reply));
+            }
+        }
+    }
+
+    fn manual_flush(&mut self, reply: Sender<Option<FlushReport>>) {
+        self.take_in_queued();
+        self.manual_waiting.push(reply);
+    }
+
+    /// Drains what was accepted, waits for the running flush, makes the final flush.
+    fn shut_down(mut self, reply: Option<Sender<()>>) {
+        for update in self.updates.try_iter().collect::<Vec<_>>() {
+            self.take_in(update);
+        }
+        self.wait_for_flush();
+        if !self.batch.is_empty() && !self.cancellation.is_abandoned() {
+            self.start(FlushReason::Shutdown);
+            self.wait_for_flush();
+        }
+        let unwritten = self.batch.len();
+        self.counters
+            .unwritten_at_shutdown
+            .store(unwritten as u64, Relaxed);
+        if unwritten > 0 {
+            tracing::error!(
+                unwritten,
+                "metadata batcher closed with entries it could not write"
+            );
+        }
+        self.counters.worker_alive.store(false, Relaxed);
+        if let Flushing::Thread { jobs, thread, .. } = self.flushing {
+            drop(jobs);
+            if let Some(thread) = thread {
+                if !self.cancellation.is_abandoned() {
+                    let _ = thread.join();
+                }
+            }
+        }
+        if let Some(reply) = reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn wait_for_flush(&mut self) {
+        if self.in_flight.is_none() {
+            return;
+        }
+        if let Flushing::Thread { completed, .. } = &self.flushing {
+            match completed.recv() {
+                Ok(outcome) => self.complete(outcome),
+                Err(_) => self.in_flight = None,
+            }
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Test doubles shared by the batcher tests: a store that records every batch and lets a
+//! test decide what each call does.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use metadata_batcher::{Interrupt, Metadata, MetadataBatch, Store, StoreError};
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+type Behaviour = dyn FnMut(&MetadataBatch) -> Result<u64, StoreError> + Send;
+
+/// A store whose calls run a closure and are recorded.
+pub struct ScriptedStore {
+    pub calls: Arc<Mutex<Vec<MetadataBatch>>>,
+    behaviour: Box<Behaviour>,
+    interrupt: Option<Box<dyn FnMut() -> Interrupt + Send>>,
+}
+
+impl ScriptedStore {
+    /// Every call succeeds and updates every row.
+    pub fn accepting() -> Self {
+        Self::new(|batch| Ok(batch.len() as u64))
+    }
+
+    pub fn new(
+        behaviour: impl FnMut(&MetadataBatch) -> Result<u64, StoreError> + Send + 'static,
+    ) -> Self {
+        ScriptedStore {
+            calls: Arc::default(),
+            behaviour: Box::new(behaviour),
+            interrupt: None,
+        }
+    }
+
+    pub fn with_interrupt(mut self, make: impl FnMut() -> Interrupt + Send + 'static) -> Self {
+        self.interrupt = Some(Box::new(make));
+        self
+    }
+}
+
+impl Store for ScriptedStore {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+        self.calls.lock().push(batch.clone());
+        (self.behaviour)(batch)
+    }
+
+    fn interrupt_handle(&mut self) -> Option<Interrupt> {
+        self.interrupt.as_mut().map(|make| make())
+    }
+}
+
+pub fn agent(n: u128) -> Uuid {
+    Uuid::from_u128(0x5eed_0000_0000_0000_0000_0000_0000_0000 + n)
+}
+
+pub fn at(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+}
+
+pub fn md(key: &str, value: &str, secs: u64) -> Metadata {
+    Metadata::new(key, value, "", at(secs))
+}
+
+/// The rows of a batch as sortable tuples.
+pub fn rows(batch: &MetadataBatch) -> Vec<(Uuid, String, String, String, SystemTime)> {
+    let mut rows: Vec<_> = (0..batch.len())
+        .map(|i| {
+            (
+                batch.agent_ids[i],
+                batch.keys[i].clone(),
+                batch.values[i].clone(),
+                batch.errors[i].clone(),
+                batch.collected_at[i],
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}

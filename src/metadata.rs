@@ -12,6 +12,9 @@ use std::time::SystemTime;
 /// The longest key, in characters, that the `varchar(127)` column accepts.
 pub const MAX_KEY_CHARS: usize = 127;
 
+/// The most bytes a valid key can take: 127 characters of up to 4 bytes.
+const MAX_KEY_BYTES: usize = MAX_KEY_CHARS * 4;
+
 /// Values longer than this many bytes are cut to it and the error explains why.
 pub const MAX_VALUE_BYTES: usize = 2048;
 
@@ -94,6 +97,17 @@ impl Metadata {
                 "error of {} bytes exceeded {MAX_ERROR_BYTES} bytes",
                 self.error.len()
             );
+        }
+        // The memory bound (docs/operations.md) counts each field at its longest valid
+        // size, so spare capacity a caller left in a string must not be kept.
+        for (text, max) in [
+            (&mut self.key, MAX_KEY_BYTES),
+            (&mut self.value, MAX_VALUE_BYTES),
+            (&mut self.error, MAX_ERROR_BYTES),
+        ] {
+            if text.capacity() > max {
+                text.shrink_to_fit();
+            }
         }
     }
 }
@@ -208,5 +222,11 @@ mod tests {
         let mut m = md("k", &"v".repeat(2048), &"e".repeat(2048));
         m.enforce_size_limits();
         assert_eq!((m.value.len(), m.error.len()), (2048, 2048));
+
+        let mut m = md("k", "v", "");
+        m.key.reserve(10_000);
+        m.value.reserve(10_000);
+        m.enforce_size_limits();
+        assert!(m.key.capacity() <= MAX_KEY_BYTES && m.value.capacity() <= MAX_VALUE_BYTES);
     }
 }

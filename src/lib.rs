@@ -1,4 +1,52 @@
 //! Batches agent metadata updates into one PostgreSQL statement per flush.
+//!
+//! Many blocking callers (RPC handlers receiving agents' metadata) call [`Batcher::add`]. The
+//! batcher keeps only the newest value per (agent, key), writes a batch with one statement
+//! through a [`Store`], and announces the agents it changed through a [`Publisher`], so every
+//! replica's watchers can refresh. It is the Rust counterpart of the metadata batcher in
+//! Coder's control plane, with the same metric names and NOTIFY payload format, and no async
+//! runtime: two named OS threads and crossbeam channels.
+//!
+//! # A tour
+//!
+//! - [`Batcher`] and [`Builder`]: the handle callers share, and its settings.
+//! - `worker` (private, `src/worker.rs`): the select loop over updates, the flush timer,
+//!   flusher completions and control messages. Start reading there.
+//! - `flusher` (private, `src/flusher.rs`): one flush: the store call, isolating refused rows,
+//!   announcing the agents.
+//! - [`Clock`], [`SystemClock`], [`MockClock`]: every timer and duration comes from an
+//!   injected clock, so tests are deterministic.
+//! - [`Store`], [`Publisher`] and their in-process implementations [`MemoryStore`] and
+//!   [`MemoryPubsub`]; [`postgres`] has the PostgreSQL ones.
+//! - [`agent_ids`]: the payload format; [`metrics`]: the Prometheus metrics.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::{Duration, SystemTime};
+//! use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore, Metadata, MockClock};
+//! use uuid::Uuid;
+//!
+//! let store = MemoryStore::new();
+//! let agent = Uuid::from_u128(42);
+//! store.register(agent, ["cpu"]);
+//!
+//! // A mock clock makes the flush happen exactly when the test says so.
+//! let clock = MockClock::new();
+//! let batcher = Batcher::builder(store.clone(), MemoryPubsub::new())
+//!     .interval(Duration::from_secs(5))
+//!     .clock(clock.clone())
+//!     .build()?;
+//!
+//! batcher.add(agent, vec![Metadata::new("cpu", "12%", "", SystemTime::now())])?;
+//! clock.advance(Duration::from_secs(5));
+//! batcher.sync(); // the scheduled flush has completed
+//! assert_eq!(store.get(agent, "cpu").unwrap().value, "12%");
+//! assert_eq!(batcher.stats().flushes.scheduled, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! See `docs/design.md` for how it works and why, and `docs/operations.md` for failure modes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use uuid::Uuid;
@@ -44,6 +45,32 @@ pub(crate) struct FlushOutcome {
     pub(crate) retained: MetadataBatch,
     /// The store was unavailable or panicked: the worker backs off before the next try.
     pub(crate) failed: bool,
+}
+
+impl FlushOutcome {
+    /// A flush that could not run at all: every row is kept for the next one.
+    pub(crate) fn not_attempted(job: FlushJob) -> Self {
+        let count = job.batch.len();
+        FlushOutcome {
+            seq: job.seq,
+            report: FlushReport {
+                reason: job.reason,
+                count,
+                agents: 0,
+                chunks: 0,
+                elapsed: Duration::ZERO,
+                stored: 0,
+                updated: 0,
+                rejected: 0,
+                retained: count,
+                statements: 0,
+                publish_errors: 0,
+                error: None,
+            },
+            retained: job.batch,
+            failed: true,
+        }
+    }
 }
 
 /// Lets `close` stop a store call that outlives the final flush timeout.

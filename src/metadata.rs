@@ -7,13 +7,19 @@
 //! so a chatty agent still gets its latest state recorded with an explanation.
 
 use std::fmt;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The longest key, in characters, that the `varchar(127)` column accepts.
 pub const MAX_KEY_CHARS: usize = 127;
 
 /// The most bytes a valid key can take: 127 characters of up to 4 bytes.
 const MAX_KEY_BYTES: usize = MAX_KEY_CHARS * 4;
+
+/// PostgreSQL's `timestamptz` range, in seconds from the Unix epoch: from 4714-11-24 BC
+/// (inclusive) to 294277-01-01 (exclusive). Outside it the server refuses the value, or the
+/// client's conversion overflows, so `add` refuses it first.
+const EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH: u64 = 210_866_803_200;
+const END_OF_COLLECTED_AT_SECS_AFTER_EPOCH: u64 = 9_224_318_016_000;
 
 /// Values longer than this many bytes are cut to it and the error explains why.
 pub const MAX_VALUE_BYTES: usize = 2048;
@@ -70,6 +76,15 @@ impl Metadata {
             if chars > MAX_KEY_CHARS {
                 return Err(InvalidMetadata::KeyTooLong { chars });
             }
+        }
+        let in_range = match self.collected_at.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(after) => after < Duration::from_secs(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH),
+            Err(before) => {
+                before.duration() <= Duration::from_secs(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH)
+            }
+        };
+        if !in_range {
+            return Err(InvalidMetadata::CollectedAtOutOfRange);
         }
         for (field, text) in [
             (MetadataField::Key, &self.key),
@@ -157,6 +172,9 @@ pub enum InvalidMetadata {
         /// The field that holds it.
         field: MetadataField,
     },
+    /// `collected_at` is outside the range PostgreSQL's `timestamptz` can store
+    /// (4714-11-24 BC to 294276-12-31 AD).
+    CollectedAtOutOfRange,
 }
 
 impl fmt::Display for InvalidMetadata {
@@ -171,6 +189,10 @@ impl fmt::Display for InvalidMetadata {
                 f,
                 "the {} contains a NUL byte, which PostgreSQL text cannot store; strip or escape it",
                 field.as_str()
+            ),
+            InvalidMetadata::CollectedAtOutOfRange => f.write_str(
+                "collected_at is outside 4714 BC..294276 AD, the range PostgreSQL timestamps can hold; \
+                 the agent's clock or the conversion of its timestamp is wrong",
             ),
         }
     }
@@ -196,6 +218,28 @@ mod tests {
             md(&"é".repeat(128), "", "").validate(),
             Err(InvalidMetadata::KeyTooLong { chars: 128 })
         );
+        let secs = Duration::from_secs;
+        for (collected_at, valid) in [
+            (
+                SystemTime::UNIX_EPOCH - secs(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH),
+                true,
+            ),
+            (
+                SystemTime::UNIX_EPOCH - secs(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH + 1),
+                false,
+            ),
+            (
+                SystemTime::UNIX_EPOCH + secs(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH - 1),
+                true,
+            ),
+            (
+                SystemTime::UNIX_EPOCH + secs(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH),
+                false,
+            ),
+        ] {
+            let result = Metadata::new("k", "", "", collected_at).validate();
+            assert_eq!(result.is_ok(), valid, "{collected_at:?}");
+        }
         for (m, field) in [
             (md("a\0", "", ""), MetadataField::Key),
             (md("a", "b\0", ""), MetadataField::Value),

@@ -258,26 +258,7 @@ impl Worker {
                     // The flusher thread is gone (it catches the store's panics, so this
                     // is a bug); keep the rows rather than lose them silently.
                     tracing::error!("metadata flusher thread is gone; flushes cannot run");
-                    let job = unsent.into_inner();
-                    self.complete(FlushOutcome {
-                        seq,
-                        report: FlushReport {
-                            reason,
-                            count: job.batch.len(),
-                            agents: 0,
-                            chunks: 0,
-                            elapsed: Duration::ZERO,
-                            stored: 0,
-                            updated: 0,
-                            rejected: 0,
-                            retained: job.batch.len(),
-                            statements: 0,
-                            publish_errors: 0,
-                            error: None,
-                        },
-                        retained: job.batch,
-                        failed: true,
-                    });
+                    self.complete(FlushOutcome::not_attempted(unsent.into_inner()));
                 }
             }
         }

@@ -711,3 +711,44 @@ fn pipelined_flush_carries_what_accrued_while_the_store_worked() {
         .collect();
     assert_eq!(agents.len(), 1300);
 }
+
+#[test]
+fn flush_and_sync_cover_everything_accepted_before_them_under_contention() {
+    let clock = MockClock::new();
+    let store = MemoryStore::new();
+    for t in 0..8 {
+        store.register(agent(t), ["k"]);
+    }
+    let b = Batcher::builder(store.clone(), MemoryPubsub::new())
+        .clock(clock.clone())
+        .batch_size(4)
+        .channel_capacity(1000)
+        .build()
+        .unwrap();
+    thread::scope(|scope| {
+        for t in 0..8u128 {
+            let (b, store, clock) = (&b, &store, &clock);
+            scope.spawn(move || {
+                for round in 0..100u64 {
+                    let value = format!("{t}-{round}");
+                    b.add(agent(t), vec![md("k", &value, round)]).unwrap();
+                    // Other threads' adds, flushes, syncs and clock moves interleave
+                    // freely (a sync alone promises no flush: the timer may be disarmed by
+                    // another thread's flush in flight); a flush must still cover this
+                    // thread's own update.
+                    match round % 3 {
+                        0 => {}
+                        1 => {
+                            clock.advance(INTERVAL);
+                            b.sync();
+                        }
+                        _ => b.sync(),
+                    }
+                    b.flush();
+                    assert_eq!(store.get(agent(t), "k").unwrap().value, value);
+                }
+            });
+        }
+    });
+    assert_eq!(b.stats().dropped, 0);
+}

@@ -76,11 +76,15 @@ pub struct Batcher {
 }
 
 /// What `add` did with a call's keys.
+///
+/// When the channel has room for only part of a call, the first `accepted` entries of the
+/// call's vector are queued and the rest are dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AddReport {
-    /// Keys queued for the batch.
+    /// Keys queued for the batch: the call's first `accepted` entries.
     pub accepted: usize,
-    /// Keys dropped because the channel was full; counted in `Stats::dropped`.
+    /// Keys dropped because the channel was full: the call's last `dropped` entries;
+    /// counted in `Stats::dropped`.
     pub dropped: usize,
 }
 

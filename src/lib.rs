@@ -82,5 +82,10 @@ pub use publish::{PublishError, Publisher};
 pub use stats::{FlushCounts, FlushReason, FlushReport, Health, Stats};
 pub use store::{Interrupt, Store, StoreError};
 
+/// Compiles and runs the README's examples with the doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// The channel every flush publishes its changed agents on, shared with Coder's Go batcher.
 pub const METADATA_BATCH_CHANNEL: &str = "workspace_agent_metadata_batch";

@@ -91,6 +91,8 @@ pub struct FlushCounts {
 /// Running totals since the batcher was built.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Keys `add` accepted (queued or taken in by the worker).
+    pub accepted: u64,
     /// Keys in the channel, not yet taken in by the worker.
     pub queued: usize,
     /// Distinct entries in the batch, waiting for a flush.
@@ -143,6 +145,9 @@ pub(crate) struct Counters {
     /// Instants are stored as nanoseconds since this one, the clock's time at build.
     epoch: Instant,
     pub(crate) queued: AtomicUsize,
+    /// Keys the worker has taken in; with `queued`, what `add` accepted. Counted by the
+    /// worker rather than in `add`, to keep one more shared atomic off the callers' path.
+    pub(crate) taken_in: AtomicU64,
     pub(crate) batched: AtomicUsize,
     pub(crate) in_flight: AtomicUsize,
     flushes: [AtomicU64; FlushReason::ALL.len()],
@@ -171,6 +176,7 @@ impl Counters {
         Counters {
             epoch,
             queued: AtomicUsize::new(0),
+            taken_in: AtomicU64::new(0),
             batched: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             flushes: Default::default(),
@@ -223,8 +229,13 @@ impl Counters {
 
     pub(crate) fn snapshot(&self) -> Stats {
         let flushes = |reason: FlushReason| self.flushes[reason as usize].load(Relaxed);
+        // Taken in first: the worker counts a message as taken in before it releases its
+        // place in the queue, so this order never counts a key twice.
+        let taken_in = self.taken_in.load(Relaxed);
+        let queued = self.queued.load(Relaxed);
         Stats {
-            queued: self.queued.load(Relaxed),
+            accepted: taken_in + queued as u64,
+            queued,
             batched: self.batched.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             flushes: FlushCounts {

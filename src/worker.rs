@@ -171,9 +171,9 @@ impl Worker {
 
     /// Adds one call's entries to the batch, flushing at exactly `batch_size` when idle.
     fn take_in(&mut self, update: Update) {
-        self.counters
-            .queued
-            .fetch_sub(update.metadata.len(), Relaxed);
+        let keys = update.metadata.len();
+        self.counters.taken_in.fetch_add(keys as u64, Relaxed);
+        self.counters.queued.fetch_sub(keys, Relaxed);
         if self.batch_since.is_none() {
             self.batch_since = Some(self.clock.now());
             self.counters.set_oldest_batched(self.batch_since);

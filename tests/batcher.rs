@@ -247,7 +247,7 @@ fn full_channel_drops_and_counts() {
         }
     );
     let stats = b.stats();
-    assert_eq!((stats.dropped, stats.queued), (4, 10));
+    assert_eq!((stats.dropped, stats.queued, stats.accepted), (4, 10, 12));
 
     drop(release);
     b.sync();

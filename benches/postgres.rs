@@ -1,0 +1,281 @@
+//! Target 3: flush efficiency against real PostgreSQL, rows/s at batch 500.
+//!
+//! - `library_store`: `PgStore::batch_update` (the library's store, called directly);
+//! - `library_batcher`: the same through the batcher: 50 calls of 10 keys added, then
+//!   `sync()` until the capacity flush of exactly 500 rows has completed (flusher thread,
+//!   interrupt hook, publish to a no-op publisher);
+//! - `direct`: `BATCH_UPDATE_SQL` prepared once and executed on a plain `postgres::Client`
+//!   with the same five arrays;
+//! - `single_row`: one prepared single-row `UPDATE` per key, 500 per iteration, each its
+//!   own transaction (what a batcher saves).
+//!
+//! Every iteration writes 500 rows that exist, with a newer `collected_at`, so each
+//! statement really updates 500 rows. The batches are built outside the clock. After
+//! criterion, a paired run alternates `library_store` and `direct` 40 times and prints the
+//! ratio of their medians: on a noisy machine that is the steadier figure for (a)/(b).
+//!
+//! Needs PostgreSQL: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! Creates the database `mb_bench_<pid>` and drops it afterwards.
+//!
+//! `cargo bench --bench postgres -- --warm-up-time 1 --measurement-time 3`
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use criterion::{Criterion, Throughput};
+use metadata_batcher::postgres::{self as pg, PgStore, BATCH_UPDATE_SQL};
+use metadata_batcher::{Batcher, Metadata, MetadataBatch, Store};
+use postgres::{Client, NoTls};
+
+use common::{agent, call, key_names, NoopPublisher};
+
+const BATCH: usize = 500;
+const KEYS: usize = 10;
+const AGENTS_PER_BATCH: usize = BATCH / KEYS;
+const AGENTS: usize = 2000;
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const SINGLE_ROW_SQL: &str = "UPDATE workspace_agent_metadata \
+    SET value = $3, error = $4, collected_at = $5 \
+    WHERE workspace_agent_id = $1 AND key = $2 AND collected_at <= $5";
+
+/// `url` with its database replaced by `database`.
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, format!("?{query}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    format!("{}/{database}{query}", &base[..host_end])
+}
+
+/// The rows of batch `n`: 50 agents × 10 keys, cycling through the fleet.
+fn batch(n: usize, keys: &[String]) -> MetadataBatch {
+    let now = SystemTime::now();
+    let mut batch = MetadataBatch::with_capacity(BATCH);
+    let first = (n * AGENTS_PER_BATCH) % AGENTS;
+    for a in first..first + AGENTS_PER_BATCH {
+        for key in keys {
+            batch.push(
+                agent(a),
+                Metadata::new(key.clone(), format!("{n} %"), "", now),
+            );
+        }
+    }
+    batch
+}
+
+struct Fixture {
+    admin: Client,
+    database: String,
+    url: String,
+}
+
+impl Fixture {
+    fn create() -> Fixture {
+        let admin_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+        let mut admin = Client::connect(&admin_url, NoTls)
+            .unwrap_or_else(|e| panic!("cannot connect to {admin_url} (set DATABASE_URL): {e}"));
+        let database = format!("mb_bench_{}", std::process::id());
+        // Two statements: DROP/CREATE DATABASE cannot share a (multi-statement) transaction.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {database}"),
+            format!("CREATE DATABASE {database}"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .expect("create the bench database");
+        }
+        let url = with_database(&admin_url, &database);
+        let mut client = Client::connect(&url, NoTls).expect("connect to the bench database");
+        pg::migrate(&mut client).expect("migrate");
+        let agents: Vec<_> = (0..AGENTS).map(agent).collect();
+        let keys = key_names(KEYS);
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        pg::register_agents(&mut client, &agents, &keys).expect("register");
+        client
+            .batch_execute("VACUUM ANALYZE workspace_agent_metadata")
+            .unwrap();
+        Fixture {
+            admin,
+            database,
+            url,
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.admin.batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        ));
+    }
+}
+
+fn median(mut xs: Vec<Duration>) -> Duration {
+    xs.sort();
+    xs[xs.len() / 2]
+}
+
+fn main() {
+    let fixture = Fixture::create();
+    let keys = key_names(KEYS);
+    let mut store = PgStore::connect(&fixture.url).expect("PgStore connects");
+    let mut direct = Client::connect(&fixture.url, NoTls).expect("client connects");
+    let prepared = direct.prepare(BATCH_UPDATE_SQL).expect("prepare");
+    let single = direct.prepare(SINGLE_ROW_SQL).expect("prepare");
+    let mut n = 0usize;
+
+    let run_direct = |direct: &mut Client, batch: &MetadataBatch| -> u64 {
+        direct
+            .execute(
+                &prepared,
+                &[
+                    &batch.agent_ids,
+                    &batch.keys,
+                    &batch.values,
+                    &batch.errors,
+                    &batch.collected_at,
+                ],
+            )
+            .expect("direct execute")
+    };
+
+    let mut c = Criterion::default().configure_from_args();
+    {
+        let mut group = c.benchmark_group("postgres");
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group.sample_size(20);
+        group.bench_function("library_store", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    n += 1;
+                    let rows = batch(n, &keys);
+                    let start = Instant::now();
+                    let updated = store.batch_update(&rows).expect("batch_update");
+                    total += start.elapsed();
+                    assert_eq!(updated, BATCH as u64);
+                }
+                total
+            })
+        });
+        group.bench_function("direct", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    n += 1;
+                    let rows = batch(n, &keys);
+                    let start = Instant::now();
+                    let updated = run_direct(&mut direct, &rows);
+                    total += start.elapsed();
+                    assert_eq!(updated, BATCH as u64);
+                }
+                total
+            })
+        });
+        {
+            let batcher = Batcher::builder(
+                PgStore::connect(&fixture.url).expect("PgStore connects"),
+                NoopPublisher,
+            )
+            .batch_size(BATCH)
+            .interval(Duration::from_secs(3600))
+            .build()
+            .expect("valid settings");
+            group.bench_function("library_batcher", |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        n += 1;
+                        let now = SystemTime::now();
+                        let first = (n * AGENTS_PER_BATCH) % AGENTS;
+                        let calls: Vec<_> = (first..first + AGENTS_PER_BATCH)
+                            .map(|a| (agent(a), call(&keys, n as u64, now)))
+                            .collect();
+                        let start = Instant::now();
+                        for (who, metadata) in calls {
+                            batcher.add(who, metadata).expect("add");
+                        }
+                        batcher.sync();
+                        total += start.elapsed();
+                    }
+                    total
+                })
+            });
+            let stats = batcher.stats();
+            println!(
+                "postgres/library_batcher: flushes capacity {} (others {}), flushed {}, unmatched {}, dropped {}, store errors {}",
+                stats.flushes.capacity,
+                stats.flushes.scheduled + stats.flushes.manual,
+                stats.flushed,
+                stats.unmatched,
+                stats.dropped,
+                stats.store_errors
+            );
+            batcher.close();
+        }
+        group.sample_size(10);
+        group.bench_function("single_row", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    n += 1;
+                    let rows = batch(n, &keys);
+                    let start = Instant::now();
+                    let mut updated = 0;
+                    for i in 0..rows.len() {
+                        updated += direct
+                            .execute(
+                                &single,
+                                &[
+                                    &rows.agent_ids[i],
+                                    &rows.keys[i],
+                                    &rows.values[i],
+                                    &rows.errors[i],
+                                    &rows.collected_at[i],
+                                ],
+                            )
+                            .expect("single-row update");
+                    }
+                    total += start.elapsed();
+                    assert_eq!(updated, BATCH as u64);
+                }
+                total
+            })
+        });
+        group.finish();
+    }
+    c.final_summary();
+
+    // Paired: library and direct alternate, so both see the same server and machine state.
+    let (mut library, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..40 {
+        n += 1;
+        let rows = batch(n, &keys);
+        let start = Instant::now();
+        store.batch_update(&rows).expect("batch_update");
+        library.push(start.elapsed());
+        n += 1;
+        let rows = batch(n, &keys);
+        let start = Instant::now();
+        run_direct(&mut direct, &rows);
+        plain.push(start.elapsed());
+    }
+    let (library, plain) = (median(library), median(plain));
+    println!(
+        "postgres/paired: library_store median {:.3} ms ({:.0} rows/s), direct median {:.3} ms ({:.0} rows/s), ratio {:.3}",
+        library.as_secs_f64() * 1e3,
+        BATCH as f64 / library.as_secs_f64(),
+        plain.as_secs_f64() * 1e3,
+        BATCH as f64 / plain.as_secs_f64(),
+        plain.as_secs_f64() / library.as_secs_f64()
+    );
+    drop(store);
+    drop(direct);
+    drop(fixture);
+}

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use postgres::fallible_iterator::FallibleIterator as _;
 use postgres::{Client, Config, NoTls};
 
 /// Connection settings shared by [`PgStore`](super::PgStore),
@@ -104,22 +103,15 @@ impl Connector {
     }
 }
 
-/// How long [`is_open`] lets the client's IO driver look at the socket. Zero is not enough:
-/// the driver learns that data arrived only when it waits, so a check that never waits sees
-/// a session the server already ended as open.
-const LIVENESS_WAIT: Duration = Duration::from_millis(1);
-
-/// Whether a session is still open, found without a round trip: reading what the server
-/// already sent shows a session it ended (`pg_terminate_backend`, an admin shutdown, an
-/// idle timeout), so that the next statement runs on a new session instead of failing on
-/// the dead one. Costs [`LIVENESS_WAIT`] on a live session. Only for sessions that do not
-/// `LISTEN`: a notification read here would be lost.
-pub(crate) fn is_open(client: &mut Client) -> bool {
-    !client.is_closed()
-        && client
-            .notifications()
-            .timeout_iter(LIVENESS_WAIT)
-            .next()
-            .is_ok()
-        && !client.is_closed()
+/// Whether `err` shows that the server had ended the session or the connection is gone: an
+/// admin command (`pg_terminate_backend`, 57P01), a crash or restart (57P02, 57P03), an idle
+/// session timeout (57P05), a closed or broken socket. The client only learns of it when it
+/// next uses the session, so a session that sat idle meets it on its next statement.
+pub(crate) fn ended_by_server(err: &postgres::Error) -> bool {
+    err.is_closed()
+        || matches!(
+            err.code().map(|code| code.code()),
+            Some("57P01" | "57P02" | "57P03" | "57P05")
+        )
+        || std::error::Error::source(err).is_some_and(|source| source.is::<std::io::Error>())
 }

@@ -3,7 +3,7 @@
 use postgres::{Client, Statement};
 use tracing::{debug, warn};
 
-use super::connect::{is_open, Connector};
+use super::connect::{ended_by_server, Connector};
 use super::error::{classify, describe, Class};
 use super::PgOptions;
 use crate::{PublishError, Publisher};
@@ -20,8 +20,9 @@ struct Session {
 ///
 /// Every replica listening on the channel (see [`PgSubscriber`](super::PgSubscriber))
 /// receives the payload, this one included. Reconnects like [`PgStore`](super::PgStore):
-/// after a failure that is not about the payload the connection is dropped and the next
-/// call opens a fresh one, without sleeping.
+/// a session the server ended while idle is replaced and the notification sent once more;
+/// after any other failure that is not about the payload the connection is dropped and the
+/// next call opens a fresh one, without sleeping.
 ///
 /// ```no_run
 /// use metadata_batcher::postgres::PgPublisher;
@@ -58,15 +59,37 @@ impl PgPublisher {
     }
 
     fn session(&mut self) -> Result<&mut Session, PublishError> {
-        let still_open = self
+        if self
             .session
-            .take()
-            .and_then(|mut session| is_open(&mut session.client).then_some(session));
-        let session = match still_open {
+            .as_ref()
+            .is_some_and(|session| session.client.is_closed())
+        {
+            self.session = None;
+        }
+        let session = match self.session.take() {
             Some(session) => session,
             None => self.open()?,
         };
         Ok(self.session.insert(session))
+    }
+
+    /// Sends the notification once; a failure that leaves the session unusable drops it.
+    fn try_notify(
+        &mut self,
+        channel: &str,
+        payload: &str,
+    ) -> Result<Result<(), postgres::Error>, PublishError> {
+        let session = self.session()?;
+        let result = session
+            .client
+            .execute(&session.notify, &[&channel, &payload])
+            .map(drop);
+        if let Err(err) = &result {
+            if classify(err) == Class::Unavailable || session.client.is_closed() {
+                self.session = None;
+            }
+        }
+        Ok(result)
     }
 
     fn open(&self) -> Result<Session, PublishError> {
@@ -109,26 +132,30 @@ impl Publisher for PgPublisher {
                  encode it (the agent ID format is ASCII base64)"
             )));
         };
-        let session = self.session()?;
-        let err = match session
-            .client
-            .execute(&session.notify, &[&channel, &payload])
-        {
-            Ok(_) => return Ok(()),
-            Err(err) => err,
-        };
-        let class = classify(&err);
-        if class == Class::Unavailable || session.client.is_closed() {
-            self.session = None;
+        // As in `PgStore`: a session the server ended while idle is replaced once. A
+        // notification sent twice (had the first gone through) only makes watchers re-read.
+        let reused = self.session.is_some();
+        let mut result = self.try_notify(channel, payload)?;
+        if let Err(err) = &result {
+            if reused && ended_by_server(err) {
+                debug!(
+                    application_name = self.connector.application_name(),
+                    error = %describe(err),
+                    "metadata publisher session was ended by the server; reconnecting once"
+                );
+                result = self.try_notify(channel, payload)?;
+            }
         }
-        let message = describe(&err);
-        warn!(
-            application_name = self.connector.application_name(),
-            channel,
-            payload_bytes = payload.len(),
-            error = %message,
-            "metadata publish failed"
-        );
-        Err(PublishError::new(message))
+        result.map_err(|err| {
+            let message = describe(&err);
+            warn!(
+                application_name = self.connector.application_name(),
+                channel,
+                payload_bytes = payload.len(),
+                error = %message,
+                "metadata publish failed"
+            );
+            PublishError::new(message)
+        })
     }
 }

@@ -3,7 +3,7 @@
 use postgres::{Client, NoTls, Statement};
 use tracing::{debug, warn};
 
-use super::connect::{is_open, Connector};
+use super::connect::{ended_by_server, Connector};
 use super::error::{classify, describe, store_error, Class};
 use super::PgOptions;
 use crate::{Interrupt, MetadataBatch, Store, StoreError};
@@ -35,13 +35,16 @@ struct Session {
 
 /// The PostgreSQL [`Store`]: one connection, one prepared statement.
 ///
-/// No hidden retries and no sleeps: a call that fails returns its classified error at once.
-/// A session the server has already ended (`pg_terminate_backend`, a restart) is noticed
-/// before the statement, from what the server sent, and replaced. After an [`Unavailable`](StoreError::Unavailable) error (a lost connection, a server
-/// shutting down, anything not about the data) the connection is dropped and the *next*
-/// call reconnects, re-sets `statement_timeout` and re-prepares. Pacing those retries is
-/// the batcher's job (its timer backoff, capped at 5 s); a manual flush calls straight
-/// through.
+/// No sleeps, and one retry only: when the first statement on a session that sat idle finds
+/// that the server had ended it meanwhile (`pg_terminate_backend`, a restart, an idle
+/// timeout), the store opens a new session and runs the statement once more. That cannot
+/// write anything twice, because the update is idempotent (the `collected_at` guard), and
+/// it costs nothing on a live session, unlike probing the socket before every statement.
+/// Any other failure returns its classified error at once; after an
+/// [`Unavailable`](StoreError::Unavailable) error (a lost connection, a server shutting
+/// down, anything not about the data) the connection is dropped and the *next* call
+/// reconnects, re-sets `statement_timeout` and re-prepares. Pacing those retries is the
+/// batcher's job (its timer backoff, capped at 5 s); a manual flush calls straight through.
 ///
 /// ```no_run
 /// use std::time::{Duration, SystemTime};
@@ -83,17 +86,44 @@ impl PgStore {
         Ok(store)
     }
 
-    /// The open session, opening one first if there is none or it has closed.
+    /// The open session, opening one first if there is none or the client saw it close.
     fn session(&mut self) -> Result<&mut Session, StoreError> {
-        let still_open = self
+        if self
             .session
-            .take()
-            .and_then(|mut session| is_open(&mut session.client).then_some(session));
-        let session = match still_open {
+            .as_ref()
+            .is_some_and(|session| session.client.is_closed())
+        {
+            self.session = None;
+        }
+        let session = match self.session.take() {
             Some(session) => session,
             None => self.open()?,
         };
         Ok(self.session.insert(session))
+    }
+
+    /// Runs the update once; a failure that leaves the session unusable drops it.
+    fn try_update(
+        &mut self,
+        batch: &MetadataBatch,
+    ) -> Result<Result<u64, postgres::Error>, StoreError> {
+        let session = self.session()?;
+        let result = session.client.execute(
+            &session.batch_update,
+            &[
+                &batch.agent_ids,
+                &batch.keys,
+                &batch.values,
+                &batch.errors,
+                &batch.collected_at,
+            ],
+        );
+        if let Err(err) = &result {
+            if classify(err) == Class::Unavailable || session.client.is_closed() {
+                self.session = None;
+            }
+        }
+        Ok(result)
     }
 
     fn open(&self) -> Result<Session, StoreError> {
@@ -127,47 +157,36 @@ impl PgStore {
 
 impl Store for PgStore {
     fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        let session = self.session()?;
-        let result = session.client.execute(
-            &session.batch_update,
-            &[
-                &batch.agent_ids,
-                &batch.keys,
-                &batch.values,
-                &batch.errors,
-                &batch.collected_at,
-            ],
-        );
-        let err = match result {
-            Ok(updated) => return Ok(updated),
-            Err(err) => err,
-        };
-        let class = classify(&err);
-        let message = describe(&err);
-        if class == Class::Unavailable || session.client.is_closed() {
-            self.session = None;
+        let reused = self.session.is_some();
+        let mut result = self.try_update(batch)?;
+        if let Err(err) = &result {
+            if reused && ended_by_server(err) {
+                debug!(
+                    application_name = self.connector.application_name(),
+                    error = %describe(err),
+                    "metadata store session was ended by the server; reconnecting once"
+                );
+                result = self.try_update(batch)?;
+            }
         }
-        warn!(
-            application_name = self.connector.application_name(),
-            rows = batch.len(),
-            class = ?class,
-            error = %message,
-            "metadata batch update failed"
-        );
-        Err(store_error(class, message))
+        result.map_err(|err| {
+            let class = classify(&err);
+            let message = describe(&err);
+            warn!(
+                application_name = self.connector.application_name(),
+                rows = batch.len(),
+                class = ?class,
+                error = %message,
+                "metadata batch update failed"
+            );
+            store_error(class, message)
+        })
     }
 
     /// Cancels the running statement with PostgreSQL's cancel request (as `pg_cancel_backend`
     /// would); the statement then fails with [`StoreError::Canceled`]. `None` while there is
     /// no open connection: the next call connects first, bounded by the connect timeout.
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
-        if !self
-            .session
-            .as_mut()
-            .is_some_and(|session| is_open(&mut session.client))
-        {
-            self.session = None;
-        }
         let token = self.session.as_ref()?.client.cancel_token();
         let application_name = self.connector.application_name().to_owned();
         Some(Interrupt::new(move || {

@@ -153,11 +153,10 @@ impl Worker {
                     self.timer = never();
                     self.scheduled_due = true;
                 }
-                recv(completed) -> outcome => {
-                    if let Ok(outcome) = outcome {
-                        self.complete(outcome);
-                    }
-                }
+                recv(completed) -> outcome => match outcome {
+                    Ok(outcome) => self.complete(outcome),
+                    Err(_) => self.lose_flusher(),
+                },
                 recv(self.control) -> control => match control {
                     Ok(Control::Sync(reply)) => self.sync(reply),
                     Ok(Control::Flush(reply)) => self.manual_flush(reply),
@@ -174,12 +173,12 @@ impl Worker {
         let keys = update.metadata.len();
         self.counters.taken_in.fetch_add(keys as u64, Relaxed);
         self.counters.queued.fetch_sub(keys, Relaxed);
-        if self.batch_since.is_none() {
-            self.batch_since = Some(self.clock.now());
-            self.counters.set_oldest_batched(self.batch_since);
-        }
         let agent_id = update.agent_id;
         for metadata in update.metadata {
+            if self.batch_since.is_none() {
+                self.batch_since = Some(self.clock.now());
+                self.counters.set_oldest_batched(self.batch_since);
+            }
             self.batch.insert(agent_id, metadata);
             let len = self.batch.len();
             if len >= self.config.batch_size && self.can_flush_for_capacity() {
@@ -298,6 +297,21 @@ impl Worker {
         });
     }
 
+    /// The flusher thread ended without reporting its flush. It catches the store's and
+    /// publisher's panics, so this is a bug; the loop must not spin on the closed channel,
+    /// and later flushes fail (their rows are kept, within the bound) instead of hanging.
+    fn lose_flusher(&mut self) {
+        tracing::error!("metadata flusher thread ended unexpectedly; its flush in flight is lost");
+        if let Flushing::Thread { completed, .. } = &mut self.flushing {
+            *completed = never();
+        }
+        self.in_flight = None;
+        self.counters.in_flight.store(0, Relaxed);
+        self.counters.set_oldest_in_flight(None);
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.timer = self.clock.after(self.next_delay());
+    }
+
     /// The interval, or while the store keeps failing, a doubling backoff.
     fn next_delay(&self) -> Duration {
         if self.consecutive_failures == 0 {
@@ -404,7 +418,7 @@ impl Worker {
         if let Flushing::Thread { completed, .. } = &self.flushing {
             match completed.recv() {
                 Ok(outcome) => self.complete(outcome),
-                Err(_) => self.in_flight = None,
+                Err(_) => self.lose_flusher(),
             }
         }
     }

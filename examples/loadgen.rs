@@ -701,11 +701,11 @@ fn find_ceiling(config: &Config) -> Result<(), String> {
     let (mut good, mut bad) = (config.lo, config.hi);
     let (hi_pass, _) = trial(config.hi)?;
     let ceiling = if hi_pass {
-        format!(">= {:.0}", config.hi)
+        format!(">={:.0}", config.hi)
     } else {
         let (lo_pass, _) = trial(config.lo)?;
         if !lo_pass {
-            format!("< {:.0}", config.lo)
+            format!("<{:.0}", config.lo)
         } else {
             for _ in 0..config.steps {
                 let mid = (good * bad).sqrt();
@@ -719,13 +719,17 @@ fn find_ceiling(config: &Config) -> Result<(), String> {
         }
     };
     println!(
-        "CEILING store={} mode={} batch={} max_pending={} ceiling={} first_failing={:.0} peak_rss_mib={:.1}",
+        "CEILING store={} mode={} batch={} max_pending={} ceiling={} first_failing={} peak_rss_mib={:.1}",
         store_name(&config.store),
         mode_name(config.mode),
         config.batch_size,
         config.max_pending.map_or("default".into(), |m| m.to_string()),
         ceiling,
-        bad,
+        if hi_pass {
+            "none".to_owned()
+        } else {
+            format!("{bad:.0}")
+        },
         peak_rss_kib() as f64 / 1024.0
     );
     Ok(())

@@ -15,6 +15,9 @@ use uuid::Uuid;
 
 use crate::{Metadata, MetadataBatch};
 
+/// Below this the map is never shrunk: small tables are cheap to keep and to walk.
+const SMALLEST_SHRUNK_CAPACITY: usize = 1024;
+
 /// The hash map key: one row of the table.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct RowKey {
@@ -87,15 +90,21 @@ impl Batch {
         }
     }
 
-    /// Empties the batch into flush columns, keeping the map's allocation for the next one.
+    /// Empties the batch into flush columns, keeping the map's allocation for the next one
+    /// unless it is far larger than this flush needed: a table sized for one burst would
+    /// make every later insert and drain walk memory that no longer fits in cache.
     pub(crate) fn take(&mut self) -> MetadataBatch {
-        let mut columns = MetadataBatch::with_capacity(self.entries.len());
+        let len = self.entries.len();
+        let mut columns = MetadataBatch::with_capacity(len);
         for (row, entry) in self.entries.drain() {
             columns.agent_ids.push(row.agent_id);
             columns.keys.push(row.key);
             columns.values.push(entry.value);
             columns.errors.push(entry.error);
             columns.collected_at.push(entry.collected_at);
+        }
+        if self.entries.capacity() > 4 * len.max(SMALLEST_SHRUNK_CAPACITY) {
+            self.entries.shrink_to(len);
         }
         columns
     }

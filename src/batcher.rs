@@ -215,10 +215,14 @@ impl Batcher {
     /// [`MAX_VALUE_BYTES`](crate::MAX_VALUE_BYTES)). Keys that do not fit in the channel are
     /// dropped and counted; the report says how many.
     pub fn add(&self, agent_id: Uuid, mut metadata: Vec<Metadata>) -> Result<AddReport, AddError> {
+        // One pass: validity decides the whole call, and whether any entry needs cutting
+        // spares the common call a second pass.
+        let mut within_size_limits = true;
         for (index, entry) in metadata.iter().enumerate() {
             entry
                 .validate()
                 .map_err(|problem| AddError::Invalid { index, problem })?;
+            within_size_limits &= entry.within_size_limits();
         }
         // `try_read` fails only while `close` holds or waits for the write guard.
         let intake = self.intake.try_read().ok_or(AddError::Closed)?;
@@ -229,8 +233,8 @@ impl Batcher {
         let accepted = self.reserve(total);
         if accepted > 0 {
             metadata.truncate(accepted);
-            for entry in &mut metadata {
-                entry.enforce_size_limits();
+            if !within_size_limits {
+                metadata.iter_mut().for_each(Metadata::enforce_size_limits);
             }
             match self.updates.try_send(Update { agent_id, metadata }) {
                 Ok(()) => {}

@@ -142,6 +142,9 @@ impl Worker {
                     Ok(update) => {
                         self.take_in(update);
                         for _ in 0..INTAKE_BURST {
+                            // A finished flush is taken first: the next one then starts at
+                            // `batch_size` instead of growing behind a burst of intake.
+                            self.take_completed();
                             let Ok(update) = self.updates.try_recv() else { break };
                             self.take_in(update);
                         }
@@ -165,6 +168,19 @@ impl Worker {
                 },
             }
             self.dispatch();
+        }
+    }
+
+    /// Completes the flush in flight if the flusher has reported it.
+    fn take_completed(&mut self) {
+        if self.in_flight.is_none() {
+            return;
+        }
+        if let Flushing::Thread { completed, .. } = &self.flushing {
+            if let Ok(outcome) = completed.try_recv() {
+                self.complete(outcome);
+                self.dispatch();
+            }
         }
     }
 

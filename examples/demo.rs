@@ -259,6 +259,14 @@ fn run_postgres(
 
     let outcome = drive(options, agents, keys, store, publisher)?;
     let stored = read_back(&mut client, agents)?;
+    // The rows were this run's own (random agent IDs): leave the database as it was.
+    let removed = client
+        .execute(
+            "DELETE FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1)",
+            &[&agents],
+        )
+        .map_err(|err| format!("removing this run's rows: {}", describe(&err)))?;
+    println!("removed this run's {removed} rows");
     Ok(outcome.finish(&stored, announcements))
 }
 

@@ -341,6 +341,10 @@ impl Batcher {
     /// [`Store::interrupt_handle`](crate::Store::interrupt_handle)), leaves the threads to
     /// finish on their own, and counts what was not written in
     /// `Stats::unwritten_at_shutdown`. Idempotent; dropping the batcher calls it.
+    ///
+    /// With a [`MockClock`](crate::MockClock) the timeout passes only when the clock is
+    /// advanced, so a test whose store never returns must advance it (the store itself may,
+    /// as a hung database's time passes); otherwise `close` waits for the store.
     pub fn close(&self) {
         let mut worker = self.worker.lock();
         let Some(handle) = worker.take() else {

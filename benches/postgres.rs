@@ -4,6 +4,9 @@
 //! - `library_batcher`: the same through the batcher: 50 calls of 10 keys added, then
 //!   `sync()` until the capacity flush of exactly 500 rows has completed (flusher thread,
 //!   interrupt hook, publish to a no-op publisher);
+//! - `library_batcher_sustained`: 20 flushes of exactly 500 rows back to back through an
+//!   inline batcher while the caller keeps adding: the library's rows/s when it is busy,
+//!   reported per 500 rows;
 //! - `direct`: `BATCH_UPDATE_SQL` prepared once and executed on a plain `postgres::Client`
 //!   with the same five arrays;
 //! - `single_row`: one prepared single-row `UPDATE` per key, 500 per iteration, each its
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
 use metadata_batcher::postgres::{self as pg, PgStore, BATCH_UPDATE_SQL};
-use metadata_batcher::{Batcher, Metadata, MetadataBatch, Store};
+use metadata_batcher::{Batcher, FlushMode, Metadata, MetadataBatch, Store};
 use postgres::{Client, NoTls};
 
 use common::{agent, call, key_names, NoopPublisher};
@@ -216,6 +219,53 @@ fn main() {
                 stats.unmatched,
                 stats.dropped,
                 stats.store_errors
+            );
+            batcher.close();
+        }
+        {
+            // Sustained: 20 flushes of exactly 500 rows back to back, the callers adding
+            // while the worker writes. Inline, so every flush is exactly `BATCH` rows (the
+            // pipelined default would grow them); the handoffs that cost `library_batcher`
+            // its per-flush latency overlap with the statements here.
+            const FLUSHES: usize = 20;
+            let batcher = Batcher::builder(
+                PgStore::connect(&fixture.url).expect("PgStore connects"),
+                NoopPublisher,
+            )
+            .batch_size(BATCH)
+            .flush_mode(FlushMode::Inline)
+            .channel_capacity(2 * FLUSHES * BATCH)
+            .interval(Duration::from_secs(3600))
+            .build()
+            .expect("valid settings");
+            group.bench_function("library_batcher_sustained", |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        n += 1;
+                        let now = SystemTime::now();
+                        let calls: Vec<_> = (0..FLUSHES * AGENTS_PER_BATCH)
+                            .map(|a| (agent(a), call(&keys, n as u64, now)))
+                            .collect();
+                        let start = Instant::now();
+                        for (who, metadata) in calls {
+                            batcher.add(who, metadata).expect("add");
+                        }
+                        batcher.sync();
+                        total += start.elapsed();
+                    }
+                    // Per 500 rows, like the other rows of the group.
+                    total / FLUSHES as u32
+                })
+            });
+            let stats = batcher.stats();
+            println!(
+                "postgres/library_batcher_sustained: flushes capacity {} (others {}), flushed {}, unmatched {}, dropped {}",
+                stats.flushes.capacity,
+                stats.flushes.scheduled + stats.flushes.manual,
+                stats.flushed,
+                stats.unmatched,
+                stats.dropped
             );
             batcher.close();
         }

@@ -102,16 +102,3 @@ impl Connector {
         self.config.get_application_name().unwrap_or_default()
     }
 }
-
-/// Whether `err` shows that the server had ended the session or the connection is gone: an
-/// admin command (`pg_terminate_backend`, 57P01), a crash or restart (57P02, 57P03), an idle
-/// session timeout (57P05), a closed or broken socket. The client only learns of it when it
-/// next uses the session, so a session that sat idle meets it on its next statement.
-pub(crate) fn ended_by_server(err: &postgres::Error) -> bool {
-    err.is_closed()
-        || matches!(
-            err.code().map(|code| code.code()),
-            Some("57P01" | "57P02" | "57P03" | "57P05")
-        )
-        || std::error::Error::source(err).is_some_and(|source| source.is::<std::io::Error>())
-}

@@ -38,6 +38,7 @@ mod connect;
 mod error;
 mod publisher;
 mod schema;
+mod session;
 mod store;
 mod subscriber;
 

@@ -1,20 +1,14 @@
 //! [`PgPublisher`]: announces changed agents with `pg_notify`.
 
-use postgres::{Client, Statement};
-use tracing::{debug, warn};
+use tracing::warn;
 
-use super::connect::{ended_by_server, Connector};
-use super::error::{classify, describe, Class};
+use super::error::describe;
+use super::session::{Failure, PreparedSession};
 use super::PgOptions;
 use crate::{PublishError, Publisher};
 
 /// PostgreSQL refuses a NOTIFY payload of this many bytes or more.
 pub const MAX_NOTIFY_PAYLOAD: usize = 8000;
-
-struct Session {
-    client: Client,
-    notify: Statement,
-}
 
 /// The PostgreSQL [`Publisher`]: `SELECT pg_notify($1, $2)` on its own connection.
 ///
@@ -36,8 +30,7 @@ struct Session {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct PgPublisher {
-    connector: Connector,
-    session: Option<Session>,
+    session: PreparedSession,
 }
 
 impl PgPublisher {
@@ -49,69 +42,10 @@ impl PgPublisher {
 
     /// Connects with the given options.
     pub fn connect_with(url: &str, options: PgOptions) -> Result<PgPublisher, PublishError> {
-        let connector = Connector::new(url, &options, "publisher").map_err(PublishError::new)?;
-        let mut publisher = PgPublisher {
-            connector,
-            session: None,
-        };
-        publisher.session()?;
-        Ok(publisher)
-    }
-
-    fn session(&mut self) -> Result<&mut Session, PublishError> {
-        if self
-            .session
-            .as_ref()
-            .is_some_and(|session| session.client.is_closed())
-        {
-            self.session = None;
-        }
-        let session = match self.session.take() {
-            Some(session) => session,
-            None => self.open()?,
-        };
-        Ok(self.session.insert(session))
-    }
-
-    /// Sends the notification once; a failure that leaves the session unusable drops it.
-    fn try_notify(
-        &mut self,
-        channel: &str,
-        payload: &str,
-    ) -> Result<Result<(), postgres::Error>, PublishError> {
-        let session = self.session()?;
-        let result = session
-            .client
-            .execute(&session.notify, &[&channel, &payload])
-            .map(drop);
-        if let Err(err) = &result {
-            if classify(err) == Class::Unavailable || session.client.is_closed() {
-                self.session = None;
-            }
-        }
-        Ok(result)
-    }
-
-    fn open(&self) -> Result<Session, PublishError> {
-        let open = || -> Result<Session, postgres::Error> {
-            let mut client = self.connector.open()?;
-            let notify = client.prepare("SELECT pg_notify($1, $2)")?;
-            Ok(Session { client, notify })
-        };
-        let session = open().map_err(|err| {
-            let message = format!("connecting to PostgreSQL: {}", describe(&err));
-            warn!(
-                application_name = self.connector.application_name(),
-                error = %message,
-                "metadata publisher cannot connect"
-            );
-            PublishError::new(message)
-        })?;
-        debug!(
-            application_name = self.connector.application_name(),
-            "metadata publisher connected"
-        );
-        Ok(session)
+        let session =
+            PreparedSession::connect(url, &options, "publisher", "SELECT pg_notify($1, $2)")
+                .map_err(PublishError::new)?;
+        Ok(PgPublisher { session })
     }
 }
 
@@ -132,30 +66,19 @@ impl Publisher for PgPublisher {
                  encode it (the agent ID format is ASCII base64)"
             )));
         };
-        // As in `PgStore`: a session the server ended while idle is replaced once. A
-        // notification sent twice (had the first gone through) only makes watchers re-read.
-        let reused = self.session.is_some();
-        let mut result = self.try_notify(channel, payload)?;
-        if let Err(err) = &result {
-            if reused && ended_by_server(err) {
-                debug!(
-                    application_name = self.connector.application_name(),
-                    error = %describe(err),
-                    "metadata publisher session was ended by the server; reconnecting once"
-                );
-                result = self.try_notify(channel, payload)?;
-            }
-        }
-        result.map_err(|err| {
-            let message = describe(&err);
-            warn!(
-                application_name = self.connector.application_name(),
-                channel,
-                payload_bytes = payload.len(),
-                error = %message,
-                "metadata publish failed"
-            );
-            PublishError::new(message)
-        })
+        let err = match self.session.execute(&[&channel, &payload]) {
+            Ok(_) => return Ok(()),
+            Err(Failure::Open(message)) => return Err(PublishError::new(message)),
+            Err(Failure::Statement(err)) => err,
+        };
+        let message = describe(&err);
+        warn!(
+            application_name = self.session.application_name(),
+            channel,
+            payload_bytes = payload.len(),
+            error = %message,
+            "metadata publish failed"
+        );
+        Err(PublishError::new(message))
     }
 }

@@ -17,13 +17,10 @@ use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
 use crate::builder::Builder;
-use crate::flusher::{Cancellation, Flusher};
-use crate::metrics::Metrics;
-use crate::stats::Counters;
+use crate::flusher::Flusher;
+use crate::shared::Shared;
 use crate::worker::{Control, Flushing, Update, Worker, WorkerConfig};
-use crate::{
-    Clock, FlushMode, FlushReport, Health, InvalidMetadata, Metadata, Publisher, Stats, Store,
-};
+use crate::{FlushMode, FlushReport, Health, InvalidMetadata, Metadata, Publisher, Stats, Store};
 
 /// `add` logs dropped keys at warn level at most this often (debug otherwise), by the
 /// injected clock, as in Go: a full channel drops on every call.
@@ -68,10 +65,7 @@ pub struct Batcher {
     intake: RwLock<bool>,
     channel_capacity: usize,
     final_flush_timeout: Duration,
-    clock: Arc<dyn Clock>,
-    counters: Arc<Counters>,
-    metrics: Arc<Metrics>,
-    cancellation: Arc<Cancellation>,
+    shared: Arc<Shared>,
     worker: Mutex<Option<thread::JoinHandle<()>>>,
 }
 
@@ -144,25 +138,15 @@ impl Batcher {
             retry_backoff_initial: builder.retry_backoff_initial,
             retry_backoff_max: builder.retry_backoff_max,
         };
-        let clock = builder.clock;
-        let counters = Arc::new(Counters::new(clock.now()));
-        let metrics = Arc::new(Metrics::register());
-        let cancellation = Arc::new(Cancellation::default());
+        let shared = Shared::new(builder.clock);
         // Every message carries at least one key, so a channel of `channel_capacity`
         // messages never refuses a send that the key budget admitted.
         let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);
         let (control, control_rx) = crossbeam_channel::unbounded();
         // Armed here, not on the worker thread, so a test's first `advance` cannot race it.
-        let timer = clock.after(config.interval);
+        let timer = shared.clock.after(config.interval);
 
-        let flusher = Flusher::new(
-            builder.store,
-            builder.publisher,
-            clock.clone(),
-            counters.clone(),
-            metrics.clone(),
-            cancellation.clone(),
-        );
+        let flusher = Flusher::new(builder.store, builder.publisher, shared.clone());
         let flushing = match builder.flush_mode {
             FlushMode::Inline => Flushing::Inline(flusher),
             FlushMode::Pipelined => {
@@ -181,10 +165,7 @@ impl Batcher {
         };
         let worker = Worker::new(
             config,
-            clock.clone(),
-            counters.clone(),
-            cancellation.clone(),
-            metrics.clone(),
+            shared.clone(),
             updates_rx,
             control_rx,
             timer,
@@ -200,10 +181,7 @@ impl Batcher {
             intake: RwLock::new(true),
             channel_capacity,
             final_flush_timeout: builder.final_flush_timeout,
-            clock,
-            counters,
-            metrics,
-            cancellation,
+            shared,
             worker: Mutex::new(Some(worker)),
         })
     }
@@ -242,7 +220,7 @@ impl Batcher {
                     unreachable!("the key budget admits no more messages than the channel holds")
                 }
                 Err(TrySendError::Disconnected(_)) => {
-                    self.counters.queued.fetch_sub(accepted, Relaxed);
+                    self.shared.counters.queued.fetch_sub(accepted, Relaxed);
                     return Err(AddError::Closed);
                 }
             }
@@ -257,7 +235,7 @@ impl Batcher {
 
     /// Reserves room for up to `wanted` keys in the channel's budget; returns how many fit.
     fn reserve(&self, wanted: usize) -> usize {
-        let queued = &self.counters.queued;
+        let queued = &self.shared.counters.queued;
         let mut current = queued.load(Relaxed);
         loop {
             let fits = wanted.min(self.channel_capacity.saturating_sub(current));
@@ -272,14 +250,18 @@ impl Batcher {
     }
 
     fn count_dropped(&self, agent_id: Uuid, dropped: usize) {
-        self.counters.dropped.fetch_add(dropped as u64, Relaxed);
-        self.metrics.dropped_keys.increment(dropped as u64);
-        let now = self.counters.encode(self.clock.now());
-        let last = self.counters.last_drop_warning.load(Relaxed);
+        self.shared
+            .counters
+            .dropped
+            .fetch_add(dropped as u64, Relaxed);
+        self.shared.metrics.dropped_keys.increment(dropped as u64);
+        let now = self.shared.counters.encode(self.shared.clock.now());
+        let last = self.shared.counters.last_drop_warning.load(Relaxed);
         let due =
             last == u64::MAX || now.saturating_sub(last) >= DROP_WARNING_EVERY.as_nanos() as u64;
         if due
             && self
+                .shared
                 .counters
                 .last_drop_warning
                 .compare_exchange(last, now, Relaxed, Relaxed)
@@ -325,12 +307,12 @@ impl Batcher {
 
     /// Running totals; never waits on the worker.
     pub fn stats(&self) -> Stats {
-        self.counters.snapshot()
+        self.shared.counters.snapshot()
     }
 
     /// What a readiness probe needs; never waits on the worker.
     pub fn health(&self) -> Health {
-        self.counters.health(self.clock.now())
+        self.shared.counters.health(self.shared.clock.now())
     }
 
     /// Stops intake, drains everything already accepted, makes the final flush and joins
@@ -351,7 +333,7 @@ impl Batcher {
             return;
         };
         *self.intake.write() = false;
-        let deadline = self.clock.after(self.final_flush_timeout);
+        let deadline = self.shared.clock.after(self.final_flush_timeout);
         let (reply, done) = crossbeam_channel::bounded(1);
         if self.control.send(Control::Shutdown(reply)).is_err() {
             return;
@@ -361,10 +343,10 @@ impl Batcher {
                 let _ = handle.join();
             }
             recv(deadline) -> _ => {
-                self.cancellation.abandon();
-                let stats = self.counters.snapshot();
+                self.shared.cancellation.abandon();
+                let stats = self.shared.counters.snapshot();
                 let unwritten = stats.queued + stats.batched + stats.in_flight;
-                self.counters
+                self.shared.counters
                     .unwritten_at_shutdown
                     .store(unwritten as u64, Relaxed);
                 tracing::error!(

@@ -23,11 +23,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use uuid::Uuid;
 
-use crate::metrics::Metrics;
-use crate::stats::Counters;
+use crate::shared::Shared;
 use crate::{
-    agent_ids, Clock, FlushReason, FlushReport, Interrupt, MetadataBatch, Publisher, Store,
-    StoreError, METADATA_BATCH_CHANNEL,
+    agent_ids, FlushReason, FlushReport, Interrupt, MetadataBatch, Publisher, Store, StoreError,
+    METADATA_BATCH_CHANNEL,
 };
 
 /// A batch handed to the flusher.
@@ -134,10 +133,7 @@ struct Written {
 pub(crate) struct Flusher {
     store: Box<dyn Store>,
     publisher: Box<dyn Publisher>,
-    clock: Arc<dyn Clock>,
-    counters: Arc<Counters>,
-    metrics: Arc<Metrics>,
-    cancellation: Arc<Cancellation>,
+    shared: Arc<Shared>,
     /// Keys per agent of the current flush; kept to reuse its allocation.
     keys_per_agent: HashMap<Uuid, u32, foldhash::fast::RandomState>,
 }
@@ -146,18 +142,12 @@ impl Flusher {
     pub(crate) fn new(
         store: Box<dyn Store>,
         publisher: Box<dyn Publisher>,
-        clock: Arc<dyn Clock>,
-        counters: Arc<Counters>,
-        metrics: Arc<Metrics>,
-        cancellation: Arc<Cancellation>,
+        shared: Arc<Shared>,
     ) -> Self {
         Flusher {
             store,
             publisher,
-            clock,
-            counters,
-            metrics,
-            cancellation,
+            shared,
             keys_per_agent: HashMap::default(),
         }
     }
@@ -177,7 +167,7 @@ impl Flusher {
 
     pub(crate) fn flush(&mut self, job: FlushJob) -> FlushOutcome {
         let count = job.batch.len();
-        let start = self.clock.now();
+        let start = self.shared.clock.now();
         tracing::debug!(
             reason = job.reason.as_str(),
             count,
@@ -186,7 +176,7 @@ impl Flusher {
         let mut written = Written::default();
         self.write(job.batch, &mut written);
         let (agents, chunks, publish_errors) = self.announce(&written.agent_ids);
-        let elapsed = self.clock.now().saturating_duration_since(start);
+        let elapsed = self.shared.clock.now().saturating_duration_since(start);
         let report = FlushReport {
             reason: job.reason,
             count,
@@ -221,13 +211,13 @@ impl Flusher {
         written.statements += 1;
         match self.call_store(&batch) {
             Ok(updated) => {
-                self.counters.consecutive_failures.store(0, Relaxed);
+                self.shared.counters.consecutive_failures.store(0, Relaxed);
                 written.updated += updated;
                 written.agent_ids.append(&mut batch.agent_ids);
             }
             Err(StoreCall::Failed(StoreError::Rejected(message))) => {
                 self.count_store_error();
-                self.counters.consecutive_failures.store(0, Relaxed);
+                self.shared.counters.consecutive_failures.store(0, Relaxed);
                 if batch.len() == 1 {
                     self.reject(&batch, &message);
                     written.rejected += 1;
@@ -240,7 +230,10 @@ impl Flusher {
             }
             Err(StoreCall::Failed(error)) => {
                 self.count_store_error();
-                self.counters.consecutive_failures.fetch_add(1, Relaxed);
+                self.shared
+                    .counters
+                    .consecutive_failures
+                    .fetch_add(1, Relaxed);
                 tracing::error!(
                     rows = batch.len(),
                     error = %error,
@@ -257,9 +250,13 @@ impl Flusher {
             }
             Err(StoreCall::Panicked(message)) => {
                 self.count_store_error();
-                self.counters.consecutive_failures.fetch_add(1, Relaxed);
-                self.counters.panics.fetch_add(1, Relaxed);
-                self.counters
+                self.shared
+                    .counters
+                    .consecutive_failures
+                    .fetch_add(1, Relaxed);
+                self.shared.counters.panics.fetch_add(1, Relaxed);
+                self.shared
+                    .counters
                     .lost_to_panics
                     .fetch_add(batch.len() as u64, Relaxed);
                 tracing::error!(
@@ -279,23 +276,23 @@ impl Flusher {
         let store = &mut self.store;
         let result = catch_unwind(AssertUnwindSafe(|| {
             let interrupt = store.interrupt_handle();
-            if !self.cancellation.arm(interrupt) {
+            if !self.shared.cancellation.arm(interrupt) {
                 return Err(StoreCall::Abandoned);
             }
             store.batch_update(batch).map_err(StoreCall::Failed)
         }));
-        self.cancellation.disarm();
+        self.shared.cancellation.disarm();
         result.unwrap_or_else(|panic| Err(StoreCall::Panicked(panic_message(&*panic))))
     }
 
     fn count_store_error(&self) {
-        self.counters.store_errors.fetch_add(1, Relaxed);
-        self.metrics.store_errors.increment(1);
+        self.shared.counters.store_errors.fetch_add(1, Relaxed);
+        self.shared.metrics.store_errors.increment(1);
     }
 
     fn reject(&self, row: &MetadataBatch, message: &str) {
-        self.counters.rejected.fetch_add(1, Relaxed);
-        self.metrics.rejected.increment(1);
+        self.shared.counters.rejected.fetch_add(1, Relaxed);
+        self.shared.metrics.rejected.increment(1);
         tracing::warn!(
             agent_id = %row.agent_ids[0],
             key = %row.keys[0],
@@ -311,7 +308,7 @@ impl Flusher {
             *self.keys_per_agent.entry(agent_id).or_insert(0) += 1;
         }
         for &keys in self.keys_per_agent.values() {
-            self.metrics.batch_utilization.record(keys);
+            self.shared.metrics.batch_utilization.record(keys);
         }
         let agents: Vec<Uuid> = self.keys_per_agent.keys().copied().collect();
         let payloads = agent_ids::encode_chunks(&agents);
@@ -325,13 +322,13 @@ impl Flusher {
                 Ok(Ok(())) => continue,
                 Ok(Err(error)) => error.to_string(),
                 Err(panic) => {
-                    self.counters.panics.fetch_add(1, Relaxed);
+                    self.shared.counters.panics.fetch_add(1, Relaxed);
                     format!("publisher panicked: {}", panic_message(&*panic))
                 }
             };
             failures += 1;
-            self.counters.publish_errors.fetch_add(1, Relaxed);
-            self.metrics.publish_errors.increment(1);
+            self.shared.counters.publish_errors.fetch_add(1, Relaxed);
+            self.shared.metrics.publish_errors.increment(1);
             tracing::error!(
                 error = %error,
                 chunk_size = payload.len() / agent_ids::UUID_BASE64_LEN,
@@ -343,18 +340,19 @@ impl Flusher {
     }
 
     fn record(&self, report: &FlushReport, failed: bool) {
-        let c = &self.counters;
+        let c = &self.shared.counters;
         c.flushed.fetch_add(report.stored as u64, Relaxed);
         c.unmatched.fetch_add(
             (report.stored as u64).saturating_sub(report.updated),
             Relaxed,
         );
-        self.metrics.flushed.increment(report.stored as u64);
+        self.shared.metrics.flushed.increment(report.stored as u64);
         if !failed {
             c.count_flush(report.reason);
-            self.metrics.batch_size.record(report.count as f64);
-            self.metrics.batches(report.reason).increment(1);
-            self.metrics
+            self.shared.metrics.batch_size.record(report.count as f64);
+            self.shared.metrics.batches(report.reason).increment(1);
+            self.shared
+                .metrics
                 .flush_duration(report.reason)
                 .record(report.elapsed.as_secs_f64());
         }

@@ -62,6 +62,7 @@ mod metadata_batch;
 pub mod metrics;
 pub mod postgres;
 mod publish;
+mod shared;
 mod stats;
 mod store;
 mod worker;

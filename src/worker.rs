@@ -24,10 +24,9 @@ use crossbeam_channel::{never, select, Receiver, Sender};
 use uuid::Uuid;
 
 use crate::batch::Batch;
-use crate::flusher::{Cancellation, FlushJob, FlushOutcome, Flusher};
-use crate::metrics::Metrics;
-use crate::stats::Counters;
-use crate::{Clock, FlushReason, FlushReport, Metadata};
+use crate::flusher::{FlushJob, FlushOutcome, Flusher};
+use crate::shared::Shared;
+use crate::{FlushReason, FlushReport, Metadata};
 
 /// One accepted `add` call: the caller's own vector, moved, never copied.
 pub(crate) struct Update {
@@ -70,10 +69,7 @@ const INTAKE_BURST: usize = 256;
 
 pub(crate) struct Worker {
     config: WorkerConfig,
-    clock: Arc<dyn Clock>,
-    counters: Arc<Counters>,
-    cancellation: Arc<Cancellation>,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
     updates: Receiver<Update>,
     control: Receiver<Control>,
     timer: Receiver<Instant>,
@@ -95,13 +91,9 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: WorkerConfig,
-        clock: Arc<dyn Clock>,
-        counters: Arc<Counters>,
-        cancellation: Arc<Cancellation>,
-        metrics: Arc<Metrics>,
+        shared: Arc<Shared>,
         updates: Receiver<Update>,
         control: Receiver<Control>,
         timer: Receiver<Instant>,
@@ -109,10 +101,7 @@ impl Worker {
     ) -> Self {
         Worker {
             config,
-            clock,
-            counters,
-            cancellation,
-            metrics,
+            shared,
             updates,
             control,
             timer,
@@ -187,13 +176,16 @@ impl Worker {
     /// Adds one call's entries to the batch, flushing at exactly `batch_size` when idle.
     fn take_in(&mut self, update: Update) {
         let keys = update.metadata.len();
-        self.counters.taken_in.fetch_add(keys as u64, Relaxed);
-        self.counters.queued.fetch_sub(keys, Relaxed);
+        self.shared
+            .counters
+            .taken_in
+            .fetch_add(keys as u64, Relaxed);
+        self.shared.counters.queued.fetch_sub(keys, Relaxed);
         let agent_id = update.agent_id;
         for metadata in update.metadata {
             if self.batch_since.is_none() {
-                self.batch_since = Some(self.clock.now());
-                self.counters.set_oldest_batched(self.batch_since);
+                self.batch_since = Some(self.shared.clock.now());
+                self.shared.counters.set_oldest_batched(self.batch_since);
             }
             self.batch.insert(agent_id, metadata);
             let len = self.batch.len();
@@ -205,7 +197,10 @@ impl Worker {
                 self.trim();
             }
         }
-        self.counters.batched.store(self.batch.len(), Relaxed);
+        self.shared
+            .counters
+            .batched
+            .store(self.batch.len(), Relaxed);
     }
 
     fn can_flush_for_capacity(&self) -> bool {
@@ -237,7 +232,7 @@ impl Worker {
                     let _ = reply.send(None);
                 }
                 if std::mem::take(&mut self.scheduled_due) {
-                    self.timer = self.clock.after(self.config.interval);
+                    self.timer = self.shared.clock.after(self.config.interval);
                 }
                 continue;
             }
@@ -258,10 +253,10 @@ impl Worker {
         }
         let since = self.batch_since.take();
         self.in_flight = Some((seq, since));
-        self.counters.in_flight.store(batch.len(), Relaxed);
-        self.counters.batched.store(0, Relaxed);
-        self.counters.set_oldest_in_flight(since);
-        self.counters.set_oldest_batched(None);
+        self.shared.counters.in_flight.store(batch.len(), Relaxed);
+        self.shared.counters.batched.store(0, Relaxed);
+        self.shared.counters.set_oldest_in_flight(since);
+        self.shared.counters.set_oldest_batched(None);
         let job = FlushJob { seq, reason, batch };
         match &mut self.flushing {
             Flushing::Inline(flusher) => {
@@ -282,8 +277,8 @@ impl Worker {
     /// Takes a finished flush back: unwritten rows rejoin the batch, the timer re-arms.
     fn complete(&mut self, outcome: FlushOutcome) {
         let since = self.in_flight.take().and_then(|(_, since)| since);
-        self.counters.in_flight.store(0, Relaxed);
-        self.counters.set_oldest_in_flight(None);
+        self.shared.counters.in_flight.store(0, Relaxed);
+        self.shared.counters.set_oldest_in_flight(None);
         if outcome.failed {
             self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         } else {
@@ -295,14 +290,17 @@ impl Worker {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            self.counters.set_oldest_batched(self.batch_since);
+            self.shared.counters.set_oldest_batched(self.batch_since);
             self.trim();
-            self.counters.batched.store(self.batch.len(), Relaxed);
+            self.shared
+                .counters
+                .batched
+                .store(self.batch.len(), Relaxed);
         }
         for reply in self.manual_in_flight.drain(..) {
             let _ = reply.send(Some(outcome.report.clone()));
         }
-        self.timer = self.clock.after(self.next_delay());
+        self.timer = self.shared.clock.after(self.next_delay());
         self.sync_waiting.retain(|(target, reply)| {
             if *target <= outcome.seq {
                 let _ = reply.send(());
@@ -322,10 +320,10 @@ impl Worker {
             *completed = never();
         }
         self.in_flight = None;
-        self.counters.in_flight.store(0, Relaxed);
-        self.counters.set_oldest_in_flight(None);
+        self.shared.counters.in_flight.store(0, Relaxed);
+        self.shared.counters.set_oldest_in_flight(None);
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        self.timer = self.clock.after(self.next_delay());
+        self.timer = self.shared.clock.after(self.next_delay());
     }
 
     /// The interval, or while the store keeps failing, a doubling backoff.
@@ -344,10 +342,14 @@ impl Worker {
     fn trim(&mut self) {
         let dropped = self.batch.trim(self.config.max_pending);
         if dropped > 0 {
-            self.counters
+            self.shared
+                .counters
                 .retention_dropped
                 .fetch_add(dropped as u64, Relaxed);
-            self.metrics.retention_dropped.increment(dropped as u64);
+            self.shared
+                .metrics
+                .retention_dropped
+                .increment(dropped as u64);
             tracing::warn!(
                 dropped,
                 bound = self.config.max_pending,
@@ -399,12 +401,13 @@ impl Worker {
             self.take_in(update);
         }
         self.wait_for_flush();
-        if !self.batch.is_empty() && !self.cancellation.is_abandoned() {
+        if !self.batch.is_empty() && !self.shared.cancellation.is_abandoned() {
             self.start(FlushReason::Shutdown);
             self.wait_for_flush();
         }
         let unwritten = self.batch.len();
-        self.counters
+        self.shared
+            .counters
             .unwritten_at_shutdown
             .store(unwritten as u64, Relaxed);
         if unwritten > 0 {
@@ -413,11 +416,11 @@ impl Worker {
                 "metadata batcher closed with entries it could not write"
             );
         }
-        self.counters.worker_alive.store(false, Relaxed);
+        self.shared.counters.worker_alive.store(false, Relaxed);
         if let Flushing::Thread { jobs, thread, .. } = self.flushing {
             drop(jobs);
             if let Some(thread) = thread {
-                if !self.cancellation.is_abandoned() {
+                if !self.shared.cancellation.is_abandoned() {
                     let _ = thread.join();
                 }
             }

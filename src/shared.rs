@@ -1,0 +1,28 @@
+//! What the handle, the worker thread and the flusher thread share: the clock, the totals,
+//! the metric handles and the way `close` gives up on a hung store.
+
+use std::sync::Arc;
+
+use crate::flusher::Cancellation;
+use crate::metrics::Metrics;
+use crate::stats::Counters;
+use crate::Clock;
+
+pub(crate) struct Shared {
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) counters: Counters,
+    pub(crate) metrics: Metrics,
+    pub(crate) cancellation: Cancellation,
+}
+
+impl Shared {
+    /// Registers the metrics with the recorder current on the calling thread.
+    pub(crate) fn new(clock: Arc<dyn Clock>) -> Arc<Shared> {
+        Arc::new(Shared {
+            counters: Counters::new(clock.now()),
+            metrics: Metrics::register(),
+            cancellation: Cancellation::default(),
+            clock,
+        })
+    }
+}

@@ -752,3 +752,18 @@ fn flush_and_sync_cover_everything_accepted_before_them_under_contention() {
     });
     assert_eq!(b.stats().dropped, 0);
 }
+
+#[test]
+fn handles_are_shareable_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    fn sendable<T: Send>() {}
+    shareable::<Batcher>();
+    shareable::<MockClock>();
+    shareable::<metadata_batcher::SystemClock>();
+    sendable::<metadata_batcher::Builder>();
+    sendable::<MemoryStore>();
+    sendable::<MemoryPubsub>();
+    sendable::<metadata_batcher::postgres::PgStore>();
+    sendable::<metadata_batcher::postgres::PgPublisher>();
+    sendable::<metadata_batcher::postgres::PgSubscriber>();
+}

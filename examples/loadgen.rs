@@ -335,6 +335,9 @@ struct Summary {
     fresh_p50_ms: f64,
     fresh_p99_ms: f64,
     fresh_max_ms: f64,
+    add_p50_ns: u64,
+    add_p99_ns: u64,
+    add_max_ns: u64,
     peak_rss_kib: u64,
     verified_rows: Option<(u64, u64)>,
     announced: Option<(u64, u64)>,
@@ -453,6 +456,10 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
             // Per agent, the round its accepted keys last carried (u32::MAX: never).
             let mut last_round = vec![u32::MAX; agents * keys];
             let (mut accepted, mut dropped) = (0u64, 0u64);
+            // How long each `add` call takes, waking the worker included (two clock reads
+            // of ~20 ns each are in it too).
+            let mut add_ns =
+                Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds");
             let calls_per_second = rate / keys as f64;
             let start = Instant::now();
             let mut issued = 0u64;
@@ -476,7 +483,10 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
                             collected_at: now,
                         })
                         .collect();
-                    match batcher.add(agent(a), metadata) {
+                    let called = Instant::now();
+                    let added = batcher.add(agent(a), metadata);
+                    add_ns.saturating_record(called.elapsed().as_nanos() as u64);
+                    match added {
                         Ok(report) => {
                             accepted += report.accepted as u64;
                             dropped += report.dropped as u64;
@@ -492,7 +502,7 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
                 }
                 thread::sleep(Duration::from_micros(500));
             }
-            (accepted, dropped, last_round, start.elapsed())
+            (accepted, dropped, last_round, start.elapsed(), add_ns)
         })
     };
 
@@ -521,7 +531,7 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
             last = (o, s.flushed);
         }
     }
-    let (accepted, dropped, last_round, elapsed) = generator.join().expect("generator");
+    let (accepted, dropped, last_round, elapsed, add_ns) = generator.join().expect("generator");
     batcher.close();
     let stats = batcher.stats();
 
@@ -541,6 +551,9 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
             stats.flushes.manual,
             stats.flushes.shutdown,
         ],
+        add_p50_ns: add_ns.value_at_quantile(0.50),
+        add_p99_ns: add_ns.value_at_quantile(0.99),
+        add_max_ns: add_ns.max(),
         ..Summary::default()
     };
     {
@@ -664,6 +677,13 @@ fn print_summary(config: &Config, s: &Summary) {
         s.mean_rows, s.max_rows, s.store_calls, s.mean_store_ms, s.max_store_ms);
     println!("freshness          p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms (add -> store call returned, per written row)",
         s.fresh_p50_ms, s.fresh_p99_ms, s.fresh_max_ms);
+    println!(
+        "add call           p50 {:.2} µs  p99 {:.2} µs  max {:.1} µs (one call of {} keys, waking the worker included)",
+        s.add_p50_ns as f64 / 1e3,
+        s.add_p99_ns as f64 / 1e3,
+        s.add_max_ns as f64 / 1e3,
+        config.keys
+    );
     if let Some((checked, wrong)) = s.verified_rows {
         println!("verified rows      {checked} checked, {wrong} not at their newest value");
     }

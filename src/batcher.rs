@@ -59,6 +59,8 @@ const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 /// ```
 pub struct Batcher {
     updates: Sender<Update>,
+    /// Wakes a worker that is collecting updates on its own schedule; see `add`.
+    doorbell: Sender<()>,
     control: Sender<Control>,
     /// `true` while open. `add` holds a read guard while it sends, so once `close` has
     /// taken the write guard no accepted key can miss the final drain.
@@ -131,6 +133,7 @@ impl Batcher {
             .unwrap_or(builder.batch_size * crate::builder::DEFAULT_CHANNEL_MULTIPLIER);
         let config = WorkerConfig {
             batch_size: builder.batch_size,
+            channel_capacity,
             interval: builder.interval,
             max_pending: builder
                 .max_pending
@@ -143,6 +146,7 @@ impl Batcher {
         // messages never refuses a send that the key budget admitted.
         let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);
         let (control, control_rx) = crossbeam_channel::unbounded();
+        let (doorbell, doorbell_rx) = crossbeam_channel::bounded(1);
         // Armed here, not on the worker thread, so a test's first `advance` cannot race it.
         let timer = shared.clock.after(config.interval);
 
@@ -167,6 +171,7 @@ impl Batcher {
             config,
             shared.clone(),
             updates_rx,
+            doorbell_rx,
             control_rx,
             timer,
             flushing,
@@ -177,6 +182,7 @@ impl Batcher {
             .map_err(crate::BuildError::Spawn)?;
         Ok(Batcher {
             updates,
+            doorbell,
             control,
             intake: RwLock::new(true),
             channel_capacity,
@@ -208,7 +214,7 @@ impl Batcher {
             return Err(AddError::Closed);
         }
         let total = metadata.len();
-        let accepted = self.reserve(total);
+        let (accepted, queued_before) = self.reserve(total);
         if accepted > 0 {
             metadata.truncate(accepted);
             if !within_size_limits {
@@ -224,6 +230,12 @@ impl Batcher {
                     return Err(AddError::Closed);
                 }
             }
+            // The worker collects updates on its own schedule while they keep coming (no
+            // wake-up per call); the call that fills a quarter of the channel wakes it.
+            let alarm = self.channel_capacity / 4;
+            if queued_before < alarm && queued_before + accepted >= alarm {
+                let _ = self.doorbell.try_send(());
+            }
         }
         drop(intake);
         let dropped = total - accepted;
@@ -234,16 +246,17 @@ impl Batcher {
     }
 
     /// Reserves room for up to `wanted` keys in the channel's budget; returns how many fit.
-    fn reserve(&self, wanted: usize) -> usize {
+    /// Also returns how many keys were queued before.
+    fn reserve(&self, wanted: usize) -> (usize, usize) {
         let queued = &self.shared.counters.queued;
         let mut current = queued.load(Relaxed);
         loop {
             let fits = wanted.min(self.channel_capacity.saturating_sub(current));
             if fits == 0 {
-                return 0;
+                return (0, current);
             }
             match queued.compare_exchange_weak(current, current + fits, Relaxed, Relaxed) {
-                Ok(_) => return fits,
+                Ok(_) => return (fits, current),
                 Err(actual) => current = actual,
             }
         }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{never, select, Receiver, Sender};
+use crossbeam_channel::{never, Receiver, RecvError, Select, Sender};
 use uuid::Uuid;
 
 use crate::batch::Batch;
@@ -45,6 +45,8 @@ pub(crate) enum Control {
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerConfig {
     pub(crate) batch_size: usize,
+    /// The channel's capacity in keys.
+    pub(crate) channel_capacity: usize,
     pub(crate) interval: Duration,
     pub(crate) max_pending: usize,
     pub(crate) retry_backoff_initial: Duration,
@@ -67,10 +69,26 @@ pub(crate) enum Flushing {
 /// channels again: amortizes the select over a burst without starving control messages.
 const INTAKE_BURST: usize = 256;
 
+/// While updates keep arriving, the longest they gather before the worker collects them:
+/// short against any flush interval, long against a wake-up.
+const INTAKE_POLL: Duration = Duration::from_millis(1);
+
+/// One thing for the loop to handle.
+#[allow(clippy::large_enum_variant)] // one lives at a time, on the stack: boxing would allocate
+enum Event {
+    Update(Result<Update, RecvError>),
+    /// Polling: time to collect what arrived.
+    IntakeDue,
+    Timer,
+    Completed(Result<FlushOutcome, RecvError>),
+    Control(Result<Control, RecvError>),
+}
+
 pub(crate) struct Worker {
     config: WorkerConfig,
     shared: Arc<Shared>,
     updates: Receiver<Update>,
+    doorbell: Receiver<()>,
     control: Receiver<Control>,
     timer: Receiver<Instant>,
     flushing: Flushing,
@@ -88,6 +106,8 @@ pub(crate) struct Worker {
     manual_in_flight: Vec<Sender<Option<FlushReport>>>,
     /// `sync` callers, each with the sequence number of the last flush it waits for.
     sync_waiting: Vec<(u64, Sender<()>)>,
+    /// When intake last collected updates, by the real clock: it paces polling only.
+    collected: Instant,
 }
 
 impl Worker {
@@ -95,6 +115,7 @@ impl Worker {
         config: WorkerConfig,
         shared: Arc<Shared>,
         updates: Receiver<Update>,
+        doorbell: Receiver<()>,
         control: Receiver<Control>,
         timer: Receiver<Instant>,
         flushing: Flushing,
@@ -103,6 +124,7 @@ impl Worker {
             config,
             shared,
             updates,
+            doorbell,
             control,
             timer,
             flushing,
@@ -116,48 +138,114 @@ impl Worker {
             manual_waiting: Vec::new(),
             manual_in_flight: Vec::new(),
             sync_waiting: Vec::new(),
+            collected: Instant::now(),
         }
     }
 
     /// The select loop; returns when the batcher closes.
     pub(crate) fn run(mut self) {
+        // `None`: blocked on the update channel, so the next `add` wakes this thread.
+        // `Some(wait)`: updates are arriving, so they are collected every `wait` instead,
+        // and callers do not pay a wake-up (a futex call, microseconds) per `add`.
+        let mut poll: Option<Duration> = None;
         loop {
-            let completed = match &self.flushing {
-                Flushing::Thread { completed, .. } => completed,
-                Flushing::Inline(_) => &self.no_completions,
-            };
-            select! {
-                recv(self.updates) -> update => match update {
-                    Ok(update) => {
-                        self.take_in(update);
-                        for _ in 0..INTAKE_BURST {
-                            // A finished flush is taken first: the next one then starts at
-                            // `batch_size` instead of growing behind a burst of intake.
-                            self.take_completed();
-                            let Ok(update) = self.updates.try_recv() else { break };
-                            self.take_in(update);
-                        }
-                    }
-                    // The handle is gone without a close: nothing can reach us any more.
-                    Err(_) => return self.shut_down(None),
-                },
-                recv(self.timer) -> _ => {
+            match self.next_event(poll) {
+                Event::Update(Ok(update)) => {
+                    let first = update.metadata.len();
+                    self.take_in(update);
+                    let keys = first + self.take_in_burst();
+                    poll = Some(self.poll_wait(keys));
+                }
+                Event::IntakeDue => {
+                    let keys = self.take_in_burst();
+                    poll = (keys > 0).then(|| self.poll_wait(keys));
+                }
+                Event::Timer => {
                     self.timer = never();
                     self.scheduled_due = true;
                 }
-                recv(completed) -> outcome => match outcome {
-                    Ok(outcome) => self.complete(outcome),
-                    Err(_) => self.lose_flusher(),
-                },
-                recv(self.control) -> control => match control {
-                    Ok(Control::Sync(reply)) => self.sync(reply),
-                    Ok(Control::Flush(reply)) => self.manual_flush(reply),
-                    Ok(Control::Shutdown(reply)) => return self.shut_down(Some(reply)),
-                    Err(_) => return self.shut_down(None),
-                },
+                Event::Completed(Ok(outcome)) => self.complete(outcome),
+                Event::Completed(Err(_)) => self.lose_flusher(),
+                Event::Control(Ok(Control::Sync(reply))) => self.sync(reply),
+                Event::Control(Ok(Control::Flush(reply))) => self.manual_flush(reply),
+                Event::Control(Ok(Control::Shutdown(reply))) => return self.shut_down(Some(reply)),
+                // The handle is gone without a close: nothing can reach us any more.
+                Event::Control(Err(_)) | Event::Update(Err(_)) => return self.shut_down(None),
             }
             self.dispatch();
         }
+    }
+
+    /// Waits for the next thing to handle: on the update channel too when `poll` is
+    /// `None`, else at most `poll` for the others or the doorbell `add` rings when the
+    /// channel fills up. The poll runs on real time, whatever the
+    /// clock: it only decides when queued updates are collected, never what happens to them.
+    fn next_event(&self, poll: Option<Duration>) -> Event {
+        let completed = match &self.flushing {
+            Flushing::Thread { completed, .. } => completed,
+            Flushing::Inline(_) => &self.no_completions,
+        };
+        let mut select = Select::new();
+        let timer = select.recv(&self.timer);
+        let finished = select.recv(completed);
+        let control = select.recv(&self.control);
+        let operation = match poll {
+            None => {
+                select.recv(&self.updates);
+                select.select()
+            }
+            Some(wait) => {
+                let doorbell = select.recv(&self.doorbell);
+                match select.select_timeout(wait) {
+                    Ok(operation) if operation.index() == doorbell => {
+                        let _ = operation.recv(&self.doorbell);
+                        return Event::IntakeDue;
+                    }
+                    Ok(operation) => operation,
+                    Err(_) => return Event::IntakeDue,
+                }
+            }
+        };
+        match operation.index() {
+            i if i == timer => {
+                let _ = operation.recv(&self.timer);
+                Event::Timer
+            }
+            i if i == finished => Event::Completed(operation.recv(completed)),
+            i if i == control => Event::Control(operation.recv(&self.control)),
+            _ => Event::Update(operation.recv(&self.updates)),
+        }
+    }
+
+    /// Takes in up to a burst of queued messages; returns how many keys they carried.
+    fn take_in_burst(&mut self) -> usize {
+        let mut keys = 0;
+        for _ in 0..INTAKE_BURST {
+            // A finished flush is taken first: the next one then starts at `batch_size`
+            // instead of growing behind a burst of intake.
+            self.take_completed();
+            let Ok(update) = self.updates.try_recv() else {
+                break;
+            };
+            keys += update.metadata.len();
+            self.take_in(update);
+        }
+        keys
+    }
+
+    /// How long to let updates gather before collecting them again, given that this
+    /// collection found `keys`: at the rate just seen, at most an eighth of the channel
+    /// fills while this thread waits, so waiting never costs a drop; and never more than
+    /// `INTAKE_POLL`.
+    fn poll_wait(&mut self, keys: usize) -> Duration {
+        let now = Instant::now();
+        let since_last = now.saturating_duration_since(std::mem::replace(&mut self.collected, now));
+        if !self.updates.is_empty() {
+            return Duration::ZERO;
+        }
+        let room = (self.config.channel_capacity / 8) as f64;
+        let seconds_per_key = since_last.as_secs_f64() / keys.max(1) as f64;
+        Duration::from_secs_f64((room * seconds_per_key).min(INTAKE_POLL.as_secs_f64()))
     }
 
     /// Completes the flush in flight if the flusher has reported it.

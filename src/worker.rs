@@ -1,13 +1,18 @@
 //! The worker thread: the select loop that owns the batch.
 //!
-//! One dedicated OS thread selects over four channels:
+//! One dedicated OS thread selects over these channels ([`Worker::next_event`]):
 //!
 //! | channel     | carries                              | handled by            |
 //! |-------------|--------------------------------------|-----------------------|
 //! | `updates`   | one message per accepted `add` call  | [`Worker::take_in`]   |
+//! | `doorbell`  | rung by the `add` that fills a quarter of the channel | collects `updates` |
 //! | `timer`     | the scheduled (or retry) flush time  | sets `scheduled_due`  |
 //! | `completed` | outcomes from the flusher thread     | [`Worker::complete`]  |
 //! | `control`   | `sync`, `flush`, `close`             | [`Worker::sync`] ...  |
+//!
+//! While updates keep arriving the worker does not block on `updates` (every `add` would
+//! then pay for waking it): it collects them at most every millisecond, or when the
+//! doorbell rings. Once a collection finds nothing it blocks on `updates` again.
 //!
 //! After every message [`Worker::dispatch`] starts the next flush if one is due and none is
 //! running. A flush runs on the flusher thread, so intake and dedup never wait on the

@@ -182,9 +182,9 @@ impl Worker {
     }
 
     /// Waits for the next thing to handle: on the update channel too when `poll` is
-    /// `None`, else at most `poll` for the others or the doorbell `add` rings when the
-    /// channel fills up. The poll runs on real time, whatever the
-    /// clock: it only decides when queued updates are collected, never what happens to them.
+    /// `None`, else at most `poll` for the others or for the doorbell that `add` rings when
+    /// the channel fills up. The poll runs on real time, whatever the injected clock: it
+    /// only decides when queued updates are collected, never what happens to them.
     fn next_event(&self, poll: Option<Duration>) -> Event {
         let completed = match &self.flushing {
             Flushing::Thread { completed, .. } => completed,

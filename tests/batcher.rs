@@ -767,3 +767,80 @@ fn handles_are_shareable_across_threads() {
     sendable::<metadata_batcher::postgres::PgPublisher>();
     sendable::<metadata_batcher::postgres::PgSubscriber>();
 }
+
+/// Collects what `tracing` writes on the test thread, as text.
+#[derive(Clone, Default)]
+struct Captured(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn dropped_keys_warn_at_most_once_per_ten_seconds_of_the_injected_clock() {
+    let clock = MockClock::new();
+    let (entered_tx, entered) = crossbeam_channel::bounded(1);
+    let (release, released) = crossbeam_channel::bounded::<()>(0);
+    let store = ScriptedStore::new(move |batch| {
+        let _ = entered_tx.try_send(());
+        let _ = released.recv();
+        Ok(batch.len() as u64)
+    });
+    // Inline and blocked in the store: the channel stays full, so every add below drops.
+    let b = Batcher::builder(store, MemoryPubsub::new())
+        .clock(clock.clone())
+        .batch_size(1)
+        .channel_capacity(1)
+        .flush_mode(FlushMode::Inline)
+        .build()
+        .unwrap();
+    let release = release;
+    b.add(agent(0), vec![md("k", "v", 1)]).unwrap();
+    entered.recv().unwrap();
+    assert_eq!(b.add(agent(1), vec![md("k", "v", 1)]).unwrap().accepted, 1);
+
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let drop_one = || assert_eq!(b.add(agent(2), vec![md("k", "v", 1)]).unwrap().dropped, 1);
+        drop_one(); // warn
+        clock.advance(Duration::from_secs(9));
+        drop_one(); // debug: 9 s since the warning
+        clock.advance(Duration::from_secs(1));
+        drop_one(); // warn: 10 s since the warning
+        drop_one(); // debug
+    });
+    let text = String::from_utf8(log.0.lock().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("metadata channel at capacity, dropped updates"))
+        .collect();
+    let levels: Vec<&str> = lines
+        .iter()
+        .map(|l| {
+            if l.contains(" WARN ") {
+                "warn"
+            } else if l.contains(" DEBUG ") {
+                "debug"
+            } else {
+                "?"
+            }
+        })
+        .collect();
+    assert_eq!(levels, ["warn", "debug", "warn", "debug"], "{text}");
+    assert!(lines[0].contains("dropped_count=1"), "{}", lines[0]);
+    assert_eq!(b.stats().dropped, 4);
+    drop(release);
+}

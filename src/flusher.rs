@@ -211,13 +211,11 @@ impl Flusher {
         written.statements += 1;
         match self.call_store(&batch) {
             Ok(updated) => {
-                self.shared.counters.consecutive_failures.store(0, Relaxed);
                 written.updated += updated;
                 written.agent_ids.append(&mut batch.agent_ids);
             }
             Err(StoreCall::Failed(StoreError::Rejected(message))) => {
                 self.count_store_error();
-                self.shared.counters.consecutive_failures.store(0, Relaxed);
                 if batch.len() == 1 {
                     self.reject(&batch, &message);
                     written.rejected += 1;
@@ -230,10 +228,6 @@ impl Flusher {
             }
             Err(StoreCall::Failed(error)) => {
                 self.count_store_error();
-                self.shared
-                    .counters
-                    .consecutive_failures
-                    .fetch_add(1, Relaxed);
                 tracing::error!(
                     rows = batch.len(),
                     error = %error,
@@ -250,10 +244,6 @@ impl Flusher {
             }
             Err(StoreCall::Panicked(message)) => {
                 self.count_store_error();
-                self.shared
-                    .counters
-                    .consecutive_failures
-                    .fetch_add(1, Relaxed);
                 self.shared.counters.panics.fetch_add(1, Relaxed);
                 self.shared
                     .counters

@@ -130,7 +130,8 @@ pub struct Stats {
 pub struct Health {
     /// The worker thread is running (false after `close`, or if it died).
     pub worker_alive: bool,
-    /// Store calls that failed in a row; 0 after any success.
+    /// Flushes in a row whose store call failed (unavailable, canceled or panicked); 0
+    /// after a flush that reached the database.
     pub consecutive_store_failures: u64,
     /// How long the oldest entry not yet written has waited, by the injected clock.
     pub oldest_unflushed_age: Option<Duration>,

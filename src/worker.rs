@@ -372,11 +372,7 @@ impl Worker {
         let since = self.in_flight.take().and_then(|(_, since)| since);
         self.shared.counters.in_flight.store(0, Relaxed);
         self.shared.counters.set_oldest_in_flight(None);
-        if outcome.failed {
-            self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        } else {
-            self.consecutive_failures = 0;
-        }
+        self.count_outcome(outcome.failed);
         if !outcome.retained.is_empty() {
             self.batch.restore(outcome.retained);
             self.batch_since = match (since, self.batch_since) {
@@ -415,8 +411,22 @@ impl Worker {
         self.in_flight = None;
         self.shared.counters.in_flight.store(0, Relaxed);
         self.shared.counters.set_oldest_in_flight(None);
-        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.count_outcome(true);
         self.timer = self.shared.clock.after(self.next_delay());
+    }
+
+    /// Counts flushes that failed in a row: they pace the retries and pause capacity
+    /// flushes, and `health()` reports them.
+    fn count_outcome(&mut self, failed: bool) {
+        self.consecutive_failures = if failed {
+            self.consecutive_failures.saturating_add(1)
+        } else {
+            0
+        };
+        self.shared
+            .counters
+            .consecutive_failures
+            .store(self.consecutive_failures.into(), Relaxed);
     }
 
     /// The interval, or while the store keeps failing, a doubling backoff.

@@ -189,13 +189,7 @@ fn capacity_flush_at_exactly_batch_size_rearms_timer() {
 #[test]
 fn full_channel_drops_and_counts() {
     let clock = MockClock::new();
-    let (entered_tx, entered) = crossbeam_channel::bounded(1);
-    let (release, released) = crossbeam_channel::bounded::<()>(1);
-    let store = ScriptedStore::new(move |batch| {
-        let _ = entered_tx.try_send(());
-        let _ = released.recv();
-        Ok(batch.len() as u64)
-    });
+    let (store, gate) = ScriptedStore::gated();
     let calls = store.calls.clone();
     // Inline flushes block intake, so a blocked store fills the channel.
     let b = Batcher::builder(store, MemoryPubsub::new())
@@ -205,12 +199,10 @@ fn full_channel_drops_and_counts() {
         .flush_mode(FlushMode::Inline)
         .build()
         .unwrap();
-    // Declared after the batcher, so a failing assertion unblocks the store before the
-    // batcher's drop waits for it.
-    let release = release;
+    let gate = gate;
     b.add(agent(0), vec![md("a", "v", 1), md("b", "v", 1)])
         .unwrap();
-    entered.recv().unwrap(); // the worker is now inside the store
+    gate.entered.recv().unwrap(); // the worker is now inside the store
 
     let first = b
         .add(
@@ -249,7 +241,7 @@ fn full_channel_drops_and_counts() {
     let stats = b.stats();
     assert_eq!((stats.dropped, stats.queued, stats.accepted), (4, 10, 12));
 
-    drop(release);
+    gate.open();
     b.sync();
     let stats = b.stats();
     assert_eq!(stats.queued, 0);
@@ -660,16 +652,7 @@ fn panicking_publisher_is_counted() {
 #[test]
 fn pipelined_flush_carries_what_accrued_while_the_store_worked() {
     let clock = MockClock::new();
-    let (entered_tx, entered) = crossbeam_channel::unbounded();
-    let (release, released) = crossbeam_channel::bounded::<()>(0);
-    let mut blocked_once = false;
-    let store = ScriptedStore::new(move |batch| {
-        if !std::mem::replace(&mut blocked_once, true) {
-            entered_tx.send(()).unwrap();
-            released.recv().unwrap();
-        }
-        Ok(batch.len() as u64)
-    });
+    let (store, gate) = ScriptedStore::gated();
     let calls = store.calls.clone();
     let b = Batcher::builder(store, MemoryPubsub::new())
         .clock(clock.clone())
@@ -677,13 +660,11 @@ fn pipelined_flush_carries_what_accrued_while_the_store_worked() {
         .channel_capacity(2000)
         .build()
         .unwrap();
-    // Declared after the batcher, so a failing assertion unblocks the store before the
-    // batcher's drop waits for it.
-    let release = release;
+    let gate = gate;
     for i in 0..100 {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
-    entered.recv().unwrap();
+    gate.entered.recv().unwrap();
     // The store is blocked; intake and dedup go on.
     for i in 100..1300 {
         let report = b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
@@ -695,7 +676,7 @@ fn pipelined_flush_carries_what_accrued_while_the_store_worked() {
         thread::yield_now();
     }
     assert_eq!(b.stats().in_flight, 100);
-    release.send(()).unwrap();
+    gate.open();
     b.sync();
     let sizes: Vec<usize> = calls.lock().iter().map(|batch| batch.len()).collect();
     assert_eq!(sizes, [100, 1200]);
@@ -786,13 +767,7 @@ impl std::io::Write for Captured {
 #[test]
 fn dropped_keys_warn_at_most_once_per_ten_seconds_of_the_injected_clock() {
     let clock = MockClock::new();
-    let (entered_tx, entered) = crossbeam_channel::bounded(1);
-    let (release, released) = crossbeam_channel::bounded::<()>(0);
-    let store = ScriptedStore::new(move |batch| {
-        let _ = entered_tx.try_send(());
-        let _ = released.recv();
-        Ok(batch.len() as u64)
-    });
+    let (store, gate) = ScriptedStore::gated();
     // Inline and blocked in the store: the channel stays full, so every add below drops.
     let b = Batcher::builder(store, MemoryPubsub::new())
         .clock(clock.clone())
@@ -801,9 +776,9 @@ fn dropped_keys_warn_at_most_once_per_ten_seconds_of_the_injected_clock() {
         .flush_mode(FlushMode::Inline)
         .build()
         .unwrap();
-    let release = release;
+    let gate = gate;
     b.add(agent(0), vec![md("k", "v", 1)]).unwrap();
-    entered.recv().unwrap();
+    gate.entered.recv().unwrap();
     assert_eq!(b.add(agent(1), vec![md("k", "v", 1)]).unwrap().accepted, 1);
 
     let log = Captured::default();
@@ -842,5 +817,5 @@ fn dropped_keys_warn_at_most_once_per_ten_seconds_of_the_injected_clock() {
     assert_eq!(levels, ["warn", "debug", "warn", "debug"], "{text}");
     assert!(lines[0].contains("dropped_count=1"), "{}", lines[0]);
     assert_eq!(b.stats().dropped, 4);
-    drop(release);
+    gate.open();
 }

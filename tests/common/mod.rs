@@ -51,6 +51,39 @@ impl Store for ScriptedStore {
     }
 }
 
+/// Holds store calls until the test opens it; see [`ScriptedStore::gated`].
+pub struct Gate {
+    /// Receives once per call that reached the gate.
+    pub entered: crossbeam_channel::Receiver<()>,
+    release: crossbeam_channel::Sender<()>,
+}
+
+impl Gate {
+    /// Lets every waiting and later call through.
+    pub fn open(self) {
+        drop(self.release);
+    }
+}
+
+impl ScriptedStore {
+    /// A store whose every call waits at the gate until it is opened, then succeeds.
+    ///
+    /// Bind the gate after the batcher (`let gate = gate;` after building it): locals drop
+    /// in reverse order, so a failing assertion then opens the gate before the batcher's
+    /// drop waits for the blocked call.
+    pub fn gated() -> (ScriptedStore, Gate) {
+        let (entered_tx, entered) = crossbeam_channel::unbounded();
+        let (release, released) = crossbeam_channel::bounded::<()>(0);
+        let store = ScriptedStore::new(move |batch| {
+            let _ = entered_tx.send(());
+            // Only ever disconnected, by `Gate::open`.
+            let _ = released.recv();
+            Ok(batch.len() as u64)
+        });
+        (store, Gate { entered, release })
+    }
+}
+
 pub fn agent(n: u128) -> Uuid {
     Uuid::from_u128(0x5eed_0000_0000_0000_0000_0000_0000_0000 + n)
 }

@@ -156,3 +156,50 @@ impl Clock for MockClock {
         self.register(d, Some(d.max(Duration::from_nanos(1))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn after_fires_once_at_its_deadline_and_zero_fires_at_once() {
+        let clock = MockClock::new();
+        let start = clock.now();
+        assert_eq!(clock.after(Duration::ZERO).try_recv(), Ok(start));
+        let timer = clock.after(2 * SECOND);
+        clock.advance(SECOND);
+        assert!(timer.try_recv().is_err());
+        clock.advance(5 * SECOND);
+        assert_eq!(timer.try_recv(), Ok(start + 2 * SECOND));
+        clock.advance(5 * SECOND);
+        assert!(timer.try_recv().is_err(), "a timer fires once");
+    }
+
+    #[test]
+    fn tick_fires_every_period_and_a_slow_reader_misses_ticks() {
+        let clock = MockClock::new();
+        let start = clock.now();
+        let ticks = clock.tick(SECOND);
+        clock.advance(SECOND);
+        assert_eq!(ticks.try_recv(), Ok(start + SECOND));
+        // Three periods pass unread: one tick waits, the others are missed.
+        clock.advance(SECOND);
+        clock.advance(SECOND);
+        clock.advance(SECOND);
+        assert_eq!(ticks.try_recv(), Ok(start + 2 * SECOND));
+        assert!(ticks.try_recv().is_err());
+        clock.advance(SECOND);
+        assert_eq!(ticks.try_recv(), Ok(start + 5 * SECOND));
+    }
+
+    #[test]
+    fn timers_whose_receiver_is_gone_are_forgotten() {
+        let clock = MockClock::new();
+        drop(clock.after(SECOND));
+        drop(clock.tick(SECOND));
+        clock.advance(SECOND);
+        assert!(clock.inner.lock().timers.is_empty());
+    }
+}

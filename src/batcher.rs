@@ -214,7 +214,7 @@ impl Batcher {
             return Err(AddError::Closed);
         }
         let total = metadata.len();
-        let (accepted, queued_before) = self.reserve(total);
+        let (mut accepted, queued_before) = self.reserve(total);
         if accepted > 0 {
             metadata.truncate(accepted);
             if !within_size_limits {
@@ -223,7 +223,13 @@ impl Batcher {
             match self.updates.try_send(Update { agent_id, metadata }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
-                    unreachable!("the key budget admits no more messages than the channel holds")
+                    // Cannot happen: every message holds at least one key of the budget, so
+                    // the channel has a slot for each. Were it to, the keys are dropped and
+                    // counted, not the caller's thread panicked.
+                    debug_assert!(false, "the key budget admitted more messages than fit");
+                    tracing::error!("metadata channel full despite the key budget; keys dropped");
+                    self.shared.counters.queued.fetch_sub(accepted, Relaxed);
+                    accepted = 0;
                 }
                 Err(TrySendError::Disconnected(_)) => {
                     self.shared.counters.queued.fetch_sub(accepted, Relaxed);

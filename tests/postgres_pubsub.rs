@@ -32,6 +32,17 @@ fn next_agents(subscriber: &mut PgSubscriber) -> Vec<Uuid> {
     }
 }
 
+/// Publishes `n` agents on `channel` from a fresh publisher and checks that `subscriber`
+/// receives exactly them: proof that its subscription works.
+fn assert_receives(db: &TestDb, subscriber: &mut PgSubscriber, channel: &str, n: u128) {
+    let ids = agents(n);
+    PgPublisher::connect(&db.url)
+        .unwrap()
+        .publish(channel, &agent_ids::encode_chunks(&ids)[0])
+        .unwrap();
+    assert_eq!(next_agents(subscriber), ids);
+}
+
 #[test]
 fn thousand_agents_arrive_as_three_payloads() {
     let db = TestDb::new();
@@ -91,12 +102,7 @@ fn subscriber_survives_its_backend_being_terminated() {
         subscriber.next(WAIT),
         Ok(Some(SubscriberEvent::Reconnected))
     );
-    let mut publisher = PgPublisher::connect(&db.url).unwrap();
-    let ids = agents(5);
-    publisher
-        .publish(METADATA_BATCH_CHANNEL, &agent_ids::encode_chunks(&ids)[0])
-        .unwrap();
-    assert_eq!(next_agents(&mut subscriber), ids);
+    assert_receives(&db, &mut subscriber, METADATA_BATCH_CHANNEL, 5);
 }
 
 #[test]
@@ -140,12 +146,7 @@ fn subscriber_reports_an_outage_and_reconnects_after_it() {
         subscriber.next(WAIT),
         Ok(Some(SubscriberEvent::Reconnected))
     );
-    let mut publisher = PgPublisher::connect(&db.url).unwrap();
-    let ids = agents(1);
-    publisher
-        .publish(METADATA_BATCH_CHANNEL, &agent_ids::encode_chunks(&ids)[0])
-        .unwrap();
-    assert_eq!(next_agents(&mut subscriber), ids);
+    assert_receives(&db, &mut subscriber, METADATA_BATCH_CHANNEL, 1);
 }
 
 #[test]
@@ -188,12 +189,7 @@ fn channel_names_are_quoted_and_checked() {
     let channel = "Mixed Case \"quoted\" channel";
     let mut subscriber = PgSubscriber::listen(&db.url, channel).unwrap();
     assert_eq!(subscriber.channel(), channel);
-    let mut publisher = PgPublisher::connect(&db.url).unwrap();
-    let ids = agents(1);
-    publisher
-        .publish(channel, &agent_ids::encode_chunks(&ids)[0])
-        .unwrap();
-    assert_eq!(next_agents(&mut subscriber), ids);
+    assert_receives(&db, &mut subscriber, channel, 1);
 
     for bad in ["", &"c".repeat(64)] {
         let err = PgSubscriber::listen(&db.url, bad)

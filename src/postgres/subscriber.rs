@@ -153,7 +153,9 @@ impl PgSubscriber {
     }
 
     /// Tries to reopen the subscription until `deadline`, sleeping out the backoff between
-    /// attempts (but never past the deadline).
+    /// attempts (but never past the deadline). Sleeping is the point here: a watcher blocks
+    /// in `next` and expects it to recover by itself, and hammering a server that is down
+    /// with connection attempts helps nobody.
     fn reconnect(&mut self, deadline: Instant) -> Result<Option<SubscriberEvent>, SubscribeError> {
         loop {
             let now = Instant::now();

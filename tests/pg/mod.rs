@@ -153,6 +153,10 @@ impl Drop for TestDb {
 }
 
 /// Polls `condition` every 10 ms for up to 10 s; panics naming `what` on timeout.
+///
+/// Only for the server's own state (a terminated backend gone from `pg_stat_activity`, a
+/// statement waiting on a lock): the server offers nothing to block on for those. Waiting
+/// for the batcher always goes through `sync`, `flush` or `close` instead.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !condition() {

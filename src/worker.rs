@@ -224,10 +224,16 @@ impl Worker {
 
     /// Takes in up to a burst of queued messages; returns how many keys they carried.
     fn take_in_burst(&mut self) -> usize {
+        self.take_in_up_to(INTAKE_BURST)
+    }
+
+    /// Takes in up to `messages` queued messages; returns how many keys they carried.
+    fn take_in_up_to(&mut self, messages: usize) -> usize {
         let mut keys = 0;
-        for _ in 0..INTAKE_BURST {
-            // A finished flush is taken first: the next one then starts at `batch_size`
-            // instead of growing behind a burst of intake.
+        for _ in 0..messages {
+            // A finished flush is taken first, so the next one starts at `batch_size`
+            // instead of growing behind a long drain (a `sync` after a burst, say): a map
+            // that outgrows the cache makes every insert slower.
             self.take_completed();
             let Ok(update) = self.updates.try_recv() else {
                 break;
@@ -463,12 +469,7 @@ impl Worker {
 
     /// Takes in every message that was queued when this was called.
     fn take_in_queued(&mut self) {
-        for _ in 0..self.updates.len() {
-            match self.updates.try_recv() {
-                Ok(update) => self.take_in(update),
-                Err(_) => break,
-            }
-        }
+        self.take_in_up_to(self.updates.len());
     }
 
     fn sync(&mut self, reply: Sender<()>) {

@@ -4,9 +4,9 @@
 //! - `library_batcher`: the same through the batcher: 50 calls of 10 keys added, then
 //!   `sync()` until the capacity flush of exactly 500 rows has completed (flusher thread,
 //!   interrupt hook, publish to a no-op publisher);
-//! - `library_batcher_sustained`: 20 flushes of exactly 500 rows back to back through an
-//!   inline batcher while the caller keeps adding: the library's rows/s when it is busy,
-//!   reported per 500 rows;
+//! - `library_batcher_sustained`: 20 flushes of exactly 500 rows back to back through the
+//!   (pipelined) batcher, the caller adding each batch while the previous one is written:
+//!   the library's rows/s when it is busy, reported per 500 rows;
 //! - `direct`: `BATCH_UPDATE_SQL` prepared once and executed on a plain `postgres::Client`
 //!   with the same five arrays;
 //! - `single_row`: one prepared single-row `UPDATE` per key, 500 per iteration, each its
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
 use metadata_batcher::postgres::{self as pg, PgStore, BATCH_UPDATE_SQL};
-use metadata_batcher::{Batcher, FlushMode, Metadata, MetadataBatch, Store};
+use metadata_batcher::{Batcher, Interrupt, Metadata, MetadataBatch, Store, StoreError};
 use postgres::{Client, NoTls};
 
 use common::{agent, call, key_names, NoopPublisher};
@@ -69,6 +69,93 @@ fn batch(n: usize, keys: &[String]) -> MetadataBatch {
         }
     }
     batch
+}
+
+/// `library_batcher_sustained`: flushes of exactly 500 rows back to back through a batcher
+/// in the default (pipelined) mode. The caller adds each batch while the previous one is
+/// being written, and no sooner (it waits until that flush has started), so every flush is
+/// exactly `BATCH` rows and starts as soon as its predecessor returns: the worker's intake,
+/// dedup and hand-offs overlap with the statements, as they do under steady load.
+struct Sustained {
+    batcher: Batcher,
+    started: crossbeam_channel::Receiver<()>,
+}
+
+impl Sustained {
+    const FLUSHES: usize = 20;
+
+    fn new(url: &str) -> Sustained {
+        let (started_tx, started) = crossbeam_channel::unbounded();
+        let batcher = Batcher::builder(
+            Announcing {
+                store: PgStore::connect(url).expect("PgStore connects"),
+                started: started_tx,
+            },
+            NoopPublisher,
+        )
+        .batch_size(BATCH)
+        .channel_capacity(2 * BATCH)
+        .interval(Duration::from_secs(3600))
+        .build()
+        .expect("valid settings");
+        Sustained { batcher, started }
+    }
+
+    /// Writes `FLUSHES` batches of round `n`; returns the time per batch.
+    fn run(&self, n: usize, keys: &[String]) -> Duration {
+        let now = SystemTime::now();
+        let batches: Vec<Vec<_>> = (0..Self::FLUSHES)
+            .map(|f| {
+                (f * AGENTS_PER_BATCH..(f + 1) * AGENTS_PER_BATCH)
+                    .map(|a| (agent(a), call(keys, n as u64, now)))
+                    .collect()
+            })
+            .collect();
+        let start = Instant::now();
+        for (f, calls) in batches.into_iter().enumerate() {
+            if f > 0 {
+                // Batch f gathers while flush f - 1 runs, never beside it.
+                self.started.recv().expect("the flush started");
+            }
+            for (who, metadata) in calls {
+                self.batcher.add(who, metadata).expect("add");
+            }
+        }
+        self.batcher.sync();
+        let elapsed = start.elapsed();
+        self.started.recv().expect("the last flush started");
+        elapsed / Self::FLUSHES as u32
+    }
+
+    fn report(self) {
+        let stats = self.batcher.stats();
+        println!(
+            "postgres/library_batcher_sustained: flushes capacity {} (others {}), flushed {}, unmatched {}, dropped {}, rows per flush {:.1}",
+            stats.flushes.capacity,
+            stats.flushes.scheduled + stats.flushes.manual,
+            stats.flushed,
+            stats.unmatched,
+            stats.dropped,
+            stats.flushed as f64 / stats.flushes.capacity.max(1) as f64
+        );
+    }
+}
+
+/// The library's `PgStore`, saying when each statement starts.
+struct Announcing {
+    store: PgStore,
+    started: crossbeam_channel::Sender<()>,
+}
+
+impl Store for Announcing {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+        let _ = self.started.send(());
+        self.store.batch_update(batch)
+    }
+
+    fn interrupt_handle(&mut self) -> Option<Interrupt> {
+        self.store.interrupt_handle()
+    }
 }
 
 struct Fixture {
@@ -124,6 +211,20 @@ fn median(mut xs: Vec<Duration>) -> Duration {
     xs[xs.len() / 2]
 }
 
+/// One line of the paired comparison: medians per 500 rows and their ratio.
+fn print_paired(name: &str, library: Vec<Duration>, direct: Vec<Duration>) {
+    let rounds = library.len();
+    let (library, direct) = (median(library), median(direct));
+    println!(
+        "postgres/paired/{name}: {rounds} alternations, library median {:.3} ms ({:.0} rows/s), direct median {:.3} ms ({:.0} rows/s), ratio {:.3}",
+        library.as_secs_f64() * 1e3,
+        BATCH as f64 / library.as_secs_f64(),
+        direct.as_secs_f64() * 1e3,
+        BATCH as f64 / direct.as_secs_f64(),
+        direct.as_secs_f64() / library.as_secs_f64()
+    );
+}
+
 fn main() {
     let fixture = Fixture::create();
     let keys = key_names(KEYS);
@@ -131,6 +232,7 @@ fn main() {
     let mut direct = Client::connect(&fixture.url, NoTls).expect("client connects");
     let prepared = direct.prepare(BATCH_UPDATE_SQL).expect("prepare");
     let single = direct.prepare(SINGLE_ROW_SQL).expect("prepare");
+    let sustained = Sustained::new(&fixture.url);
     let mut n = 0usize;
 
     let run_direct = |direct: &mut Client, batch: &MetadataBatch| -> u64 {
@@ -146,6 +248,13 @@ fn main() {
                 ],
             )
             .expect("direct execute")
+    };
+
+    let time_direct = |direct: &mut Client, n: usize| -> Duration {
+        let rows = batch(n, &keys);
+        let start = Instant::now();
+        assert_eq!(run_direct(direct, &rows), BATCH as u64);
+        start.elapsed()
     };
 
     let mut c = Criterion::default().configure_from_args();
@@ -222,53 +331,16 @@ fn main() {
             );
             batcher.close();
         }
-        {
-            // Sustained: 20 flushes of exactly 500 rows back to back, the callers adding
-            // while the worker writes. Inline, so every flush is exactly `BATCH` rows (the
-            // pipelined default would grow them); the handoffs that cost `library_batcher`
-            // its per-flush latency overlap with the statements here.
-            const FLUSHES: usize = 20;
-            let batcher = Batcher::builder(
-                PgStore::connect(&fixture.url).expect("PgStore connects"),
-                NoopPublisher,
-            )
-            .batch_size(BATCH)
-            .flush_mode(FlushMode::Inline)
-            .channel_capacity(2 * FLUSHES * BATCH)
-            .interval(Duration::from_secs(3600))
-            .build()
-            .expect("valid settings");
-            group.bench_function("library_batcher_sustained", |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
+        group.bench_function("library_batcher_sustained", |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
                         n += 1;
-                        let now = SystemTime::now();
-                        let calls: Vec<_> = (0..FLUSHES * AGENTS_PER_BATCH)
-                            .map(|a| (agent(a), call(&keys, n as u64, now)))
-                            .collect();
-                        let start = Instant::now();
-                        for (who, metadata) in calls {
-                            batcher.add(who, metadata).expect("add");
-                        }
-                        batcher.sync();
-                        total += start.elapsed();
-                    }
-                    // Per 500 rows, like the other rows of the group.
-                    total / FLUSHES as u32
-                })
-            });
-            let stats = batcher.stats();
-            println!(
-                "postgres/library_batcher_sustained: flushes capacity {} (others {}), flushed {}, unmatched {}, dropped {}",
-                stats.flushes.capacity,
-                stats.flushes.scheduled + stats.flushes.manual,
-                stats.flushed,
-                stats.unmatched,
-                stats.dropped
-            );
-            batcher.close();
-        }
+                        sustained.run(n, &keys)
+                    })
+                    .sum()
+            })
+        });
         group.sample_size(10);
         group.bench_function("single_row", |b| {
             b.iter_custom(|iters| {
@@ -311,20 +383,24 @@ fn main() {
         store.batch_update(&rows).expect("batch_update");
         library.push(start.elapsed());
         n += 1;
-        let rows = batch(n, &keys);
-        let start = Instant::now();
-        run_direct(&mut direct, &rows);
-        plain.push(start.elapsed());
+        plain.push(time_direct(&mut direct, n));
     }
-    let (library, plain) = (median(library), median(plain));
-    println!(
-        "postgres/paired: library_store median {:.3} ms ({:.0} rows/s), direct median {:.3} ms ({:.0} rows/s), ratio {:.3}",
-        library.as_secs_f64() * 1e3,
-        BATCH as f64 / library.as_secs_f64(),
-        plain.as_secs_f64() * 1e3,
-        BATCH as f64 / plain.as_secs_f64(),
-        plain.as_secs_f64() / library.as_secs_f64()
-    );
+    print_paired("library_store", library, plain);
+    // The same for the batcher: a sustained run of 20 flushes, then 20 direct statements.
+    let (mut library, mut plain) = (Vec::new(), Vec::new());
+    for _ in 0..20 {
+        n += 1;
+        library.push(sustained.run(n, &keys));
+        let direct_run: Vec<_> = (0..Sustained::FLUSHES)
+            .map(|_| {
+                n += 1;
+                time_direct(&mut direct, n)
+            })
+            .collect();
+        plain.push(direct_run.iter().sum::<Duration>() / Sustained::FLUSHES as u32);
+    }
+    print_paired("library_batcher_sustained", library, plain);
+    sustained.report();
     drop(store);
     drop(direct);
     drop(fixture);

@@ -237,7 +237,11 @@ fn has_nul(bytes: &[u8]) -> bool {
             u64::from(u32::from_ne_bytes(*first)) | u64::from(u32::from_ne_bytes(*last)) << 32;
         return zero_byte(halves);
     }
-    bytes.iter().any(|&b| b == 0)
+    // 0 to 3 bytes: the first, middle and last are all of them.
+    match bytes.len() {
+        0 => false,
+        len => bytes[0] == 0 || bytes[len / 2] == 0 || bytes[len - 1] == 0,
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,10 @@
 //!
 //! One criterion iteration is one `add` call on each thread; the reported time is wall
 //! time, so `time / (10 × threads)` is the wall-clock cost per accepted key (on this
-//! 2-core machine, 8 threads share 2 cores with the worker).
+//! 2-core machine, 8 threads share 2 cores with the worker). `add/caller_cpu/threads/1`
+//! runs the same single caller but reports its thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`):
+//! `add`'s cost to the caller with the worker draining, without the time the caller spent
+//! waiting for a core that the worker and the flusher had.
 //!
 //! `cargo bench --bench add -- --warm-up-time 1 --measurement-time 3`
 
@@ -20,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use cpu_time::ThreadTime;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use crossbeam_channel::{Receiver, Sender};
 use metadata_batcher::{Batcher, FlushMode, MetadataBatch, Store, StoreError};
@@ -47,75 +51,95 @@ fn batcher(threads: usize) -> Batcher {
         .expect("valid settings")
 }
 
+/// What a timed stretch reports.
+#[derive(Clone, Copy)]
+enum Measure {
+    /// Wall time from the first thread's start to the last one's end.
+    Wall,
+    /// The calling thread's own CPU time: what `add` costs the caller, without the time it
+    /// waited for a core while the worker and the flusher had both (2 cores, 3 threads).
+    CallerCpu,
+}
+
 fn bench_add(c: &mut Criterion) {
     let keys = key_names(KEYS_PER_CALL);
     let dropped = AtomicU64::new(0);
     let accepted = AtomicU64::new(0);
     let mut group = c.benchmark_group("add");
-    for threads in THREADS {
+    let runs = THREADS
+        .iter()
+        .map(|&threads| ("threads", threads, Measure::Wall, CHUNK_CALLS))
+        .chain([(
+            "caller_cpu/threads",
+            1,
+            Measure::CallerCpu,
+            WARM_CHUNK_CALLS,
+        )]);
+    for (name, threads, measure, chunk_calls) in runs {
         let batcher = batcher(threads);
         group.throughput(Throughput::Elements((threads * KEYS_PER_CALL) as u64));
-        group.bench_with_input(
-            BenchmarkId::new("threads", threads),
-            &threads,
-            |b, &threads| {
-                b.iter_custom(|iters| {
-                    let barrier = Barrier::new(threads);
-                    // Each thread's (start, end) of its timed stretch.
-                    let spans: Vec<Mutex<Option<(Instant, Instant)>>> =
-                        (0..threads).map(|_| Mutex::new(None)).collect();
-                    let mut total = Duration::ZERO;
-                    let mut done = 0u64;
-                    while done < iters {
-                        let calls = (iters - done).min(CHUNK_CALLS as u64) as usize;
-                        std::thread::scope(|scope| {
-                            for (t, slot) in spans.iter().enumerate() {
-                                let (barrier, batcher, keys) = (&barrier, &batcher, &keys);
-                                let (dropped, accepted) = (&dropped, &accepted);
-                                scope.spawn(move || {
-                                    let base = (done as usize) * threads + t;
-                                    let prepared: Vec<_> = (0..calls)
-                                        .map(|i| {
-                                            let n = (base + i * threads) as u64;
-                                            let who = agent(
-                                                t * AGENTS_PER_THREAD + i % AGENTS_PER_THREAD,
-                                            );
-                                            (who, call(keys, n, at(n)))
-                                        })
-                                        .collect();
-                                    let (mut ok, mut lost) = (0u64, 0u64);
-                                    barrier.wait();
-                                    let start = Instant::now();
-                                    for (who, metadata) in prepared {
-                                        let report = batcher.add(who, metadata).unwrap();
-                                        ok += report.accepted as u64;
-                                        lost += report.dropped as u64;
-                                    }
-                                    *slot.lock().unwrap() = Some((start, Instant::now()));
-                                    accepted.fetch_add(ok, Relaxed);
-                                    dropped.fetch_add(lost, Relaxed);
-                                });
-                            }
-                        });
-                        // Wall time from the first thread's start to the last thread's
-                        // end: with more threads than cores, a thread may start late.
-                        let spans: Vec<_> = spans
-                            .iter()
-                            .filter_map(|s| s.lock().unwrap().take())
-                            .collect();
-                        let first = spans.iter().map(|s| s.0).min().expect("every thread ran");
-                        let last = spans.iter().map(|s| s.1).max().expect("every thread ran");
-                        total += last - first;
-                        batcher.sync();
-                        done += calls as u64;
-                    }
-                    total
-                })
-            },
-        );
+        group.bench_with_input(BenchmarkId::new(name, threads), &threads, |b, &threads| {
+            b.iter_custom(|iters| {
+                let barrier = Barrier::new(threads);
+                // Each thread's (start, end, CPU time) of its timed stretch.
+                let spans: Vec<Mutex<Option<(Instant, Instant, Duration)>>> =
+                    (0..threads).map(|_| Mutex::new(None)).collect();
+                let mut total = Duration::ZERO;
+                let mut done = 0u64;
+                while done < iters {
+                    let calls = (iters - done).min(chunk_calls as u64) as usize;
+                    std::thread::scope(|scope| {
+                        for (t, slot) in spans.iter().enumerate() {
+                            let (barrier, batcher, keys) = (&barrier, &batcher, &keys);
+                            let (dropped, accepted) = (&dropped, &accepted);
+                            scope.spawn(move || {
+                                let base = (done as usize) * threads + t;
+                                let prepared: Vec<_> = (0..calls)
+                                    .map(|i| {
+                                        let n = (base + i * threads) as u64;
+                                        let who =
+                                            agent(t * AGENTS_PER_THREAD + i % AGENTS_PER_THREAD);
+                                        (who, call(keys, n, at(n)))
+                                    })
+                                    .collect();
+                                let (mut ok, mut lost) = (0u64, 0u64);
+                                barrier.wait();
+                                let cpu = ThreadTime::now();
+                                let start = Instant::now();
+                                for (who, metadata) in prepared {
+                                    let report = batcher.add(who, metadata).unwrap();
+                                    ok += report.accepted as u64;
+                                    lost += report.dropped as u64;
+                                }
+                                let end = Instant::now();
+                                *slot.lock().unwrap() = Some((start, end, cpu.elapsed()));
+                                accepted.fetch_add(ok, Relaxed);
+                                dropped.fetch_add(lost, Relaxed);
+                            });
+                        }
+                    });
+                    let spans: Vec<_> = spans
+                        .iter()
+                        .filter_map(|s| s.lock().unwrap().take())
+                        .collect();
+                    total += match measure {
+                        // With more threads than cores, a thread may start late.
+                        Measure::Wall => {
+                            let first = spans.iter().map(|s| s.0).min().expect("every thread ran");
+                            let last = spans.iter().map(|s| s.1).max().expect("every thread ran");
+                            last - first
+                        }
+                        Measure::CallerCpu => spans.iter().map(|s| s.2).sum(),
+                    };
+                    batcher.sync();
+                    done += calls as u64;
+                }
+                total
+            })
+        });
         let stats = batcher.stats();
         println!(
-            "add/threads/{threads}: accepted {} keys, dropped {} (batcher stats: dropped {}, flushed {})",
+            "add/{name}/{threads}: accepted {} keys, dropped {} (batcher stats: dropped {}, flushed {})",
             accepted.swap(0, Relaxed),
             dropped.swap(0, Relaxed),
             stats.dropped,

@@ -13,9 +13,12 @@
 //!   own transaction (what a batcher saves).
 //!
 //! Every iteration writes 500 rows that exist, with a newer `collected_at`, so each
-//! statement really updates 500 rows. The batches are built outside the clock. After
-//! criterion, a paired run alternates `library_store` and `direct` 40 times and prints the
-//! ratio of their medians: on a noisy machine that is the steadier figure for (a)/(b).
+//! statement really updates 500 rows, and every path cycles through the same 2,000 agents.
+//! The batches are built outside the clock. After criterion, a paired run compares the
+//! paths in 20 rounds, each on fresh connections: 10 alternations of `library_store` and
+//! `direct`, and then (in another 40 rounds) a sustained batcher run against 20 direct
+//! statements. It prints the ratio of the medians and the median of the rounds' own
+//! ratios: on a noisy machine (the server is shared) those are the steadier figures.
 //!
 //! Needs PostgreSQL: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! Creates the database `mb_bench_<pid>` and drops it afterwards.
@@ -55,12 +58,18 @@ fn with_database(url: &str, database: &str) -> String {
     format!("{}/{database}{query}", &base[..host_end])
 }
 
-/// The rows of batch `n`: 50 agents × 10 keys, cycling through the fleet.
+/// The agents of batch `n`: 50 of them, cycling through the fleet, so every path writes
+/// each row equally often (a row updated more often carries more dead versions).
+fn batch_agents(n: usize) -> std::ops::Range<usize> {
+    let first = (n * AGENTS_PER_BATCH) % AGENTS;
+    first..first + AGENTS_PER_BATCH
+}
+
+/// The rows of batch `n`: its 50 agents × 10 keys.
 fn batch(n: usize, keys: &[String]) -> MetadataBatch {
     let now = SystemTime::now();
     let mut batch = MetadataBatch::with_capacity(BATCH);
-    let first = (n * AGENTS_PER_BATCH) % AGENTS;
-    for a in first..first + AGENTS_PER_BATCH {
+    for a in batch_agents(n) {
         for key in keys {
             batch.push(
                 agent(a),
@@ -69,6 +78,43 @@ fn batch(n: usize, keys: &[String]) -> MetadataBatch {
         }
     }
     batch
+}
+
+/// The plain client: `BATCH_UPDATE_SQL` prepared on its own connection.
+struct Direct {
+    client: Client,
+    statement: postgres::Statement,
+}
+
+impl Direct {
+    fn connect(url: &str) -> Direct {
+        let mut client = Client::connect(url, NoTls).expect("client connects");
+        let statement = client.prepare(BATCH_UPDATE_SQL).expect("prepare");
+        Direct { client, statement }
+    }
+
+    fn execute(&mut self, batch: &MetadataBatch) -> u64 {
+        self.client
+            .execute(
+                &self.statement,
+                &[
+                    &batch.agent_ids,
+                    &batch.keys,
+                    &batch.values,
+                    &batch.errors,
+                    &batch.collected_at,
+                ],
+            )
+            .expect("direct execute")
+    }
+
+    /// Writes batch `n`; returns how long the statement took.
+    fn time(&mut self, n: usize, keys: &[String]) -> Duration {
+        let rows = batch(n, keys);
+        let start = Instant::now();
+        assert_eq!(self.execute(&rows), BATCH as u64);
+        start.elapsed()
+    }
 }
 
 /// `library_batcher_sustained`: flushes of exactly 500 rows back to back through a batcher
@@ -101,12 +147,12 @@ impl Sustained {
         Sustained { batcher, started }
     }
 
-    /// Writes `FLUSHES` batches of round `n`; returns the time per batch.
-    fn run(&self, n: usize, keys: &[String]) -> Duration {
+    /// Writes batches `first .. first + FLUSHES`; returns the time per batch.
+    fn run(&self, first: usize, keys: &[String]) -> Duration {
         let now = SystemTime::now();
-        let batches: Vec<Vec<_>> = (0..Self::FLUSHES)
-            .map(|f| {
-                (f * AGENTS_PER_BATCH..(f + 1) * AGENTS_PER_BATCH)
+        let batches: Vec<Vec<_>> = (first..first + Self::FLUSHES)
+            .map(|n| {
+                batch_agents(n)
                     .map(|a| (agent(a), call(keys, n as u64, now)))
                     .collect()
             })
@@ -211,17 +257,26 @@ fn median(mut xs: Vec<Duration>) -> Duration {
     xs[xs.len() / 2]
 }
 
-/// One line of the paired comparison: medians per 500 rows and their ratio.
+/// One line of the paired comparison: medians per 500 rows, and the median of the rounds'
+/// own ratios (each round's two runs are neighbours in time, so a server that slows down
+/// for a while slows both).
 fn print_paired(name: &str, library: Vec<Duration>, direct: Vec<Duration>) {
     let rounds = library.len();
+    let mut ratios: Vec<f64> = library
+        .iter()
+        .zip(&direct)
+        .map(|(l, d)| d.as_secs_f64() / l.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
     let (library, direct) = (median(library), median(direct));
     println!(
-        "postgres/paired/{name}: {rounds} alternations, library median {:.3} ms ({:.0} rows/s), direct median {:.3} ms ({:.0} rows/s), ratio {:.3}",
+        "postgres/paired/{name}: {rounds} rounds, library median {:.3} ms ({:.0} rows/s), direct median {:.3} ms ({:.0} rows/s), ratio of medians {:.3}, median of round ratios {:.3}",
         library.as_secs_f64() * 1e3,
         BATCH as f64 / library.as_secs_f64(),
         direct.as_secs_f64() * 1e3,
         BATCH as f64 / direct.as_secs_f64(),
-        direct.as_secs_f64() / library.as_secs_f64()
+        direct.as_secs_f64() / library.as_secs_f64(),
+        ratios[rounds / 2]
     );
 }
 
@@ -229,33 +284,10 @@ fn main() {
     let fixture = Fixture::create();
     let keys = key_names(KEYS);
     let mut store = PgStore::connect(&fixture.url).expect("PgStore connects");
-    let mut direct = Client::connect(&fixture.url, NoTls).expect("client connects");
-    let prepared = direct.prepare(BATCH_UPDATE_SQL).expect("prepare");
-    let single = direct.prepare(SINGLE_ROW_SQL).expect("prepare");
+    let mut direct = Direct::connect(&fixture.url);
+    let single = direct.client.prepare(SINGLE_ROW_SQL).expect("prepare");
     let sustained = Sustained::new(&fixture.url);
     let mut n = 0usize;
-
-    let run_direct = |direct: &mut Client, batch: &MetadataBatch| -> u64 {
-        direct
-            .execute(
-                &prepared,
-                &[
-                    &batch.agent_ids,
-                    &batch.keys,
-                    &batch.values,
-                    &batch.errors,
-                    &batch.collected_at,
-                ],
-            )
-            .expect("direct execute")
-    };
-
-    let time_direct = |direct: &mut Client, n: usize| -> Duration {
-        let rows = batch(n, &keys);
-        let start = Instant::now();
-        assert_eq!(run_direct(direct, &rows), BATCH as u64);
-        start.elapsed()
-    };
 
     let mut c = Criterion::default().configure_from_args();
     {
@@ -283,7 +315,7 @@ fn main() {
                     n += 1;
                     let rows = batch(n, &keys);
                     let start = Instant::now();
-                    let updated = run_direct(&mut direct, &rows);
+                    let updated = direct.execute(&rows);
                     total += start.elapsed();
                     assert_eq!(updated, BATCH as u64);
                 }
@@ -305,8 +337,7 @@ fn main() {
                     for _ in 0..iters {
                         n += 1;
                         let now = SystemTime::now();
-                        let first = (n * AGENTS_PER_BATCH) % AGENTS;
-                        let calls: Vec<_> = (first..first + AGENTS_PER_BATCH)
+                        let calls: Vec<_> = batch_agents(n)
                             .map(|a| (agent(a), call(&keys, n as u64, now)))
                             .collect();
                         let start = Instant::now();
@@ -335,8 +366,8 @@ fn main() {
             b.iter_custom(|iters| {
                 (0..iters)
                     .map(|_| {
-                        n += 1;
-                        sustained.run(n, &keys)
+                        n += Sustained::FLUSHES;
+                        sustained.run(n + 1 - Sustained::FLUSHES, &keys)
                     })
                     .sum()
             })
@@ -352,6 +383,7 @@ fn main() {
                     let mut updated = 0;
                     for i in 0..rows.len() {
                         updated += direct
+                            .client
                             .execute(
                                 &single,
                                 &[
@@ -375,29 +407,76 @@ fn main() {
     c.final_summary();
 
     // Paired: library and direct alternate, so both see the same server and machine state.
+    // Each round opens fresh connections for both: two connections running the very same
+    // statement differ by up to 15 % here for as long as they live (measured with two plain
+    // clients), so a comparison of one pair of connections measures the pair. In each round
+    // the paths write neighbouring batches, and every other round they swap both the
+    // batches and which goes first (a path that always wrote the same half of the fleet, or
+    // always ran second, would see different pages and caches).
+    const ROUNDS: usize = 20;
+    const WARM_UP: usize = 10;
     let (mut library, mut plain) = (Vec::new(), Vec::new());
-    for _ in 0..40 {
-        n += 1;
-        let rows = batch(n, &keys);
-        let start = Instant::now();
-        store.batch_update(&rows).expect("batch_update");
-        library.push(start.elapsed());
-        n += 1;
-        plain.push(time_direct(&mut direct, n));
+    for round in 0..ROUNDS {
+        let mut store = PgStore::connect(&fixture.url).expect("PgStore connects");
+        let mut direct = Direct::connect(&fixture.url);
+        // Past a new session's first executions (planned afresh each time) on both.
+        for _ in 0..WARM_UP {
+            n += 1;
+            store.batch_update(&batch(n, &keys)).expect("batch_update");
+            direct.time(n, &keys);
+        }
+        let (mut l, mut d) = (Vec::new(), Vec::new());
+        for i in 0..10 {
+            let flip = (round + i) % 2;
+            let (mine, theirs) = (n + 1 + flip, n + 2 - flip);
+            n += 2;
+            let mut time_library = || {
+                let rows = batch(mine, &keys);
+                let start = Instant::now();
+                store.batch_update(&rows).expect("batch_update");
+                start.elapsed()
+            };
+            if flip == 0 {
+                l.push(time_library());
+                d.push(direct.time(theirs, &keys));
+            } else {
+                d.push(direct.time(theirs, &keys));
+                l.push(time_library());
+            }
+        }
+        library.push(median(l));
+        plain.push(median(d));
     }
     print_paired("library_store", library, plain);
-    // The same for the batcher: a sustained run of 20 flushes, then 20 direct statements.
+    // The same for the batcher: per round a fresh batcher (and connection) and a fresh
+    // client; a sustained run of 20 flushes, and 20 direct statements.
     let (mut library, mut plain) = (Vec::new(), Vec::new());
-    for _ in 0..20 {
-        n += 1;
-        library.push(sustained.run(n, &keys));
-        let direct_run: Vec<_> = (0..Sustained::FLUSHES)
-            .map(|_| {
-                n += 1;
-                time_direct(&mut direct, n)
-            })
-            .collect();
-        plain.push(direct_run.iter().sum::<Duration>() / Sustained::FLUSHES as u32);
+    for round in 0..2 * ROUNDS {
+        let sustained = Sustained::new(&fixture.url);
+        let mut direct = Direct::connect(&fixture.url);
+        let flushes = Sustained::FLUSHES;
+        sustained.run(n + 1, &keys);
+        (n + 1..n + 1 + WARM_UP).for_each(|m| {
+            direct.time(m, &keys);
+        });
+        n += flushes;
+        let flip = round % 2;
+        let (mine, theirs) = (n + 1 + flip * flushes, n + 1 + (1 - flip) * flushes);
+        n += 2 * flushes;
+        let mut time_direct_run = || {
+            (theirs..theirs + flushes)
+                .map(|m| direct.time(m, &keys))
+                .sum::<Duration>()
+                / flushes as u32
+        };
+        let (l, d) = if flip == 0 {
+            (sustained.run(mine, &keys), time_direct_run())
+        } else {
+            let d = time_direct_run();
+            (sustained.run(mine, &keys), d)
+        };
+        library.push(l);
+        plain.push(d);
     }
     print_paired("library_batcher_sustained", library, plain);
     sustained.report();

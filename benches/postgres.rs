@@ -413,10 +413,16 @@ fn main() {
     // the paths write neighbouring batches, and every other round they swap both the
     // batches and which goes first (a path that always wrote the same half of the fleet, or
     // always ran second, would see different pages and caches).
-    const ROUNDS: usize = 20;
+    // `cargo test` runs this binary without `--bench` (an unoptimised build, where timing
+    // means nothing): two rounds keep the code exercised.
+    let rounds = if std::env::args().any(|arg| arg == "--bench") {
+        20
+    } else {
+        2
+    };
     const WARM_UP: usize = 10;
     let (mut library, mut plain) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let mut store = PgStore::connect(&fixture.url).expect("PgStore connects");
         let mut direct = Direct::connect(&fixture.url);
         // Past a new session's first executions (planned afresh each time) on both.
@@ -451,7 +457,7 @@ fn main() {
     // The same for the batcher: per round a fresh batcher (and connection) and a fresh
     // client; a sustained run of 20 flushes, and 20 direct statements.
     let (mut library, mut plain) = (Vec::new(), Vec::new());
-    for round in 0..2 * ROUNDS {
+    for round in 0..2 * rounds {
         let sustained = Sustained::new(&fixture.url);
         let mut direct = Direct::connect(&fixture.url);
         let flushes = Sustained::FLUSHES;

@@ -11,9 +11,10 @@
 //! One criterion iteration is one `add` call on each thread; the reported time is wall
 //! time, so `time / (10 × threads)` is the wall-clock cost per accepted key (on this
 //! 2-core machine, 8 threads share 2 cores with the worker). `add/caller_cpu/threads/1`
-//! runs the same single caller but reports its thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`):
-//! `add`'s cost to the caller with the worker draining, without the time the caller spent
-//! waiting for a core that the worker and the flusher had.
+//! runs a single caller over warm chunks of 256 calls (like `add_worker_held`) and reports
+//! its thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`): `add`'s cost to the caller with the
+//! worker draining, without the time the caller spent waiting for a core that the worker
+//! and the flusher had.
 //!
 //! `cargo bench --bench add -- --warm-up-time 1 --measurement-time 3`
 

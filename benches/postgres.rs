@@ -80,6 +80,16 @@ fn batch(n: usize, keys: &[String]) -> MetadataBatch {
     batch
 }
 
+/// Writes batch `n` with the library's store; returns how long the call took.
+fn time_store(store: &mut PgStore, n: usize, keys: &[String]) -> Duration {
+    let rows = batch(n, keys);
+    let start = Instant::now();
+    let updated = store.batch_update(&rows).expect("batch_update");
+    let elapsed = start.elapsed();
+    assert_eq!(updated, BATCH as u64);
+    elapsed
+}
+
 /// The plain client: `BATCH_UPDATE_SQL` prepared on its own connection.
 struct Direct {
     client: Client,
@@ -112,8 +122,10 @@ impl Direct {
     fn time(&mut self, n: usize, keys: &[String]) -> Duration {
         let rows = batch(n, keys);
         let start = Instant::now();
-        assert_eq!(self.execute(&rows), BATCH as u64);
-        start.elapsed()
+        let updated = self.execute(&rows);
+        let elapsed = start.elapsed();
+        assert_eq!(updated, BATCH as u64);
+        elapsed
     }
 }
 
@@ -296,30 +308,22 @@ fn main() {
         group.sample_size(20);
         group.bench_function("library_store", |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    n += 1;
-                    let rows = batch(n, &keys);
-                    let start = Instant::now();
-                    let updated = store.batch_update(&rows).expect("batch_update");
-                    total += start.elapsed();
-                    assert_eq!(updated, BATCH as u64);
-                }
-                total
+                (0..iters)
+                    .map(|_| {
+                        n += 1;
+                        time_store(&mut store, n, &keys)
+                    })
+                    .sum()
             })
         });
         group.bench_function("direct", |b| {
             b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    n += 1;
-                    let rows = batch(n, &keys);
-                    let start = Instant::now();
-                    let updated = direct.execute(&rows);
-                    total += start.elapsed();
-                    assert_eq!(updated, BATCH as u64);
-                }
-                total
+                (0..iters)
+                    .map(|_| {
+                        n += 1;
+                        direct.time(n, &keys)
+                    })
+                    .sum()
             })
         });
         {
@@ -428,7 +432,7 @@ fn main() {
         // Past a new session's first executions (planned afresh each time) on both.
         for _ in 0..WARM_UP {
             n += 1;
-            store.batch_update(&batch(n, &keys)).expect("batch_update");
+            time_store(&mut store, n, &keys);
             direct.time(n, &keys);
         }
         let (mut l, mut d) = (Vec::new(), Vec::new());
@@ -436,18 +440,12 @@ fn main() {
             let flip = (round + i) % 2;
             let (mine, theirs) = (n + 1 + flip, n + 2 - flip);
             n += 2;
-            let mut time_library = || {
-                let rows = batch(mine, &keys);
-                let start = Instant::now();
-                store.batch_update(&rows).expect("batch_update");
-                start.elapsed()
-            };
             if flip == 0 {
-                l.push(time_library());
+                l.push(time_store(&mut store, mine, &keys));
                 d.push(direct.time(theirs, &keys));
             } else {
                 d.push(direct.time(theirs, &keys));
-                l.push(time_library());
+                l.push(time_store(&mut store, mine, &keys));
             }
         }
         library.push(median(l));

@@ -60,6 +60,7 @@ mod memory;
 mod metadata;
 mod metadata_batch;
 pub mod metrics;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 mod publish;
 mod shared;

@@ -94,10 +94,9 @@ pub enum StoreError {
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::Unavailable(message) => write!(
-                f,
-                "metadata store unavailable: {message}; the batch is kept and retried"
-            ),
+            StoreError::Unavailable(message) => {
+                write!(f, "metadata store unavailable: {message}")
+            }
             StoreError::Rejected(message) => write!(
                 f,
                 "metadata store rejected the data: {message}; the refused rows are isolated and dropped"

@@ -250,9 +250,11 @@ fn close_returns_in_time_against_a_locked_table(final_flush_timeout: Duration) {
     let agent = agents(1, 1)[0];
     let mut locker = db.client("mb-test locker");
     mbpg::register(&mut locker, agent, &["cpu"]).unwrap();
-    // A statement timeout beyond the final flush timeout: only close's cancel can end it.
+    // A statement timeout beyond the final flush timeout and no lock timeout: only close's
+    // cancel can end it.
     let store_options = PgOptions {
         statement_timeout: final_flush_timeout + Duration::from_secs(60),
+        lock_timeout: Duration::ZERO,
         ..options("replica store")
     };
     let store = PgStore::connect_with(&db.url, store_options).unwrap();

@@ -401,7 +401,7 @@ fn connect_failures_are_unavailable_and_say_why() {
         .err()
         .expect("invalid URL");
     assert!(
-        matches!(&err, StoreError::Unavailable(m) if m.contains("invalid PostgreSQL connection URL")),
+        matches!(&err, StoreError::Unavailable(m) if m.contains("invalid PostgreSQL connection string")),
         "{err:?}"
     );
     // Port 1 is never PostgreSQL: the connection is refused at once.

@@ -1,8 +1,11 @@
-//! How a PostgreSQL error is classified and described, shared by the store and the publisher.
+//! How a PostgreSQL error is classified and described, and [`ConnectError`].
 //!
 //! The classification decides what the batcher does with a batch, so it errs towards
 //! [`StoreError::Unavailable`]: calling an outage "rejected" would make the batcher throw good
 //! rows away, while calling bad data "unavailable" only costs retries.
+
+use std::error::Error as StdError;
+use std::fmt;
 
 use postgres::error::SqlState;
 
@@ -13,7 +16,8 @@ use crate::StoreError;
 pub(crate) enum Class {
     /// The server refused the data (SQLSTATE classes 22 and 23); the session is fine.
     Rejected,
-    /// The statement was canceled (57014); the session is fine.
+    /// The statement was canceled (57014: a statement timeout or a cancel request) or gave
+    /// up waiting for a lock (55P03); the session is fine, and a smaller batch may succeed.
     Canceled,
     /// Anything else. The connection is dropped and the next call opens a fresh one: a new
     /// session is the one state known to be good, whether the old one died (57P01, IO) or
@@ -23,7 +27,9 @@ pub(crate) enum Class {
 
 pub(crate) fn classify(err: &postgres::Error) -> Class {
     match err.code() {
-        Some(code) if *code == SqlState::QUERY_CANCELED => Class::Canceled,
+        Some(code) if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE => {
+            Class::Canceled
+        }
         Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => {
             Class::Rejected
         }
@@ -46,11 +52,19 @@ pub(crate) fn describe(err: &postgres::Error) -> String {
         }
         return message;
     }
-    // IO and connect errors keep their cause (e.g. "Connection refused") in the source.
-    match std::error::Error::source(err) {
-        Some(source) => format!("{err}: {source}"),
-        None => err.to_string(),
+    // IO, TLS and connect errors keep their cause (e.g. "Connection refused", a certificate
+    // problem) in the source chain.
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
     }
+    message
 }
 
 pub(crate) fn store_error(class: Class, message: String) -> StoreError {
@@ -58,5 +72,163 @@ pub(crate) fn store_error(class: Class, message: String) -> StoreError {
         Class::Rejected => StoreError::Rejected(message),
         Class::Canceled => StoreError::Canceled,
         Class::Unavailable => StoreError::Unavailable(message),
+    }
+}
+
+/// Why a store, publisher or subscriber could not connect.
+///
+/// [`kind`](Self::kind) tells a configuration problem, which no retry fixes (a bad URL, an
+/// unknown `sslmode`, an unreadable certificate, a failed certificate or host-name check,
+/// failed authentication, a missing table), from an outage, which a retry may fix. The
+/// message says what was wrong in the server's or the TLS library's words, and never
+/// contains the password.
+///
+/// ```no_run
+/// use metadata_batcher::postgres::{ConnectErrorKind, PgOptions, PgStore};
+///
+/// match PgStore::open("postgres://app@db.internal/app?sslmode=verify-full", PgOptions::default()) {
+///     Ok(store) => { /* hand it to a Batcher */ }
+///     Err(err) if err.kind().is_config_problem() => panic!("fix the configuration: {err}"),
+///     Err(err) => eprintln!("database not reachable yet, retrying: {err}"),
+/// }
+/// ```
+#[derive(Debug)]
+pub struct ConnectError {
+    kind: ConnectErrorKind,
+    message: String,
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+/// What kind of problem a [`ConnectError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectErrorKind {
+    /// The connection string or options are wrong: bad URL, unknown `sslmode`, an
+    /// unreadable certificate or key, a mode this build cannot do, a database that does
+    /// not exist.
+    Config,
+    /// TLS failed: the server's certificate is not trusted, does not name the host, or the
+    /// server refused TLS where it is required.
+    Tls,
+    /// The server refused the login (wrong password, no `pg_hba.conf` entry, a client
+    /// certificate it does not accept).
+    Authentication,
+    /// The table or its columns are not what the statement needs (run
+    /// [`migrate`](super::migrate), or set [`PgOptions::table`](super::PgOptions::table)), or
+    /// the connection cannot do what it is for (`LISTEN` through a transaction pooler).
+    Schema,
+    /// The server could not be reached or did not answer in time; a retry may succeed.
+    Unavailable,
+}
+
+impl ConnectErrorKind {
+    /// Whether this is a configuration problem that retrying will not fix.
+    pub fn is_config_problem(self) -> bool {
+        !matches!(self, ConnectErrorKind::Unavailable)
+    }
+}
+
+impl ConnectError {
+    /// What kind of problem it is.
+    pub fn kind(&self) -> ConnectErrorKind {
+        self.kind
+    }
+
+    /// What went wrong, without the context that `Display` adds.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub(crate) fn new(kind: ConnectErrorKind, message: String) -> Self {
+        ConnectError {
+            kind,
+            message,
+            source: None,
+        }
+    }
+
+    pub(crate) fn config(message: String) -> Self {
+        Self::new(ConnectErrorKind::Config, message)
+    }
+
+    pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Classifies a failed connect (or its first statements) by what the server or the TLS
+    /// library said; `context` says what was being done.
+    pub(crate) fn from_postgres(context: &str, err: postgres::Error) -> Self {
+        let kind = connect_kind(&err);
+        let advice = match kind {
+            ConnectErrorKind::Tls => {
+                "; check sslmode, sslrootcert and the host name the certificate names"
+            }
+            ConnectErrorKind::Authentication => "; check the user, password and pg_hba.conf",
+            ConnectErrorKind::Schema => {
+                "; run metadata_batcher::postgres::migrate, or set PgOptions::table to the \
+                 table's name"
+            }
+            ConnectErrorKind::Config => "",
+            ConnectErrorKind::Unavailable => "; check that the server is up and reachable",
+        };
+        ConnectError::new(kind, format!("{context}: {}{advice}", describe(&err))).with_source(err)
+    }
+}
+
+fn connect_kind(err: &postgres::Error) -> ConnectErrorKind {
+    if let Some(code) = err.code() {
+        return match code.code() {
+            "28P01" | "28000" => ConnectErrorKind::Authentication,
+            "42P01" | "42703" | "42883" | "42804" => ConnectErrorKind::Schema,
+            "3D000" | "42704" | "22023" => ConnectErrorKind::Config,
+            _ => ConnectErrorKind::Unavailable,
+        };
+    }
+    let mut source = err.source();
+    while let Some(cause) = source {
+        #[cfg(feature = "tls")]
+        if cause.is::<rustls::Error>() {
+            return ConnectErrorKind::Tls;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            #[cfg(feature = "tls")]
+            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return ConnectErrorKind::Tls;
+            }
+            let _ = io;
+        }
+        source = cause.source();
+    }
+    let text = err.to_string();
+    if text.contains("TLS") || text.contains("SSL") {
+        ConnectErrorKind::Tls
+    } else if text.contains("password missing") || text.contains("authentication") {
+        ConnectErrorKind::Authentication
+    } else if text.contains("invalid") || text.contains("unknown option") {
+        ConnectErrorKind::Config
+    } else {
+        ConnectErrorKind::Unavailable
+    }
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            ConnectErrorKind::Config => "invalid PostgreSQL configuration",
+            ConnectErrorKind::Tls => "PostgreSQL TLS failed",
+            ConnectErrorKind::Authentication => "PostgreSQL refused the login",
+            ConnectErrorKind::Schema => "PostgreSQL schema problem",
+            ConnectErrorKind::Unavailable => "PostgreSQL unavailable",
+        };
+        write!(f, "{what}: {}", self.message)
+    }
+}
+
+impl StdError for ConnectError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn StdError + 'static))
     }
 }

@@ -9,8 +9,10 @@
 //!
 //! The store and the publisher keep separate connections so that a NOTIFY is never queued
 //! behind a slow batch update, and a cancel request sent to the store cannot hit a publish.
-//! All three use the blocking `postgres` client without TLS. See `docs/postgres.md` for the
-//! schema, the statement, and the operational advice.
+//! All three use the blocking `postgres` client, with TLS as libpq's `sslmode` says (feature
+//! `tls`, on by default) or your own connector, and bound every call on the client side.
+//! See `docs/postgres.md` for TLS, poolers, the schema, the statement, and the operational
+//! advice, and `docs/design.md` for the deadlines.
 //!
 //! ```no_run
 //! use metadata_batcher::postgres::{self, PgPublisher, PgStore, PgSubscriber, SubscriberEvent};
@@ -34,15 +36,26 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod connect;
+mod bounded;
+mod connector;
 mod error;
+mod options;
+mod params;
 mod publisher;
 mod schema;
 mod session;
 mod store;
 mod subscriber;
+#[cfg(feature = "tls")]
+mod tls;
 
-pub use connect::{PgOptions, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT};
+pub(crate) use bounded::NoAnswer;
+pub use error::{ConnectError, ConnectErrorKind};
+pub use options::{
+    PgOptions, StatementMode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE_MARGIN,
+    DEFAULT_KEEPALIVES_IDLE, DEFAULT_LOCK_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT, DEFAULT_TABLE,
+    DEFAULT_TCP_USER_TIMEOUT,
+};
 pub use publisher::{PgPublisher, MAX_NOTIFY_PAYLOAD};
 pub use schema::{migrate, register, register_agents, MigrateError, MIGRATION_0001};
 pub use store::{PgStore, BATCH_UPDATE_SQL};

@@ -1,9 +1,14 @@
 //! [`PgPublisher`]: announces changed agents with `pg_notify`.
 
-use tracing::warn;
+use std::fmt;
 
-use super::error::describe;
-use super::session::{Failure, PreparedSession};
+use postgres::tls::{MakeTlsConnect, TlsConnect};
+use postgres::types::Type;
+use postgres::{Config, Socket};
+
+use super::connector::Connector;
+use super::error::{describe, ConnectError};
+use super::session::{Encoded, Failure, PreparedSession, SessionStatement};
 use super::PgOptions;
 use crate::{PublishError, Publisher};
 
@@ -13,10 +18,10 @@ pub const MAX_NOTIFY_PAYLOAD: usize = 8000;
 /// The PostgreSQL [`Publisher`]: `SELECT pg_notify($1, $2)` on its own connection.
 ///
 /// Every replica listening on the channel (see [`PgSubscriber`](super::PgSubscriber))
-/// receives the payload, this one included. Reconnects like [`PgStore`](super::PgStore):
-/// a session the server ended while idle is replaced and the notification sent once more;
-/// after any other failure that is not about the payload the connection is dropped and the
-/// next call opens a fresh one, without sleeping.
+/// receives the payload, this one included. Connects, reconnects and bounds every call like
+/// [`PgStore`](super::PgStore): a publish with no answer within `statement_timeout +
+/// deadline_margin` fails, and the next one opens a fresh session. Through a
+/// transaction-mode pooler it works as is (see `docs/postgres.md`).
 ///
 /// ```no_run
 /// use metadata_batcher::postgres::PgPublisher;
@@ -40,12 +45,44 @@ impl PgPublisher {
         Self::connect_with(url, PgOptions::default())
     }
 
-    /// Connects with the given options.
+    /// [`open`](Self::open), with the error flattened into a [`PublishError`].
     pub fn connect_with(url: &str, options: PgOptions) -> Result<PgPublisher, PublishError> {
-        let session =
-            PreparedSession::connect(url, &options, "publisher", "SELECT pg_notify($1, $2)")
-                .map_err(PublishError::new)?;
-        Ok(PgPublisher { session })
+        Self::open(url, options).map_err(|err| PublishError::new(err.to_string()))
+    }
+
+    /// Connects to a libpq connection string; see [`PgStore::open`](super::PgStore::open).
+    pub fn open(url: &str, options: PgOptions) -> Result<PgPublisher, ConnectError> {
+        Self::start(Connector::from_url(url, options, "publisher")?)
+    }
+
+    /// Connects with your own `postgres::Config` and TLS connector; see
+    /// [`PgStore::open_config`](super::PgStore::open_config).
+    pub fn open_config<T>(
+        config: Config,
+        tls: T,
+        options: PgOptions,
+    ) -> Result<PgPublisher, ConnectError>
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::TlsConnect: Send,
+        T::Stream: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        Self::start(Connector::from_config(config, tls, options, "publisher"))
+    }
+
+    fn start(connector: Connector) -> Result<PgPublisher, ConnectError> {
+        let statement = SessionStatement {
+            sql: "SELECT pg_notify($1, $2)".to_owned(),
+            types: vec![Type::TEXT, Type::TEXT],
+            with_settings: false,
+            dry_run: None,
+            role: "publisher",
+            thread_name: "mdbatch-pgpub",
+        };
+        Ok(PgPublisher {
+            session: PreparedSession::connect(connector, statement)?,
+        })
     }
 }
 
@@ -66,19 +103,25 @@ impl Publisher for PgPublisher {
                  encode it (the agent ID format is ASCII base64)"
             )));
         };
-        let err = match self.session.execute(&[&channel, &payload]) {
-            Ok(_) => return Ok(()),
-            Err(Failure::Open(message)) => return Err(PublishError::new(message)),
-            Err(Failure::Statement(err)) => err,
-        };
-        let message = describe(&err);
-        warn!(
-            application_name = self.session.application_name(),
-            channel,
-            payload_bytes = payload.len(),
-            error = %message,
-            "metadata publish failed"
-        );
-        Err(PublishError::new(message))
+        let params = [channel, payload]
+            .iter()
+            .map(|text| Encoded::new(text, &Type::TEXT))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| PublishError::new(format!("encoding the notification: {err}")))?;
+        // No log line here: the batcher logs each failed publish once.
+        match self.session.execute(params) {
+            Ok(_) => Ok(()),
+            Err(Failure::Open(err)) => Err(PublishError::new(err.to_string())),
+            Err(Failure::Statement(err)) => Err(PublishError::new(describe(&err))),
+            Err(Failure::NoAnswer(no_answer)) => Err(PublishError::new(no_answer.describe())),
+        }
+    }
+}
+
+impl fmt::Debug for PgPublisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgPublisher")
+            .field("connection", self.session.connector())
+            .finish()
     }
 }

@@ -31,7 +31,9 @@ const MIGRATION_LOCK: i64 = 0x6d62_6d69_6772_0001;
 pub fn migrate(client: &mut Client) -> Result<(), MigrateError> {
     let run = |client: &mut Client| -> Result<(), postgres::Error> {
         let mut transaction = client.transaction()?;
-        transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        // A simple query, not a prepared one: through a transaction-mode pooler a named
+        // statement may not be where the next message lands.
+        transaction.batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))?;
         transaction.batch_execute(MIGRATION_0001)?;
         transaction.commit()
     };
@@ -73,12 +75,17 @@ pub fn register_agents(
     agent_ids: &[Uuid],
     keys: &[&str],
 ) -> Result<u64, postgres::Error> {
-    client.execute(
+    // Unnamed (parse, bind and execute in one round trip) so that it works through a
+    // transaction-mode pooler, where a prepared statement may be gone by the next message.
+    client.execute_typed(
         "INSERT INTO workspace_agent_metadata (workspace_agent_id, key) \
          SELECT agent.id, k.key FROM unnest($1::uuid[]) AS agent(id) \
          CROSS JOIN unnest($2::text[]) AS k(key) \
          ON CONFLICT DO NOTHING",
-        &[&agent_ids, &keys],
+        &[
+            (&agent_ids, postgres::types::Type::UUID_ARRAY),
+            (&keys, postgres::types::Type::TEXT_ARRAY),
+        ],
     )
 }
 

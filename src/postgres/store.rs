@@ -1,16 +1,20 @@
-//! [`PgStore`]: writes each batch with one prepared `UPDATE ... FROM unnest(...)`.
+//! [`PgStore`]: writes each batch with one `UPDATE ... FROM unnest(...)`.
 
-use postgres::NoTls;
-use tracing::warn;
+use std::fmt;
 
-use super::error::{classify, describe, store_error};
-use super::session::{Failure, PreparedSession};
-use super::PgOptions;
+use postgres::tls::{MakeTlsConnect, TlsConnect};
+use postgres::types::{ToSql, Type};
+use postgres::{Config, Socket};
+
+use super::connector::Connector;
+use super::error::{classify, describe, store_error, ConnectError};
+use super::session::{Encoded, Failure, PreparedSession, SessionStatement};
+use super::{NoAnswer, PgOptions, DEFAULT_TABLE};
 use crate::{Interrupt, MetadataBatch, Store, StoreError};
 
-/// The one statement a flush runs. The five arrays travel in binary and are zipped back
-/// into rows by `unnest`, so a batch of any size is one round trip of one prepared
-/// statement. The `collected_at` guard makes a late or retried write (another replica, a
+/// The one statement a flush runs, on the default table. The five arrays travel in binary
+/// and are zipped back into rows by `unnest`, so a batch of any size is one round trip of
+/// one statement. The `collected_at` guard makes a late or retried write (another replica, a
 /// retry after an outage) unable to overwrite a newer stored value.
 pub const BATCH_UPDATE_SQL: &str = "\
 WITH m AS (
@@ -27,17 +31,63 @@ WHERE wam.workspace_agent_id = m.workspace_agent_id
   AND wam.key = m.key
   AND wam.collected_at <= m.collected_at";
 
-/// The PostgreSQL [`Store`]: one connection, one prepared statement.
+/// The parameter types of [`BATCH_UPDATE_SQL`], in order.
+const PARAM_TYPES: [Type; 5] = [
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TIMESTAMPTZ_ARRAY,
+];
+
+/// [`BATCH_UPDATE_SQL`] for `table` (`name` or `schema.name`), each part quoted as an
+/// identifier so that any name is taken literally.
+pub(crate) fn batch_update_sql(table: &str) -> Result<String, ConnectError> {
+    if table == DEFAULT_TABLE {
+        return Ok(BATCH_UPDATE_SQL.to_owned());
+    }
+    Ok(BATCH_UPDATE_SQL.replace(
+        "UPDATE workspace_agent_metadata wam",
+        &format!("UPDATE {} wam", quote_table(table)?),
+    ))
+}
+
+/// `"schema"."name"` for `schema.name`; refuses what no table can be called.
+pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
+    let parts: Vec<&str> = table.split('.').collect();
+    if parts.len() > 2 || parts.iter().any(|part| part.is_empty() || part.contains('\0')) {
+        return Err(ConnectError::config(format!(
+            "PgOptions::table {table:?} is not a table name: give `name` or `schema.name`"
+        )));
+    }
+    Ok(parts
+        .iter()
+        .map(|part| format!("\"{}\"", part.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join("."))
+}
+
+/// The PostgreSQL [`Store`]: one connection, one statement, every call bounded.
 ///
-/// No sleeps, and one retry only: when the first statement on a session that sat idle finds
-/// that the server had ended it meanwhile (`pg_terminate_backend`, a restart, an idle
-/// timeout), the store opens a new session and runs the update once more, which cannot
-/// write anything twice (the update is idempotent under its `collected_at` guard). Any
-/// other failure returns its classified error at once; after an
-/// [`Unavailable`](StoreError::Unavailable) error (a lost connection, a server shutting
-/// down, anything not about the data) the connection is dropped and the *next* call
-/// reconnects, re-sets `statement_timeout` and re-prepares. Pacing those retries is the
-/// batcher's job (its timer backoff, capped at 5 s); a manual flush calls straight through.
+/// **Connecting.** [`open`](Self::open) takes a libpq connection string (URL or
+/// `key=value`, with `sslmode`, `sslrootcert`, `sslcert` and `sslkey` as libpq means them);
+/// [`open_config`](Self::open_config) takes your own `postgres::Config` and TLS connector.
+/// Both fail with a [`ConnectError`] that tells a configuration problem from an outage.
+/// [`connect`](Self::connect) and [`connect_with`](Self::connect_with) are the same with the
+/// error flattened into [`StoreError::Unavailable`].
+///
+/// **Every call is bounded** (see `docs/design.md`): connecting by `connect_timeout`, each
+/// statement by `statement_timeout + deadline_margin`, past which a cancel request is sent,
+/// the session dropped and the call fails as unavailable. A lock held elsewhere fails the
+/// statement after `lock_timeout` with [`StoreError::Canceled`], and the batcher splits the
+/// batch so the other rows are written.
+///
+/// **Reconnects.** No sleeps, and one retry only: when the first statement on a session that
+/// sat idle finds that the server had ended it meanwhile (`pg_terminate_backend`, a restart,
+/// an idle timeout), the store opens a new session and runs the update once more, which
+/// cannot write anything twice (the update is idempotent under its `collected_at` guard).
+/// After any other [`Unavailable`](StoreError::Unavailable) error the session is dropped and
+/// the *next* call reconnects. Pacing those retries is the batcher's job.
 ///
 /// ```no_run
 /// use std::time::{Duration, SystemTime};
@@ -45,8 +95,8 @@ WHERE wam.workspace_agent_id = m.workspace_agent_id
 /// use metadata_batcher::{Metadata, MetadataBatch, Store};
 /// use uuid::Uuid;
 ///
-/// let mut store = PgStore::connect_with(
-///     "postgres://postgres@127.0.0.1:5432/postgres",
+/// let mut store = PgStore::open(
+///     "postgres://postgres@db.internal:5432/postgres?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem",
 ///     PgOptions { statement_timeout: Duration::from_secs(2), ..PgOptions::default() },
 /// )?;
 /// let mut batch = MetadataBatch::default();
@@ -59,62 +109,115 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Connects with [`PgOptions::default`] (statement timeout 10 s).
-    ///
-    /// Fails with [`StoreError::Unavailable`] when the URL is invalid, the server cannot be
-    /// reached or the table is missing, so a service finds out at start-up, not at the
-    /// first flush.
+    /// Connects with [`PgOptions::default`]; see [`connect_with`](Self::connect_with).
     pub fn connect(url: &str) -> Result<PgStore, StoreError> {
         Self::connect_with(url, PgOptions::default())
     }
 
-    /// Connects with the given options.
+    /// [`open`](Self::open), with the error flattened into [`StoreError::Unavailable`] (its
+    /// message says what was wrong), for callers that do not tell configuration problems
+    /// from outages.
     pub fn connect_with(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
-        let session = PreparedSession::connect(url, &options, "store", BATCH_UPDATE_SQL)
-            .map_err(StoreError::Unavailable)?;
-        Ok(PgStore { session })
+        Self::open(url, options).map_err(|err| StoreError::Unavailable(err.to_string()))
     }
+
+    /// Connects to a libpq connection string (a `postgres://` URL or `key=value` pairs).
+    ///
+    /// Fails at once, not at the first flush, when the string or a certificate is wrong, the
+    /// server cannot be reached or refuses the login, or the table is missing.
+    pub fn open(url: &str, options: PgOptions) -> Result<PgStore, ConnectError> {
+        Self::start(Connector::from_url(url, options, "store")?)
+    }
+
+    /// Connects with your own `postgres::Config` and TLS connector (anything
+    /// `postgres::Config::connect` takes that can be cloned for each reconnect and cancel
+    /// request): a password from a secret file, a Unix socket, a TLS setup the service
+    /// already has. The options' timeouts and keepalives are applied to the config.
+    ///
+    /// ```no_run
+    /// use metadata_batcher::postgres::{PgOptions, PgStore};
+    ///
+    /// let mut config = postgres::Config::new();
+    /// config.host_path("/var/run/postgresql").user("coder").dbname("coder");
+    /// let store = PgStore::open_config(config, postgres::NoTls, PgOptions::default())?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open_config<T>(config: Config, tls: T, options: PgOptions) -> Result<PgStore, ConnectError>
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::TlsConnect: Send,
+        T::Stream: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        Self::start(Connector::from_config(config, tls, options, "store"))
+    }
+
+    fn start(connector: Connector) -> Result<PgStore, ConnectError> {
+        let sql = batch_update_sql(&connector.options.table)?;
+        let statement = SessionStatement {
+            sql,
+            types: PARAM_TYPES.to_vec(),
+            with_settings: true,
+            dry_run: Some(
+                encode(&MetadataBatch::default())
+                    .map_err(|err| ConnectError::config(format!("encoding a dry run: {err}")))?,
+            ),
+            role: "store",
+            thread_name: "mdbatch-pgstore",
+        };
+        Ok(PgStore {
+            session: PreparedSession::connect(connector, statement)?,
+        })
+    }
+}
+
+/// The batch's five columns in binary, on the flusher's thread.
+fn encode(batch: &MetadataBatch) -> Result<Vec<Encoded>, Box<dyn std::error::Error + Sync + Send>> {
+    let columns: [&(dyn ToSql + Sync); 5] = [
+        &batch.agent_ids,
+        &batch.keys,
+        &batch.values,
+        &batch.errors,
+        &batch.collected_at,
+    ];
+    columns
+        .iter()
+        .zip(&PARAM_TYPES)
+        .map(|(column, ty)| Encoded::new(*column, ty))
+        .collect()
 }
 
 impl Store for PgStore {
     fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        let err = match self.session.execute(&[
-            &batch.agent_ids,
-            &batch.keys,
-            &batch.values,
-            &batch.errors,
-            &batch.collected_at,
-        ]) {
-            Ok(updated) => return Ok(updated),
-            Err(Failure::Open(message)) => return Err(StoreError::Unavailable(message)),
-            Err(Failure::Statement(err)) => err,
-        };
-        let class = classify(&err);
-        let message = describe(&err);
-        warn!(
-            application_name = self.session.application_name(),
-            rows = batch.len(),
-            class = ?class,
-            error = %message,
-            "metadata batch update failed"
-        );
-        Err(store_error(class, message))
+        let params = encode(batch).map_err(|err| {
+            StoreError::Rejected(format!("a value cannot be sent to PostgreSQL: {err}"))
+        })?;
+        // No log line here: the batcher logs each failed call once, with the rows it held.
+        match self.session.execute(params) {
+            Ok(updated) => Ok(updated),
+            Err(Failure::Open(err)) => Err(StoreError::Unavailable(err.to_string())),
+            Err(Failure::Statement(err)) => Err(store_error(classify(&err), describe(&err))),
+            Err(Failure::NoAnswer(NoAnswer::Aborted)) => Err(StoreError::Canceled),
+            Err(Failure::NoAnswer(no_answer)) => {
+                Err(StoreError::Unavailable(no_answer.describe()))
+            }
+        }
     }
 
-    /// Cancels the running statement with PostgreSQL's cancel request (as `pg_cancel_backend`
-    /// would); the statement then fails with [`StoreError::Canceled`]. `None` while there is
-    /// no open connection: the next call connects first, bounded by the connect timeout.
+    /// Cancels the running statement with PostgreSQL's cancel request and stops waiting for
+    /// it at once; the call fails with [`StoreError::Canceled`] and the session is replaced.
+    /// `None` while there is no open session: the next call connects first, bounded by the
+    /// connect timeout.
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
-        let token = self.session.cancel_token()?;
-        let application_name = self.session.application_name().to_owned();
-        Some(Interrupt::new(move || {
-            if let Err(err) = token.cancel_query(NoTls) {
-                warn!(
-                    application_name,
-                    error = %describe(&err),
-                    "canceling the metadata batch update failed"
-                );
-            }
-        }))
+        let abort = self.session.abort_handle()?;
+        Some(Interrupt::new(move || abort.fire()))
+    }
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("connection", self.session.connector())
+            .finish()
     }
 }

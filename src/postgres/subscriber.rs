@@ -1,16 +1,19 @@
 //! [`PgSubscriber`]: `LISTEN`s on a channel and decodes the agent IDs each flush announces.
 
 use std::fmt;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{bounded, Receiver};
 use postgres::fallible_iterator::FallibleIterator as _;
-use postgres::Client;
+use postgres::tls::{MakeTlsConnect, TlsConnect};
+use postgres::{Client, Config, Socket};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use super::connect::Connector;
-use super::error::describe;
+use super::connector::Connector;
+use super::error::{describe, ConnectError, ConnectErrorKind};
 use super::PgOptions;
 use crate::agent_ids;
 
@@ -57,9 +60,12 @@ pub enum SubscriberEvent {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct PgSubscriber {
-    connector: Connector,
+    connector: Arc<Connector>,
     channel: String,
     client: Option<Client>,
+    /// A connect attempt still running on its own thread: kept across calls, so a `next`
+    /// whose timeout ends mid-attempt neither waits for it nor starts another.
+    pending: Option<Receiver<Result<Client, ConnectError>>>,
     malformed: u64,
     backoff: Duration,
     next_attempt: Instant,
@@ -74,24 +80,56 @@ impl PgSubscriber {
         Self::listen_with(url, channel, PgOptions::default())
     }
 
-    /// Connects with the given options and `LISTEN`s on `channel`.
+    /// [`open`](Self::open), with the error flattened into a [`SubscribeError`].
     pub fn listen_with(
         url: &str,
         channel: &str,
         options: PgOptions,
     ) -> Result<PgSubscriber, SubscribeError> {
-        if channel.is_empty() || channel.len() > MAX_CHANNEL_BYTES || channel.contains('\0') {
-            return Err(SubscribeError::InvalidChannel(format!(
-                "channel {channel:?} must be 1 to {MAX_CHANNEL_BYTES} bytes without NUL"
-            )));
-        }
-        let connector =
-            Connector::new(url, &options, "subscriber").map_err(SubscribeError::InvalidUrl)?;
-        let client = open(&connector, channel)?;
+        check_channel(channel)
+            .map_err(|err| SubscribeError::InvalidChannel(err.message().to_owned()))?;
+        Self::open(url, channel, options).map_err(SubscribeError::from)
+    }
+
+    /// Connects to a libpq connection string and `LISTEN`s on `channel`, within
+    /// `connect_timeout`. Fails with a [`ConnectError`] that tells a configuration problem
+    /// (including a connection that cannot keep a `LISTEN`: a transaction-mode pooler) from
+    /// an outage.
+    pub fn open(url: &str, channel: &str, options: PgOptions) -> Result<PgSubscriber, ConnectError> {
+        check_channel(channel)?;
+        Self::start(Connector::from_url(url, options, "subscriber")?, channel)
+    }
+
+    /// Connects with your own `postgres::Config` and TLS connector; see
+    /// [`PgStore::open_config`](super::PgStore::open_config).
+    pub fn open_config<T>(
+        config: Config,
+        tls: T,
+        channel: &str,
+        options: PgOptions,
+    ) -> Result<PgSubscriber, ConnectError>
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::TlsConnect: Send,
+        T::Stream: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        check_channel(channel)?;
+        Self::start(Connector::from_config(config, tls, options, "subscriber"), channel)
+    }
+
+    fn start(connector: Connector, channel: &str) -> Result<PgSubscriber, ConnectError> {
+        let connector = Arc::new(connector);
+        let attempt = spawn_open(&connector, channel);
+        let client = match attempt.recv_timeout(connector.options.connect_timeout) {
+            Ok(result) => result?,
+            Err(_) => return Err(connect_timed_out(&connector)),
+        };
         Ok(PgSubscriber {
             connector,
             channel: channel.to_owned(),
             client: Some(client),
+            pending: None,
             malformed: 0,
             backoff: RECONNECT_BACKOFF_MIN,
             next_attempt: Instant::now(),
@@ -171,7 +209,30 @@ impl PgSubscriber {
                 }
                 thread::sleep(self.next_attempt - now);
             }
-            match open(&self.connector, &self.channel) {
+            let attempt = self
+                .pending
+                .take()
+                .unwrap_or_else(|| spawn_open(&self.connector, &self.channel));
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let result = match attempt.recv_timeout(wait) {
+                Ok(result) => result.map_err(SubscribeError::from),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    // Still connecting: the next call picks the attempt up where it is.
+                    self.pending = Some(attempt);
+                    return Err(self.last_failure.clone().unwrap_or_else(|| {
+                        SubscribeError::Unavailable(format!(
+                            "reconnecting to LISTEN on {:?}: no session yet",
+                            self.channel
+                        ))
+                    }));
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    Err(SubscribeError::Unavailable(
+                        "the connect attempt's thread ended without an answer".to_owned(),
+                    ))
+                }
+            };
+            match result {
                 Ok(client) => {
                     debug!(channel = %self.channel, "metadata subscriber reconnected");
                     self.client = Some(client);
@@ -192,19 +253,82 @@ impl PgSubscriber {
     }
 }
 
-/// Connects and `LISTEN`s.
-fn open(connector: &Connector, channel: &str) -> Result<Client, SubscribeError> {
-    let listen = || -> Result<Client, postgres::Error> {
-        let mut client = connector.open()?;
-        client.batch_execute(&format!("LISTEN {}", quote_identifier(channel)))?;
-        Ok(client)
-    };
-    listen().map_err(|err| {
-        SubscribeError::Unavailable(format!(
-            "cannot LISTEN on {channel:?}: {}; check that the server is reachable",
-            describe(&err)
-        ))
-    })
+fn check_channel(channel: &str) -> Result<(), ConnectError> {
+    if channel.is_empty() || channel.len() > MAX_CHANNEL_BYTES || channel.contains('\0') {
+        return Err(ConnectError::config(format!(
+            "invalid channel {channel:?}: a channel is 1 to {MAX_CHANNEL_BYTES} bytes without NUL"
+        )));
+    }
+    Ok(())
+}
+
+fn connect_timed_out(connector: &Connector) -> ConnectError {
+    ConnectError::new(
+        ConnectErrorKind::Unavailable,
+        format!(
+            "no session within connect_timeout ({:?}): the server did not complete the TCP \
+             connect, TLS handshake, authentication and LISTEN in time",
+            connector.options.connect_timeout
+        ),
+    )
+}
+
+/// Connects and `LISTEN`s on a thread of its own; the answer arrives on the receiver.
+/// Nothing waits for the thread: a caller whose deadline passes drops the receiver, and the
+/// thread ends (dropping its client) whenever its attempt ends.
+fn spawn_open(connector: &Arc<Connector>, channel: &str) -> Receiver<Result<Client, ConnectError>> {
+    let (tx, rx) = bounded(1);
+    let connector = connector.clone();
+    let channel = channel.to_owned();
+    let spawned = thread::Builder::new()
+        .name("mdbatch-pgsub".to_owned())
+        .spawn(move || {
+            let _ = tx.send(open(&connector, &channel));
+        });
+    if let Err(err) = spawned {
+        let (tx, rx) = bounded(1);
+        let _ = tx.send(Err(ConnectError::new(
+            ConnectErrorKind::Unavailable,
+            format!("cannot start a thread to connect the subscriber: {err}"),
+        )));
+        return rx;
+    }
+    rx
+}
+
+/// How many separate statements check that the `LISTEN` stuck to the session: through a
+/// transaction-mode pooler each may run on another server connection.
+const LISTEN_CHECKS: usize = 3;
+
+/// Connects, `LISTEN`s, and checks that the connection keeps its session.
+fn open(connector: &Connector, channel: &str) -> Result<Client, ConnectError> {
+    let mut client = connector
+        .open(connector.connect_settings(false).as_deref())
+        .map_err(|err| ConnectError::from_postgres("connecting", err))?;
+    client
+        .batch_execute(&format!("LISTEN {}", quote_identifier(channel)))
+        .map_err(|err| ConnectError::from_postgres(&format!("LISTEN on {channel:?}"), err))?;
+    for _ in 0..LISTEN_CHECKS {
+        let listening: bool = client
+            .query_typed_one(
+                "SELECT $1 = ANY(ARRAY(SELECT pg_listening_channels()))",
+                &[(&channel, postgres::types::Type::TEXT)],
+            )
+            .map_err(|err| ConnectError::from_postgres("checking the LISTEN", err))?
+            .get(0);
+        if !listening {
+            return Err(ConnectError::new(
+                ConnectErrorKind::Schema,
+                format!(
+                    "LISTEN on {channel:?} did not stay on the session: the connection goes \
+                     through a transaction-mode pooler (such as PgBouncer with \
+                     pool_mode=transaction). LISTEN needs a session of its own: connect the \
+                     subscriber to the server directly or through a session-mode pool"
+                ),
+            ));
+        }
+    }
+    Ok(client)
 }
 
 /// `"name"`, with inner quotes doubled, so any channel name is one identifier.
@@ -239,6 +363,27 @@ impl fmt::Display for SubscribeError {
 }
 
 impl std::error::Error for SubscribeError {}
+
+impl From<ConnectError> for SubscribeError {
+    fn from(err: ConnectError) -> Self {
+        if err.kind().is_config_problem() {
+            SubscribeError::InvalidUrl(err.to_string())
+        } else {
+            SubscribeError::Unavailable(err.to_string())
+        }
+    }
+}
+
+impl fmt::Debug for PgSubscriber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgSubscriber")
+            .field("connection", &*self.connector)
+            .field("channel", &self.channel)
+            .field("connected", &self.client.is_some())
+            .field("malformed", &self.malformed)
+            .finish()
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,256 @@
+//! How every connection of this module is opened: the connection string or your own
+//! `postgres::Config` and TLS connector, the options applied, the session settings, and the
+//! cancel request that goes with a session.
+//!
+//! Two ways in, one way out:
+//!
+//! - **A libpq connection string** ([`Connector::from_url`]): `sslmode`, `sslrootcert`,
+//!   `sslcert` and `sslkey` are read by [`params`](super::params) and served by
+//!   [`tls`](super::tls), with libpq's fallbacks: `prefer` tries TLS and falls back to
+//!   plaintext when the TLS attempt fails, `allow` tries plaintext and falls back to TLS.
+//! - **Bring your own** ([`Connector::from_config`]): a `postgres::Config` plus any
+//!   `MakeTlsConnect`, used as given (its `ssl_mode` included), as `r2d2_postgres` does.
+//!
+//! Either way the result is a [`Connector`] that opens `Client`s with the options' timeouts,
+//! keepalives and `application_name`, and sends cancel requests over the same TLS setup.
+
+use std::fmt;
+use std::sync::Arc;
+
+use postgres::config::SslMode as ClientSslMode;
+use postgres::tls::{MakeTlsConnect, TlsConnect};
+use postgres::{CancelToken, Client, Config, NoTls, Socket};
+
+use super::error::ConnectError;
+use super::params::{self, SslMode};
+use super::{PgOptions, StatementMode};
+
+/// Opens connections and sends cancel requests with one TLS setup.
+trait Connect: Send + Sync {
+    fn connect(&self, config: &Config) -> Result<Client, postgres::Error>;
+    fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error>;
+}
+
+/// A caller's own `MakeTlsConnect`, used as the caller configured it.
+struct Custom<T>(T);
+
+impl<T> Connect for Custom<T>
+where
+    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+    T::TlsConnect: Send,
+    T::Stream: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    fn connect(&self, config: &Config) -> Result<Client, postgres::Error> {
+        config.connect(self.0.clone())
+    }
+
+    fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
+        token.cancel_query(self.0.clone())
+    }
+}
+
+/// libpq's `sslmode`, with its fallbacks.
+struct Libpq {
+    mode: SslMode,
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Libpq {
+    fn attempt(&self, config: &Config, mode: ClientSslMode) -> Result<Client, postgres::Error> {
+        let mut config = config.clone();
+        config.ssl_mode(mode);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return config.connect(tls.clone());
+        }
+        config.connect(NoTls)
+    }
+}
+
+impl Connect for Libpq {
+    fn connect(&self, config: &Config) -> Result<Client, postgres::Error> {
+        match self.mode {
+            SslMode::Disable => self.attempt(config, ClientSslMode::Disable),
+            // libpq makes a second attempt the other way when the first fails: a server that
+            // takes only TLS (allow), or a TLS setup that does not work out (prefer).
+            SslMode::Allow => self
+                .attempt(config, ClientSslMode::Disable)
+                .or_else(|first| {
+                    self.attempt(config, ClientSslMode::Require)
+                        .map_err(|_| first)
+                }),
+            SslMode::Prefer => self
+                .attempt(config, ClientSslMode::Prefer)
+                .or_else(|first| {
+                    self.attempt(config, ClientSslMode::Disable)
+                        .map_err(|_| first)
+                }),
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                self.attempt(config, ClientSslMode::Require)
+            }
+        }
+    }
+
+    fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
+        // The token carries the mode of the attempt that connected.
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return token.cancel_query(tls.clone());
+        }
+        token.cancel_query(NoTls)
+    }
+}
+
+/// A connection recipe: the config with the options applied, and the TLS setup.
+pub(crate) struct Connector {
+    config: Config,
+    connect: Arc<dyn Connect>,
+    pub(crate) options: PgOptions,
+    /// libpq's name for the TLS mode, or "custom", for `Debug` and log lines.
+    tls_mode: &'static str,
+}
+
+impl Connector {
+    /// From a libpq connection string (URL or `key=value`). Errors never quote the string:
+    /// it may hold a password.
+    pub(crate) fn from_url(
+        url: &str,
+        options: PgOptions,
+        role: &str,
+    ) -> Result<Connector, ConnectError> {
+        let split = params::split(url)?;
+        let config: Config = split.rest.parse().map_err(|err: postgres::Error| {
+            ConnectError::config(format!(
+                "invalid PostgreSQL connection string ({err}); expected e.g. \
+                 postgres://user:password@host:5432/database?sslmode=verify-full"
+            ))
+        })?;
+        let mode = split.tls.effective_mode();
+        #[cfg(feature = "tls")]
+        let libpq = Libpq {
+            mode,
+            tls: super::tls::connector(&split.tls)?,
+        };
+        #[cfg(not(feature = "tls"))]
+        let libpq = match mode {
+            SslMode::Disable | SslMode::Allow | SslMode::Prefer => Libpq { mode: SslMode::Disable },
+            other => {
+                return Err(ConnectError::config(format!(
+                    "sslmode={} needs TLS, and this build has the `tls` feature off: enable \
+                     it, or pass your own connector to a *_config constructor",
+                    other.as_str()
+                )))
+            }
+        };
+        Ok(Self::new(config, Arc::new(libpq), options, role, mode.as_str()))
+    }
+
+    /// From the caller's own config and TLS connector, used as given.
+    pub(crate) fn from_config<T>(
+        config: Config,
+        tls: T,
+        options: PgOptions,
+        role: &str,
+    ) -> Connector
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::TlsConnect: Send,
+        T::Stream: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        Self::new(config, Arc::new(Custom(tls)), options, role, "custom")
+    }
+
+    fn new(
+        mut config: Config,
+        connect: Arc<dyn Connect>,
+        options: PgOptions,
+        role: &str,
+        tls_mode: &'static str,
+    ) -> Connector {
+        match &options.application_name {
+            Some(name) => {
+                config.application_name(name);
+            }
+            None if config.get_application_name().is_none() => {
+                config.application_name(&format!("metadata-batcher {role}"));
+            }
+            None => {}
+        }
+        config
+            .connect_timeout(options.connect_timeout)
+            .tcp_user_timeout(options.tcp_user_timeout)
+            .keepalives(true)
+            .keepalives_idle(options.keepalives_idle)
+            .keepalives_interval(KEEPALIVES_INTERVAL)
+            .keepalives_retries(KEEPALIVES_RETRIES);
+        Connector {
+            config,
+            connect,
+            options,
+            tls_mode,
+        }
+    }
+
+    /// Opens a session; `settings` says whether to apply the session settings now (not
+    /// through a transaction pooler, where they would land on one server connection of
+    /// many). Blocks: callers bound it (see [`bounded`](super::bounded)).
+    pub(crate) fn open(&self, settings: Option<&str>) -> Result<Client, postgres::Error> {
+        let mut client = self.connect.connect(&self.config)?;
+        if let Some(settings) = settings {
+            client.batch_execute(settings)?;
+        }
+        Ok(client)
+    }
+
+    /// Sends a cancel request for the session `token` belongs to. Blocks up to the connect
+    /// timeout; callers run it off any thread that must stay responsive.
+    pub(crate) fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
+        self.connect.cancel(token)
+    }
+
+    /// The session settings to apply at connect, or `None` when they go per transaction.
+    pub(crate) fn connect_settings(&self, store: bool) -> Option<String> {
+        (self.options.statement_mode == StatementMode::Prepared)
+            .then(|| self.options.session_settings("SESSION", store))
+    }
+
+    /// The `application_name` sessions use, for log lines.
+    pub(crate) fn application_name(&self) -> &str {
+        self.config.get_application_name().unwrap_or_default()
+    }
+}
+
+/// Keepalive probes after the idle time: one every 5 s, 3 unanswered ones close the
+/// connection, so a vanished peer is noticed 15 s after `keepalives_idle`.
+const KEEPALIVES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+const KEEPALIVES_RETRIES: u32 = 3;
+
+/// Where and how a connector connects, never its password: `postgres::Config`'s own
+/// `Debug` redacts it, and only the fields an operator needs are shown.
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hosts: Vec<String> = self
+            .config
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                postgres::config::Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect();
+        f.debug_struct("Connector")
+            .field("hosts", &hosts)
+            .field("ports", &self.config.get_ports())
+            .field("user", &self.config.get_user())
+            .field("dbname", &self.config.get_dbname())
+            .field("application_name", &self.config.get_application_name())
+            .field("sslmode", &self.tls_mode)
+            .field("statement_mode", &self.options.statement_mode)
+            .field("table", &self.options.table)
+            .finish_non_exhaustive()
+    }
+}

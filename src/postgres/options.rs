@@ -1,0 +1,153 @@
+//! [`PgOptions`]: the settings every connection of this module is opened and bounded with.
+//!
+//! Every wait on the network has a setting here with a documented default, and each says
+//! exactly what it bounds: `connect_timeout` the whole connection attempt (TCP, TLS,
+//! authentication, session settings, preparing the statement), `statement_timeout` plus
+//! `deadline_margin` each statement, `tcp_user_timeout` and the keepalives what the kernel
+//! tolerates from a silent peer.
+
+use std::time::Duration;
+
+/// Connection settings shared by [`PgStore`](super::PgStore),
+/// [`PgPublisher`](super::PgPublisher) and [`PgSubscriber`](super::PgSubscriber).
+///
+/// ```
+/// use std::time::Duration;
+/// use metadata_batcher::postgres::{PgOptions, StatementMode};
+///
+/// let options = PgOptions {
+///     statement_timeout: Duration::from_secs(2),
+///     application_name: Some("coderd metadata store".to_owned()),
+///     statement_mode: StatementMode::Unnamed, // behind PgBouncer in transaction mode
+///     ..PgOptions::default()
+/// };
+/// assert_eq!(options.connect_timeout, Duration::from_secs(5));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgOptions {
+    /// The server-side `statement_timeout` of every statement: a statement still running
+    /// after it is canceled by the server and fails with
+    /// [`StoreError::Canceled`](crate::StoreError::Canceled). `Duration::ZERO` disables it
+    /// (and with it the client-side deadline below). Default 10 s.
+    pub statement_timeout: Duration,
+    /// How long one connection attempt may take in all: TCP connect, TLS handshake,
+    /// authentication, the session settings and preparing the statement. Past it the
+    /// attempt is abandoned and fails as unavailable, whether the server refused, never
+    /// answered, or answered too slowly. Default 5 s.
+    pub connect_timeout: Duration,
+    /// The session's `application_name`, shown in `pg_stat_activity`, so an operator (or a
+    /// test) can tell the batcher's connections apart. `None` keeps the URL's, or else uses
+    /// `metadata-batcher store`, `... publisher` or `... subscriber`.
+    pub application_name: Option<String>,
+    /// The server-side `lock_timeout`: a statement waiting this long for a row or table lock
+    /// held by another session fails (SQLSTATE 55P03) and the batcher splits the batch, so
+    /// one locked row cannot hold back every other row. Keep it well below
+    /// `statement_timeout`. `Duration::ZERO` disables it. Default 2 s.
+    pub lock_timeout: Duration,
+    /// The client-side deadline of a statement is `statement_timeout` plus this margin. A
+    /// statement with no answer by then (a silent server, a network that drops packets
+    /// without closing the connection, a stopped backend) is given up: a cancel request is
+    /// sent, the session is dropped and the call fails as unavailable; the next call opens
+    /// a new session. Default 2 s.
+    pub deadline_margin: Duration,
+    /// `TCP_USER_TIMEOUT`: how long data sent may stay unacknowledged before the kernel
+    /// closes the connection (Linux; ignored elsewhere and on Unix sockets). Default 15 s.
+    pub tcp_user_timeout: Duration,
+    /// Idle time before TCP keepalives start probing a connection (then every 5 s, 3 probes):
+    /// a subscriber waits silently for hours, and without keepalives a vanished server would
+    /// never be noticed. Default 30 s.
+    pub keepalives_idle: Duration,
+    /// How statements are sent. Default [`StatementMode::Prepared`]; a session that finds its
+    /// prepared statement gone (a transaction-mode pooler) switches to
+    /// [`StatementMode::Unnamed`] by itself.
+    pub statement_mode: StatementMode,
+    /// The store session's `synchronous_commit`. `false` (`off`) lets a flush return before
+    /// its WAL reaches disk: faster commits, and a crash of the server can lose the last few
+    /// hundred milliseconds of flushes (agents re-report them within one interval). The
+    /// table stays consistent either way. Default `true`.
+    pub synchronous_commit: bool,
+    /// The table [`PgStore`](super::PgStore) updates, optionally schema-qualified
+    /// (`"coder.workspace_agent_metadata"`); each part is quoted as an identifier. Default
+    /// `workspace_agent_metadata`.
+    pub table: String,
+}
+
+/// How a session sends its statement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StatementMode {
+    /// Prepared once per session as a named statement; each call binds and executes. The
+    /// fastest, and what a direct connection or a session-mode pooler should use.
+    #[default]
+    Prepared,
+    /// Sent unnamed with every call (parse, bind and execute in one round trip), with the
+    /// session settings (`statement_timeout`, `lock_timeout`, `synchronous_commit`) applied
+    /// per transaction with `SET LOCAL`. For transaction-mode poolers (PgBouncer before 1.21
+    /// has no prepared statements there, and a session setting would land on whichever
+    /// server connection happened to serve it).
+    Unnamed,
+}
+
+/// The statement timeout [`PgOptions::default`] uses.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connect timeout [`PgOptions::default`] uses: long enough for a loaded server and a
+/// TLS handshake, short enough that an unreachable address does not hold a flush for long.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The lock timeout [`PgOptions::default`] uses: a fifth of the statement timeout, so a flush
+/// blocked by a lock gives up early enough to split and write the other rows.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The margin [`PgOptions::default`] adds to `statement_timeout` for the client-side deadline:
+/// room for the server's own timeout to arrive first over a slow network.
+pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
+
+/// The `TCP_USER_TIMEOUT` [`PgOptions::default`] uses.
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The keepalive idle time [`PgOptions::default`] uses.
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+
+/// The table [`PgOptions::default`] names, as Coder's schema and [`migrate`](super::migrate)
+/// call it.
+pub const DEFAULT_TABLE: &str = "workspace_agent_metadata";
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            application_name: None,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            deadline_margin: DEFAULT_DEADLINE_MARGIN,
+            tcp_user_timeout: DEFAULT_TCP_USER_TIMEOUT,
+            keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
+            statement_mode: StatementMode::default(),
+            synchronous_commit: true,
+            table: DEFAULT_TABLE.to_owned(),
+        }
+    }
+}
+
+impl PgOptions {
+    /// The client-side deadline of one statement; `None` when `statement_timeout` is off.
+    pub(crate) fn statement_deadline(&self) -> Option<Duration> {
+        (!self.statement_timeout.is_zero()).then(|| self.statement_timeout + self.deadline_margin)
+    }
+
+    /// The session settings, as `SET` (or, per transaction, `SET LOCAL`) statements.
+    pub(crate) fn session_settings(&self, scope: &str, store: bool) -> String {
+        // Rounded up so that a sub-millisecond timeout does not become 0, which disables it.
+        let millis = |d: Duration| d.as_micros().div_ceil(1000);
+        let mut sql = format!(
+            "SET {scope} statement_timeout = {}; SET {scope} lock_timeout = {}",
+            millis(self.statement_timeout),
+            millis(self.lock_timeout)
+        );
+        if store && !self.synchronous_commit {
+            sql.push_str(&format!("; SET {scope} synchronous_commit = off"));
+        }
+        sql
+    }
+}

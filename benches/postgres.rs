@@ -20,6 +20,12 @@
 //! statements. It prints the ratio of the medians and the median of the rounds' own
 //! ratios: on a noisy machine (the server is shared) those are the steadier figures.
 //!
+//! Then the library's own variants, each paired in the same way against the prepared
+//! plaintext `PgStore` on a logged table (`postgres/variant/...`): TLS (`sslmode=require`),
+//! unnamed statements with per-transaction settings (the pooler path), an UNLOGGED copy of
+//! the table (Coder's choice), and `synchronous_commit = off`. Every path but `tls` is
+//! plaintext, as the direct client is.
+//!
 //! Needs PostgreSQL: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! Creates the database `mb_bench_<pid>` and drops it afterwards.
 //!
@@ -30,7 +36,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
-use metadata_batcher::postgres::{self as pg, PgStore, BATCH_UPDATE_SQL};
+use metadata_batcher::postgres::{self as pg, PgOptions, PgStore, StatementMode, BATCH_UPDATE_SQL};
 use metadata_batcher::{Batcher, Interrupt, Metadata, MetadataBatch, Store, StoreError};
 use postgres::{Client, NoTls};
 
@@ -44,6 +50,15 @@ const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const SINGLE_ROW_SQL: &str = "UPDATE workspace_agent_metadata \
     SET value = $3, error = $4, collected_at = $5 \
     WHERE workspace_agent_id = $1 AND key = $2 AND collected_at <= $5";
+
+/// The UNLOGGED copy of the table that the `unlogged` variant writes.
+const UNLOGGED_TABLE: &str = "workspace_agent_metadata_unlogged";
+
+/// `url` with `sslmode` set (appended: a later parameter wins in libpq's strings).
+fn with_sslmode(url: &str, mode: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}sslmode={mode}")
+}
 
 /// `url` with its database replaced by `database`.
 fn with_database(url: &str, database: &str) -> String {
@@ -244,13 +259,23 @@ impl Fixture {
         let keys = key_names(KEYS);
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         pg::register_agents(&mut client, &agents, &keys).expect("register");
-        client
-            .batch_execute("VACUUM ANALYZE workspace_agent_metadata")
-            .unwrap();
+        // One statement each: VACUUM cannot run in a multi-statement (implicit) transaction.
+        for sql in [
+            format!(
+                "CREATE UNLOGGED TABLE {UNLOGGED_TABLE} (LIKE workspace_agent_metadata \
+                 INCLUDING ALL) WITH (fillfactor = 80)"
+            ),
+            format!("INSERT INTO {UNLOGGED_TABLE} SELECT * FROM workspace_agent_metadata"),
+            "VACUUM ANALYZE workspace_agent_metadata".to_owned(),
+            format!("VACUUM ANALYZE {UNLOGGED_TABLE}"),
+        ] {
+            client.batch_execute(&sql).expect("set up the bench tables");
+        }
         Fixture {
             admin,
             database,
-            url,
+            // Plaintext, as the direct client is; the `tls` variant asks for TLS itself.
+            url: with_sslmode(&url, "disable"),
         }
     }
 }
@@ -273,6 +298,13 @@ fn median(mut xs: Vec<Duration>) -> Duration {
 /// own ratios (each round's two runs are neighbours in time, so a server that slows down
 /// for a while slows both).
 fn print_paired(name: &str, library: Vec<Duration>, direct: Vec<Duration>) {
+    print_pair(&format!("paired/{name}"), ("library", library), ("direct", direct));
+}
+
+/// Medians per 500 rows of two paths measured in alternation, and how fast `a` is against
+/// `b`: the ratio of the medians and the median of the rounds' own ratios.
+fn print_pair(name: &str, (a_name, a): (&str, Vec<Duration>), (b_name, b): (&str, Vec<Duration>)) {
+    let (library, direct) = (a, b);
     let rounds = library.len();
     let mut ratios: Vec<f64> = library
         .iter()
@@ -282,7 +314,7 @@ fn print_paired(name: &str, library: Vec<Duration>, direct: Vec<Duration>) {
     ratios.sort_by(f64::total_cmp);
     let (library, direct) = (median(library), median(direct));
     println!(
-        "postgres/paired/{name}: {rounds} rounds, library median {:.3} ms ({:.0} rows/s), direct median {:.3} ms ({:.0} rows/s), ratio of medians {:.3}, median of round ratios {:.3}",
+        "postgres/{name}: {rounds} rounds, {a_name} median {:.3} ms ({:.0} rows/s), {b_name} median {:.3} ms ({:.0} rows/s), ratio of medians {:.3}, median of round ratios {:.3}",
         library.as_secs_f64() * 1e3,
         BATCH as f64 / library.as_secs_f64(),
         direct.as_secs_f64() * 1e3,
@@ -484,6 +516,68 @@ fn main() {
     }
     print_paired("library_batcher_sustained", library, plain);
     sustained.report();
+
+    // The library's variants against its default: prepared, plaintext, logged table.
+    let plaintext = PgOptions::default();
+    let variants: [(&str, String, PgOptions); 4] = [
+        ("tls", with_sslmode(&fixture.url, "require"), plaintext.clone()),
+        (
+            "unnamed",
+            fixture.url.clone(),
+            PgOptions {
+                statement_mode: StatementMode::Unnamed,
+                ..plaintext.clone()
+            },
+        ),
+        (
+            "unlogged",
+            fixture.url.clone(),
+            PgOptions {
+                table: UNLOGGED_TABLE.to_owned(),
+                ..plaintext.clone()
+            },
+        ),
+        (
+            "synchronous_commit_off",
+            fixture.url.clone(),
+            PgOptions {
+                synchronous_commit: false,
+                ..plaintext.clone()
+            },
+        ),
+    ];
+    for (name, url, options) in variants {
+        let (mut variant, mut baseline) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let mut other = PgStore::open(&url, options.clone()).expect("variant connects");
+            let mut store = PgStore::connect(&fixture.url).expect("PgStore connects");
+            for _ in 0..WARM_UP {
+                n += 1;
+                time_store(&mut other, n, &keys);
+                time_store(&mut store, n, &keys);
+            }
+            let (mut v, mut b) = (Vec::new(), Vec::new());
+            for i in 0..10 {
+                let flip = (round + i) % 2;
+                let (mine, theirs) = (n + 1 + flip, n + 2 - flip);
+                n += 2;
+                if flip == 0 {
+                    v.push(time_store(&mut other, mine, &keys));
+                    b.push(time_store(&mut store, theirs, &keys));
+                } else {
+                    b.push(time_store(&mut store, theirs, &keys));
+                    v.push(time_store(&mut other, mine, &keys));
+                }
+            }
+            variant.push(median(v));
+            baseline.push(median(b));
+        }
+        print_pair(
+            &format!("variant/{name}"),
+            (name, variant),
+            ("prepared_plaintext_logged", baseline),
+        );
+    }
     drop(store);
     drop(direct);
     drop(fixture);

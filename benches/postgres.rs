@@ -298,7 +298,11 @@ fn median(mut xs: Vec<Duration>) -> Duration {
 /// own ratios (each round's two runs are neighbours in time, so a server that slows down
 /// for a while slows both).
 fn print_paired(name: &str, library: Vec<Duration>, direct: Vec<Duration>) {
-    print_pair(&format!("paired/{name}"), ("library", library), ("direct", direct));
+    print_pair(
+        &format!("paired/{name}"),
+        ("library", library),
+        ("direct", direct),
+    );
 }
 
 /// Medians per 500 rows of two paths measured in alternation, and how fast `a` is against
@@ -520,7 +524,11 @@ fn main() {
     // The library's variants against its default: prepared, plaintext, logged table.
     let plaintext = PgOptions::default();
     let variants: [(&str, String, PgOptions); 4] = [
-        ("tls", with_sslmode(&fixture.url, "require"), plaintext.clone()),
+        (
+            "tls",
+            with_sslmode(&fixture.url, "require"),
+            plaintext.clone(),
+        ),
         (
             "unnamed",
             fixture.url.clone(),

@@ -744,9 +744,12 @@ fn handles_are_shareable_across_threads() {
     sendable::<metadata_batcher::Builder>();
     sendable::<MemoryStore>();
     sendable::<MemoryPubsub>();
-    sendable::<metadata_batcher::postgres::PgStore>();
-    sendable::<metadata_batcher::postgres::PgPublisher>();
-    sendable::<metadata_batcher::postgres::PgSubscriber>();
+    #[cfg(feature = "postgres")]
+    {
+        sendable::<metadata_batcher::postgres::PgStore>();
+        sendable::<metadata_batcher::postgres::PgPublisher>();
+        sendable::<metadata_batcher::postgres::PgSubscriber>();
+    }
 }
 
 /// Collects what `tracing` writes on the test thread, as text.

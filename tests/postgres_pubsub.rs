@@ -192,18 +192,13 @@ fn channel_names_are_quoted_and_checked() {
     assert_receives(&db, &mut subscriber, channel, 1);
 
     for bad in ["", &"c".repeat(64)] {
-        let err = PgSubscriber::listen(&db.url, bad)
-            .err()
-            .expect("invalid channel");
+        let err = PgSubscriber::listen(&db.url, bad).expect_err("invalid channel");
         assert!(matches!(err, SubscribeError::InvalidChannel(_)), "{err:?}");
     }
-    let err = PgSubscriber::listen("::not a url::", "c")
-        .err()
-        .expect("invalid URL");
+    let err = PgSubscriber::listen("::not a url::", "c").expect_err("invalid URL");
     assert!(matches!(err, SubscribeError::InvalidUrl(_)), "{err:?}");
     let err = PgPublisher::connect("postgres://postgres@127.0.0.1:1/postgres")
-        .err()
-        .expect("nothing listens on port 1");
+        .expect_err("nothing listens on port 1");
     assert!(err.message().contains("refused"), "{err}");
 }
 

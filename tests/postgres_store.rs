@@ -397,17 +397,14 @@ fn interrupt_cancels_a_statement_blocked_on_a_row_lock() {
 
 #[test]
 fn connect_failures_are_unavailable_and_say_why() {
-    let err = PgStore::connect("not a url at all")
-        .err()
-        .expect("invalid URL");
+    let err = PgStore::connect("not a url at all").expect_err("invalid URL");
     assert!(
         matches!(&err, StoreError::Unavailable(m) if m.contains("invalid PostgreSQL connection string")),
         "{err:?}"
     );
     // Port 1 is never PostgreSQL: the connection is refused at once.
     let err = PgStore::connect("postgres://postgres@127.0.0.1:1/postgres")
-        .err()
-        .expect("nothing listens on port 1");
+        .expect_err("nothing listens on port 1");
     assert!(
         matches!(&err, StoreError::Unavailable(m) if m.contains("refused")),
         "{err:?}"
@@ -415,7 +412,7 @@ fn connect_failures_are_unavailable_and_say_why() {
 
     // Without the migration the statement cannot be prepared: say so at connect.
     let db = TestDb::empty();
-    let err = PgStore::connect(&db.url).err().expect("no table");
+    let err = PgStore::connect(&db.url).expect_err("no table");
     assert!(
         matches!(&err, StoreError::Unavailable(m) if m.contains("workspace_agent_metadata")),
         "{err:?}"

@@ -135,7 +135,9 @@ impl Connector {
         };
         #[cfg(not(feature = "tls"))]
         let libpq = match mode {
-            SslMode::Disable | SslMode::Allow | SslMode::Prefer => Libpq { mode: SslMode::Disable },
+            SslMode::Disable | SslMode::Allow | SslMode::Prefer => Libpq {
+                mode: SslMode::Disable,
+            },
             other => {
                 return Err(ConnectError::config(format!(
                     "sslmode={} needs TLS, and this build has the `tls` feature off: enable \
@@ -144,7 +146,13 @@ impl Connector {
                 )))
             }
         };
-        Ok(Self::new(config, Arc::new(libpq), options, role, mode.as_str()))
+        Ok(Self::new(
+            config,
+            Arc::new(libpq),
+            options,
+            role,
+            mode.as_str(),
+        ))
     }
 
     /// From the caller's own config and TLS connector, used as given.

@@ -27,7 +27,9 @@ pub(crate) enum Class {
 
 pub(crate) fn classify(err: &postgres::Error) -> Class {
     match err.code() {
-        Some(code) if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE => {
+        Some(code)
+            if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE =>
+        {
             Class::Canceled
         }
         Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => {
@@ -193,7 +195,10 @@ fn connect_kind(err: &postgres::Error) -> ConnectErrorKind {
         }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             #[cfg(feature = "tls")]
-            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
                 return ConnectErrorKind::Tls;
             }
             let _ = io;

@@ -99,13 +99,12 @@ const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
 /// Splits `conninfo` (a URL or `key=value` pairs) into the rest and its TLS parameters.
 pub(crate) fn split(conninfo: &str) -> Result<Split, ConnectError> {
-    let (rest, found) = if conninfo.starts_with("postgres://")
-        || conninfo.starts_with("postgresql://")
-    {
-        split_url(conninfo)?
-    } else {
-        split_key_values(conninfo)?
-    };
+    let (rest, found) =
+        if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
+            split_url(conninfo)?
+        } else {
+            split_key_values(conninfo)?
+        };
     let get = |key: &str| {
         found
             .iter()
@@ -284,7 +283,10 @@ mod tests {
              &sslrootcert=%2Ftmp%2Fca.pem&sslcert=/c.pem&sslkey=/k.pem",
         )
         .unwrap();
-        assert_eq!(split.rest, "postgres://u:p%40ss@db:5432/app?application_name=x");
+        assert_eq!(
+            split.rest,
+            "postgres://u:p%40ss@db:5432/app?application_name=x"
+        );
         assert_eq!(split.tls.mode, SslMode::VerifyFull);
         assert_eq!(
             split.tls.root_certs,
@@ -322,7 +324,9 @@ mod tests {
             client_cert: None,
         };
         assert_eq!(require.effective_mode(), SslMode::VerifyCa);
-        let err = super::split("host=db sslmode=verify-everything").err().unwrap();
+        let err = super::split("host=db sslmode=verify-everything")
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("verify-everything"), "{err}");
         let err = super::split("host=db sslcert=/c.pem").err().unwrap();
         assert!(err.to_string().contains("without sslkey"), "{err}");

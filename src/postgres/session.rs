@@ -170,11 +170,15 @@ impl PreparedSession {
         let params = params.clone();
         let session = self.session().map_err(Failure::Open)?;
         let prepared = session.prepared.clone();
-        let answer = session
-            .client
-            .call(deadline, move |client| {
-                run(client, &statement, prepared.as_ref(), settings.as_deref(), &params)
-            });
+        let answer = session.client.call(deadline, move |client| {
+            run(
+                client,
+                &statement,
+                prepared.as_ref(),
+                settings.as_deref(),
+                &params,
+            )
+        });
         let result = match answer {
             Ok(result) => result,
             Err(no_answer) => {

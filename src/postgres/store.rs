@@ -55,7 +55,11 @@ pub(crate) fn batch_update_sql(table: &str) -> Result<String, ConnectError> {
 /// `"schema"."name"` for `schema.name`; refuses what no table can be called.
 pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
     let parts: Vec<&str> = table.split('.').collect();
-    if parts.len() > 2 || parts.iter().any(|part| part.is_empty() || part.contains('\0')) {
+    if parts.len() > 2
+        || parts
+            .iter()
+            .any(|part| part.is_empty() || part.contains('\0'))
+    {
         return Err(ConnectError::config(format!(
             "PgOptions::table {table:?} is not a table name: give `name` or `schema.name`"
         )));
@@ -142,7 +146,11 @@ impl PgStore {
     /// let store = PgStore::open_config(config, postgres::NoTls, PgOptions::default())?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn open_config<T>(config: Config, tls: T, options: PgOptions) -> Result<PgStore, ConnectError>
+    pub fn open_config<T>(
+        config: Config,
+        tls: T,
+        options: PgOptions,
+    ) -> Result<PgStore, ConnectError>
     where
         T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
         T::TlsConnect: Send,
@@ -198,9 +206,7 @@ impl Store for PgStore {
             Err(Failure::Open(err)) => Err(StoreError::Unavailable(err.to_string())),
             Err(Failure::Statement(err)) => Err(store_error(classify(&err), describe(&err))),
             Err(Failure::NoAnswer(NoAnswer::Aborted)) => Err(StoreError::Canceled),
-            Err(Failure::NoAnswer(no_answer)) => {
-                Err(StoreError::Unavailable(no_answer.describe()))
-            }
+            Err(Failure::NoAnswer(no_answer)) => Err(StoreError::Unavailable(no_answer.describe())),
         }
     }
 

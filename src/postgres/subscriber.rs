@@ -95,7 +95,11 @@ impl PgSubscriber {
     /// `connect_timeout`. Fails with a [`ConnectError`] that tells a configuration problem
     /// (including a connection that cannot keep a `LISTEN`: a transaction-mode pooler) from
     /// an outage.
-    pub fn open(url: &str, channel: &str, options: PgOptions) -> Result<PgSubscriber, ConnectError> {
+    pub fn open(
+        url: &str,
+        channel: &str,
+        options: PgOptions,
+    ) -> Result<PgSubscriber, ConnectError> {
         check_channel(channel)?;
         Self::start(Connector::from_url(url, options, "subscriber")?, channel)
     }
@@ -115,7 +119,10 @@ impl PgSubscriber {
         <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
     {
         check_channel(channel)?;
-        Self::start(Connector::from_config(config, tls, options, "subscriber"), channel)
+        Self::start(
+            Connector::from_config(config, tls, options, "subscriber"),
+            channel,
+        )
     }
 
     fn start(connector: Connector, channel: &str) -> Result<PgSubscriber, ConnectError> {

@@ -21,7 +21,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{ring, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::error::ConnectError;
@@ -43,7 +45,9 @@ pub(crate) fn connector(params: &TlsParams) -> Result<Option<MakeRustlsConnect>,
             let roots = root_store(params.root_certs.as_ref())?;
             let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|err| ConnectError::config(format!("TLS setup: {err}")).with_source(err))?;
+                .map_err(|err| {
+                    ConnectError::config(format!("TLS setup: {err}")).with_source(err)
+                })?;
             if mode == SslMode::VerifyFull {
                 webpki
             } else {
@@ -118,10 +122,7 @@ fn root_store(roots: Option<&RootCerts>) -> Result<RootCertStore, ConnectError> 
 
 fn read_certs(path: &Path, parameter: &str) -> Result<Vec<CertificateDer<'static>>, ConnectError> {
     let unreadable = |err: &dyn fmt::Display| {
-        ConnectError::config(format!(
-            "cannot read {parameter}={}: {err}",
-            path.display()
-        ))
+        ConnectError::config(format!("cannot read {parameter}={}: {err}", path.display()))
     };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|err| unreadable(&err))?

@@ -32,6 +32,10 @@ pub fn migrate(client: &mut Client) -> Result<(), MigrateError> {
     let run = |client: &mut Client| -> Result<(), postgres::Error> {
         let mut transaction = client.transaction()?;
         transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        // `IF NOT EXISTS` makes the server send "NOTICE: relation ... already exists" on
+        // every start after the first, which the postgres crate logs at INFO. Expected, so
+        // not sent: LOCAL ends with the transaction and leaves the caller's session as it was.
+        transaction.batch_execute("SET LOCAL client_min_messages = warning")?;
         transaction.batch_execute(MIGRATION_0001)?;
         transaction.commit()
     };

@@ -173,6 +173,7 @@ impl Flusher {
             count,
             "flushing metadata batch"
         );
+        // As Go: before the store call, for every agent of the batch.
         self.shared
             .metrics
             .observe_utilization(&job.batch.agent_ids, &mut self.keys_per_agent);

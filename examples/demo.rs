@@ -6,10 +6,13 @@
 //! cargo run --release --example demo                       # in memory
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
 //!     cargo run --release --example demo -- --duration 5   # against PostgreSQL
+//! cargo run --release --example demo -- --metrics          # and the Prometheus text
 //! cargo run --release --example demo -- --help
 //! ```
 //!
 //! Exits 0 when both checks pass, 1 when one fails or the set-up fails, 2 on bad flags.
+//! Against PostgreSQL, the rows it registers are removed on every exit path (a guard's
+//! `Drop`), also when the set-up fails half-way.
 
 use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
@@ -48,6 +51,7 @@ FLAGS:
   --interval MS     the batcher's flush interval in milliseconds (default 5000)
   --max-pending N   distinct entries the batch may hold while a flush runs
                     (default: agents x keys, at least 20 x batch size)
+  --metrics         print the batcher's Prometheus metrics at the end
   --help            print this
 
 ENVIRONMENT:
@@ -65,6 +69,8 @@ struct Options {
     interval: Duration,
     /// `None`: sized to the fleet, see `Options::max_pending`.
     max_pending: Option<usize>,
+    /// Print the Prometheus text at the end; without it, one line says how to get it.
+    metrics: bool,
 }
 
 impl Options {
@@ -89,6 +95,7 @@ impl Default for Options {
             batch_size: DEFAULT_BATCH_SIZE,
             interval: DEFAULT_INTERVAL,
             max_pending: None,
+            metrics: false,
         }
     }
 }
@@ -117,6 +124,10 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
             return Ok(Command::Help);
+        }
+        if flag == "--metrics" {
+            options.metrics = true;
+            continue;
         }
         if !FLAGS.contains(&flag.as_str()) {
             return Err(format!("unknown flag {flag:?}"));
@@ -229,11 +240,13 @@ fn run_postgres(
     keys: &[String],
 ) -> Result<bool, String> {
     println!("backend: PostgreSQL ({})", redact(url));
-    let mut client = postgres::Client::connect(url, postgres::NoTls)
+    let client = postgres::Client::connect(url, postgres::NoTls)
         .map_err(|err| format!("connecting to DATABASE_URL: {}", describe(&err)))?;
-    pg::migrate(&mut client).map_err(|err| err.to_string())?;
+    // From here on, whichever way `run_postgres` ends, the guard removes this run's rows.
+    let mut rows = RegisteredRows::new(client, agents);
+    pg::migrate(rows.client()).map_err(|err| err.to_string())?;
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let created = pg::register_agents(&mut client, agents, &key_refs)
+    let created = pg::register_agents(rows.client(), agents, &key_refs)
         .map_err(|err| format!("registering agents: {}", describe(&err)))?;
     println!(
         "registered {created} rows ({} agents x {} keys)",
@@ -258,16 +271,69 @@ fn run_postgres(
     });
 
     let outcome = drive(options, agents, keys, store, publisher)?;
-    let stored = read_back(&mut client, agents)?;
-    // The rows were this run's own (random agent IDs): leave the database as it was.
-    let removed = client
-        .execute(
-            "DELETE FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1)",
-            &[&agents],
-        )
-        .map_err(|err| format!("removing this run's rows: {}", describe(&err)))?;
+    if let Some(line) = tls_summary(url) {
+        println!("{line}");
+    }
+    let stored = read_back(rows.client(), agents)?;
+    let removed = rows.remove()?;
     println!("removed this run's {removed} rows");
     Ok(outcome.finish(&stored, announcements))
+}
+
+/// The summary's line on how the sessions are secured: the hook for "sessions use TLS:
+/// yes/no". Every connection of the crate is plaintext (`NoTls`) for now, so there is
+/// nothing to report; once the crate can use TLS, say here whether these sessions do.
+fn tls_summary(_url: &str) -> Option<String> {
+    None
+}
+
+/// This run's rows in the database. The agent IDs are random, so the rows are this run's
+/// own: dropping the guard deletes them, whether the run ends normally, with an error (a
+/// build error, a lost connection) or with a panic, and the database is left as it was.
+struct RegisteredRows<'a> {
+    client: postgres::Client,
+    agents: &'a [Uuid],
+    removed: bool,
+}
+
+impl<'a> RegisteredRows<'a> {
+    fn new(client: postgres::Client, agents: &'a [Uuid]) -> Self {
+        RegisteredRows {
+            client,
+            agents,
+            removed: false,
+        }
+    }
+
+    /// The connection the rows were registered on, for the demo's own statements.
+    fn client(&mut self) -> &mut postgres::Client {
+        &mut self.client
+    }
+
+    /// Deletes the rows now; returns how many there were.
+    fn remove(&mut self) -> Result<u64, String> {
+        self.removed = true;
+        self.client
+            .execute(
+                "DELETE FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1)",
+                &[&self.agents],
+            )
+            .map_err(|err| format!("removing this run's rows: {}", describe(&err)))
+    }
+}
+
+impl Drop for RegisteredRows<'_> {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        // An early exit: the error that caused it is printed by `main`; this line says
+        // the database was cleaned up (or why it could not be).
+        match self.remove() {
+            Ok(removed) => eprintln!("demo: removed this run's {removed} rows"),
+            Err(problem) => eprintln!("demo: {problem}"),
+        }
+    }
 }
 
 /// Reads every row of this run's agents with one SELECT.
@@ -294,19 +360,20 @@ type Stored = HashMap<(Uuid, String), String>;
 struct Outcome {
     newest: Newest,
     stats: Stats,
-    metrics: PrometheusHandle,
+    /// `Some` with `--metrics`.
+    metrics: Option<PrometheusHandle>,
 }
 
 impl Outcome {
-    /// Waits for the last announcements, runs the checks, prints the metrics; returns
-    /// whether the checks passed.
+    /// Waits for the last announcements, runs the checks, prints the metrics (or how to
+    /// get them); returns whether the checks passed.
     fn finish(self, stored: &Stored, mut announcements: Announcements) -> bool {
         announcements.wait_for(self.newest.keys().map(|(agent_id, _)| *agent_id).collect());
         let passed = check(&self.newest, stored, &self.stats, &announcements);
-        println!(
-            "\n# Prometheus metrics of the batcher\n{}",
-            self.metrics.render()
-        );
+        match &self.metrics {
+            Some(handle) => println!("\n# Prometheus metrics of the batcher\n{}", handle.render()),
+            None => println!("\nmetrics: add --metrics for the batcher's Prometheus text"),
+        }
         passed
     }
 }
@@ -379,7 +446,7 @@ fn drive(
     Ok(Outcome {
         newest,
         stats,
-        metrics,
+        metrics: options.metrics.then_some(metrics),
     })
 }
 

@@ -141,7 +141,7 @@ impl Batcher {
             retry_backoff_initial: builder.retry_backoff_initial,
             retry_backoff_max: builder.retry_backoff_max,
         };
-        let shared = Shared::new(builder.clock);
+        let shared = Shared::new(builder.clock, &builder.metric_labels);
         // Every message carries at least one key, so a channel of `channel_capacity`
         // messages never refuses a send that the key budget admitted.
         let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);

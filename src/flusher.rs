@@ -173,6 +173,10 @@ impl Flusher {
             count,
             "flushing metadata batch"
         );
+        // As Go: before the store call, for every agent of the batch.
+        self.shared
+            .metrics
+            .observe_utilization(&job.batch.agent_ids, &mut self.keys_per_agent);
         let mut written = Written::default();
         self.write(job.batch, &mut written);
         let (agents, chunks, publish_errors) = self.announce(&written.agent_ids);
@@ -296,9 +300,6 @@ impl Flusher {
         self.keys_per_agent.clear();
         for &agent_id in stored_agent_ids {
             *self.keys_per_agent.entry(agent_id).or_insert(0) += 1;
-        }
-        for &keys in self.keys_per_agent.values() {
-            self.shared.metrics.batch_utilization.record(keys);
         }
         let agents: Vec<Uuid> = self.keys_per_agent.keys().copied().collect();
         let payloads = agent_ids::encode_chunks(&agents);

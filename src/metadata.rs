@@ -113,19 +113,20 @@ impl Metadata {
     }
 
     /// Cuts an over-long value or error the way Coder's agent API does.
+    ///
+    /// Go checks the value first and then the caller's original error, so when both are too
+    /// long the error's message wins. Both lengths are taken before anything changes, so
+    /// the error check can never look at the value's replacement text. Unlike Go's byte
+    /// slice, the cut stays on a character boundary: PostgreSQL refuses invalid UTF-8.
     pub(crate) fn enforce_size_limits(&mut self) {
-        if self.value.len() > MAX_VALUE_BYTES {
-            self.error = format!(
-                "value of {} bytes exceeded {MAX_VALUE_BYTES} bytes",
-                self.value.len()
-            );
-            truncate_at_char_boundary(&mut self.value, MAX_VALUE_BYTES);
+        let (value_len, error_len) = (self.value.len(), self.error.len());
+        if error_len > MAX_ERROR_BYTES {
+            self.error = format!("error of {error_len} bytes exceeded {MAX_ERROR_BYTES} bytes");
+        } else if value_len > MAX_VALUE_BYTES {
+            self.error = format!("value of {value_len} bytes exceeded {MAX_VALUE_BYTES} bytes");
         }
-        if self.error.len() > MAX_ERROR_BYTES {
-            self.error = format!(
-                "error of {} bytes exceeded {MAX_ERROR_BYTES} bytes",
-                self.error.len()
-            );
+        if value_len > MAX_VALUE_BYTES {
+            truncate_at_char_boundary(&mut self.value, MAX_VALUE_BYTES);
         }
         // The memory bound (docs/operations.md) counts each field at its longest valid
         // size, so spare capacity a caller left in a string must not be kept.
@@ -323,6 +324,18 @@ mod tests {
         m.enforce_size_limits();
         assert_eq!(m.value, "v");
         assert_eq!(m.error, "error of 3000 bytes exceeded 2048 bytes");
+
+        // Both too long: Go's message about the error, and the value still cut.
+        let mut m = md("k", &"v".repeat(3000), &"e".repeat(4000));
+        m.enforce_size_limits();
+        assert_eq!(m.value, "v".repeat(2048));
+        assert_eq!(m.error, "error of 4000 bytes exceeded 2048 bytes");
+
+        // A multi-byte value with an over-long error: the cut still lands on a boundary.
+        let mut m = md("k", &format!("a{}", "é".repeat(1200)), &"e".repeat(2049));
+        m.enforce_size_limits();
+        assert_eq!(m.value.len(), 2047);
+        assert_eq!(m.error, "error of 2049 bytes exceeded 2048 bytes");
 
         let mut m = md("k", &"v".repeat(2048), &"e".repeat(2048));
         m.enforce_size_limits();

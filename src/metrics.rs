@@ -6,6 +6,12 @@
 //! exporter builder with the Go histogram buckets already set; nothing binds a port unless
 //! the caller asks it to.
 //!
+//! The seven upstream metrics carry the names, buckets and HELP texts of the seed's Go
+//! version (`metadata_batcher_metrics.go`); `docs/metrics.md` says, per metric, where the
+//! crate measures differently and why. Several batchers in one process tell their series
+//! apart with constant labels ([`Builder::metric_labels`](crate::Builder::metric_labels));
+//! without them the series are unlabelled, as Go's are.
+//!
 //! ```
 //! use metadata_batcher::metrics::{self, names};
 //!
@@ -17,18 +23,21 @@
 //! assert!(handle.render().contains("coderd_agentapi_metadata_dropped_keys_total 2"));
 //! ```
 
+use std::collections::HashMap;
+
 use ::metrics::{
-    counter, describe_counter, describe_histogram, histogram, Counter, Histogram, Unit,
+    counter, describe_counter, describe_histogram, histogram, Counter, Histogram, Label, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use uuid::Uuid;
 
 use crate::FlushReason;
 
 /// The metric names, exactly as Coder's Go batcher exports them (plus three of ours).
 pub mod names {
-    /// Histogram: keys per agent in each flushed batch.
+    /// Histogram: keys per agent in each batch, observed before the store call.
     pub const BATCH_UTILIZATION: &str = "coderd_agentapi_metadata_batch_utilization";
-    /// Histogram: entries in each flushed batch.
+    /// Histogram: entries in each batch whose flush succeeded.
     pub const BATCH_SIZE: &str = "coderd_agentapi_metadata_batch_size";
     /// Histogram by `reason`: seconds a flush took, store and publish, by the injected clock.
     pub const FLUSH_DURATION_SECONDS: &str = "coderd_agentapi_metadata_flush_duration_seconds";
@@ -36,7 +45,7 @@ pub mod names {
     pub const BATCHES_TOTAL: &str = "coderd_agentapi_metadata_batches_total";
     /// Counter: keys dropped because the channel was full.
     pub const DROPPED_KEYS_TOTAL: &str = "coderd_agentapi_metadata_dropped_keys_total";
-    /// Counter: entries written to the store.
+    /// Counter: entries written to the store (including those of a flush that failed later).
     pub const FLUSHED_TOTAL: &str = "coderd_agentapi_metadata_flushed_total";
     /// Counter: payloads whose publish failed.
     pub const PUBLISH_ERRORS_TOTAL: &str = "coderd_agentapi_metadata_publish_errors_total";
@@ -78,9 +87,43 @@ pub fn prometheus_builder() -> PrometheusBuilder {
     })
 }
 
+/// Label names the batcher's own series use, or Prometheus reserves for histograms and
+/// summaries: a constant label of the same name would make the exposition invalid.
+const RESERVED_LABELS: [&str; 3] = ["reason", "le", "quantile"];
+
+/// Why a constant label cannot be used, or `None` when `labels` are fine: each name must be
+/// a Prometheus label name (`[a-zA-Z_][a-zA-Z0-9_]*`, not starting with `__`), not one the
+/// batcher uses itself, and given once.
+pub(crate) fn label_problem(labels: &[Label]) -> Option<(String, &'static str)> {
+    for (index, label) in labels.iter().enumerate() {
+        let name = label.key();
+        let mut chars = name.chars();
+        let valid = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let problem = if !valid {
+            "is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+        } else if name.starts_with("__") {
+            "starts with __, which Prometheus reserves"
+        } else if RESERVED_LABELS.contains(&name) {
+            "is a label the batcher's own series use (reason, le, quantile)"
+        } else if labels[..index].iter().any(|earlier| earlier.key() == name) {
+            "is given twice"
+        } else {
+            continue;
+        };
+        return Some((name.to_owned(), problem));
+    }
+    None
+}
+
+/// Keys per agent in one batch: the flusher keeps one map to reuse its allocation.
+pub(crate) type KeysPerAgent = HashMap<Uuid, u32, foldhash::fast::RandomState>;
+
 /// The batcher's metric handles, registered once at build time.
 pub(crate) struct Metrics {
-    pub(crate) batch_utilization: Histogram,
+    batch_utilization: Histogram,
     pub(crate) batch_size: Histogram,
     flush_duration: [Histogram; FlushReason::ALL.len()],
     batches: [Counter; FlushReason::ALL.len()],
@@ -93,63 +136,46 @@ pub(crate) struct Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric with the current recorder.
-    pub(crate) fn register() -> Self {
-        describe_histogram!(
-            names::BATCH_UTILIZATION,
-            "Number of metadata keys per agent in each flushed batch."
-        );
-        describe_histogram!(
-            names::BATCH_SIZE,
-            "Total number of metadata entries in each flushed batch."
-        );
-        describe_histogram!(
-            names::FLUSH_DURATION_SECONDS,
-            Unit::Seconds,
-            "Time taken to flush metadata batch to database and pubsub."
-        );
-        describe_counter!(
-            names::BATCHES_TOTAL,
-            "Total number of metadata batches flushed."
-        );
-        describe_counter!(
-            names::DROPPED_KEYS_TOTAL,
-            "Total number of metadata keys dropped due to capacity limits."
-        );
-        describe_counter!(
-            names::FLUSHED_TOTAL,
-            "Total number of unique metadatas flushed."
-        );
-        describe_counter!(
-            names::PUBLISH_ERRORS_TOTAL,
-            "Total number of metadata batch pubsub publish calls that have resulted in an error."
-        );
-        describe_counter!(
-            names::RETENTION_DROPPED_TOTAL,
-            "Metadata entries dropped, oldest first, because the batch reached its bound while the store was failing or slow."
-        );
-        describe_counter!(
-            names::REJECTED_TOTAL,
-            "Metadata entries the database refused, isolated and dropped."
-        );
-        describe_counter!(
-            names::STORE_ERRORS_TOTAL,
-            "Metadata store calls that failed."
-        );
+    /// Registers every metric with the current recorder, each series carrying `labels`
+    /// (the per-reason ones `labels` plus `reason`).
+    pub(crate) fn register(labels: &[Label]) -> Self {
+        describe();
+        let plain = || labels.to_vec();
+        let by_reason = |reason: FlushReason| {
+            let mut all = labels.to_vec();
+            all.push(Label::new("reason", reason.as_str()));
+            all
+        };
         Metrics {
-            batch_utilization: histogram!(names::BATCH_UTILIZATION),
-            batch_size: histogram!(names::BATCH_SIZE),
-            flush_duration: FlushReason::ALL.map(
-                |reason| histogram!(names::FLUSH_DURATION_SECONDS, "reason" => reason.as_str()),
-            ),
+            batch_utilization: histogram!(names::BATCH_UTILIZATION, plain()),
+            batch_size: histogram!(names::BATCH_SIZE, plain()),
+            flush_duration: FlushReason::ALL
+                .map(|reason| histogram!(names::FLUSH_DURATION_SECONDS, by_reason(reason))),
             batches: FlushReason::ALL
-                .map(|reason| counter!(names::BATCHES_TOTAL, "reason" => reason.as_str())),
-            dropped_keys: counter!(names::DROPPED_KEYS_TOTAL),
-            flushed: counter!(names::FLUSHED_TOTAL),
-            publish_errors: counter!(names::PUBLISH_ERRORS_TOTAL),
-            retention_dropped: counter!(names::RETENTION_DROPPED_TOTAL),
-            rejected: counter!(names::REJECTED_TOTAL),
-            store_errors: counter!(names::STORE_ERRORS_TOTAL),
+                .map(|reason| counter!(names::BATCHES_TOTAL, by_reason(reason))),
+            dropped_keys: counter!(names::DROPPED_KEYS_TOTAL, plain()),
+            flushed: counter!(names::FLUSHED_TOTAL, plain()),
+            publish_errors: counter!(names::PUBLISH_ERRORS_TOTAL, plain()),
+            retention_dropped: counter!(names::RETENTION_DROPPED_TOTAL, plain()),
+            rejected: counter!(names::REJECTED_TOTAL, plain()),
+            store_errors: counter!(names::STORE_ERRORS_TOTAL, plain()),
+        }
+    }
+
+    /// Observes keys per agent for every agent of the batch about to be stored, as Go does
+    /// before its store call: a flush that then fails is still seen, and only once, however
+    /// many statements isolating refused rows take.
+    pub(crate) fn observe_utilization(
+        &self,
+        agent_ids: &[Uuid],
+        keys_per_agent: &mut KeysPerAgent,
+    ) {
+        keys_per_agent.clear();
+        for &agent_id in agent_ids {
+            *keys_per_agent.entry(agent_id).or_insert(0) += 1;
+        }
+        for &keys in keys_per_agent.values() {
+            self.batch_utilization.record(keys);
         }
     }
 
@@ -159,5 +185,73 @@ impl Metrics {
 
     pub(crate) fn batches(&self, reason: FlushReason) -> &Counter {
         &self.batches[reason as usize]
+    }
+}
+
+/// The HELP texts. The first seven are the seed's, word for word (`tests/metrics.rs`
+/// compares them with the seed's strings); the last three are ours.
+fn describe() {
+    describe_histogram!(
+        names::BATCH_UTILIZATION,
+        "Number of metadata keys per agent in each batch, updated before flushes."
+    );
+    describe_histogram!(
+        names::BATCH_SIZE,
+        "Total number of metadata entries in each batch, updated before flushes."
+    );
+    describe_histogram!(
+        names::FLUSH_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time taken to flush metadata batch to database and pubsub."
+    );
+    describe_counter!(
+        names::BATCHES_TOTAL,
+        "Total number of metadata batches flushed."
+    );
+    describe_counter!(
+        names::DROPPED_KEYS_TOTAL,
+        "Total number of metadata keys dropped due to capacity limits."
+    );
+    describe_counter!(
+        names::FLUSHED_TOTAL,
+        "Total number of unique metadatas flushed."
+    );
+    describe_counter!(
+        names::PUBLISH_ERRORS_TOTAL,
+        "Total number of metadata batch pubsub publish calls that have resulted in an error."
+    );
+    describe_counter!(
+        names::RETENTION_DROPPED_TOTAL,
+        "Metadata entries dropped, oldest first, because the batch reached its bound while the store was failing or slow."
+    );
+    describe_counter!(
+        names::REJECTED_TOTAL,
+        "Metadata entries the database refused, isolated and dropped."
+    );
+    describe_counter!(
+        names::STORE_ERRORS_TOTAL,
+        "Metadata store calls that failed."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_names_are_checked() {
+        let problem = |pairs: &[(&'static str, &'static str)]| {
+            let labels: Vec<Label> = pairs.iter().map(|&(k, v)| Label::new(k, v)).collect();
+            label_problem(&labels).map(|(name, _)| name)
+        };
+        assert_eq!(problem(&[]), None);
+        assert_eq!(problem(&[("batcher", "a"), ("_zone2", "b")]), None);
+        for bad in ["", "2x", "a-b", "__x", "reason", "le", "quantile"] {
+            assert_eq!(problem(&[(bad, "v")]), Some(bad.to_owned()), "{bad:?}");
+        }
+        assert_eq!(
+            problem(&[("batcher", "a"), ("batcher", "b")]),
+            Some("batcher".to_owned())
+        );
     }
 }

@@ -16,11 +16,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Registers the metrics with the recorder current on the calling thread.
-    pub(crate) fn new(clock: Arc<dyn Clock>) -> Arc<Shared> {
+    /// Registers the metrics, each carrying `metric_labels`, with the recorder current on
+    /// the calling thread.
+    pub(crate) fn new(clock: Arc<dyn Clock>, metric_labels: &[::metrics::Label]) -> Arc<Shared> {
         Arc::new(Shared {
             counters: Counters::new(clock.now()),
-            metrics: Metrics::register(),
+            metrics: Metrics::register(metric_labels),
             cancellation: Cancellation::default(),
             clock,
         })

@@ -571,7 +571,7 @@ fn metrics_exposition_has_go_names_and_buckets() {
         "coderd_agentapi_metadata_flush_duration_seconds_bucket{reason=\"capacity\",le=\"5\"} 1",
         "coderd_agentapi_metadata_dropped_keys_total 0",
         "coderd_agentapi_metadata_publish_errors_total 0",
-        "# HELP coderd_agentapi_metadata_batch_size Total number of metadata entries in each flushed batch.",
+        "# HELP coderd_agentapi_metadata_batch_size Total number of metadata entries in each batch, updated before flushes.",
         "# TYPE coderd_agentapi_metadata_flush_duration_seconds histogram",
     ] {
         assert!(

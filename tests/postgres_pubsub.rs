@@ -70,7 +70,11 @@ fn malformed_payload_is_counted_and_skipped() {
     let db = TestDb::new();
     let mut subscriber = PgSubscriber::listen(&db.url, METADATA_BATCH_CHANNEL).unwrap();
     let mut raw = db.client("mb-test foreign publisher");
-    for payload in ["not base64!", "", "*********************x"] {
+    for payload in [
+        "not base64!",
+        "*********************x",
+        "AAAAAAAAAAAAAAAAAAAAA=",
+    ] {
         raw.execute(
             "SELECT pg_notify($1, $2)",
             &[&METADATA_BATCH_CHANNEL, &payload],
@@ -245,7 +249,9 @@ fn arbitrary_payloads_never_end_the_subscription() {
                 &[&METADATA_BATCH_CHANNEL, &sentinel_payload],
             )
             .unwrap();
-            // Every payload is either handed out as agents or counted; then the sentinel.
+            // Every payload is handed out as agents, counted as malformed, or empty (no
+            // agents, as Go decodes it: skipped); then the sentinel.
+            let empty = payloads.iter().filter(|payload| payload.is_empty()).count();
             for _ in 0..valid {
                 assert!(matches!(
                     subscriber.next(WAIT),
@@ -254,8 +260,21 @@ fn arbitrary_payloads_never_end_the_subscription() {
             }
             assert_eq!(next_agents(subscriber), sentinel);
             let malformed = subscriber.malformed() - malformed_before;
-            prop_assert_eq!(malformed as usize, payloads.len() - valid);
+            prop_assert_eq!(malformed as usize, payloads.len() - valid - empty);
             Ok(())
         })
         .unwrap();
+}
+
+#[test]
+fn empty_payload_is_no_agents_and_not_malformed() {
+    let db = TestDb::new();
+    let mut subscriber = PgSubscriber::listen(&db.url, METADATA_BATCH_CHANNEL).unwrap();
+    // An empty NOTIFY, as a foreign publisher may send; Go's decoder reads it as no agents.
+    db.client("mb-test foreign publisher")
+        .execute("SELECT pg_notify($1, '')", &[&METADATA_BATCH_CHANNEL])
+        .unwrap();
+    // The next event is the real payload after it: the empty one was skipped, uncounted.
+    assert_receives(&db, &mut subscriber, METADATA_BATCH_CHANNEL, 2);
+    assert_eq!(subscriber.malformed(), 0);
 }

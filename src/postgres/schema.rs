@@ -33,7 +33,13 @@ pub fn migrate(client: &mut Client) -> Result<(), MigrateError> {
         let mut transaction = client.transaction()?;
         // A simple query, not a prepared one: through a transaction-mode pooler a named
         // statement may not be where the next message lands.
-        transaction.batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))?;
+        // `IF NOT EXISTS` makes the server send "NOTICE: relation ... already exists" on
+        // every start after the first, which the postgres crate logs at INFO. Expected, so
+        // not sent: LOCAL ends with the transaction and leaves the caller's session as it was.
+        transaction.batch_execute(&format!(
+            "SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); \
+             SET LOCAL client_min_messages = warning"
+        ))?;
         transaction.batch_execute(MIGRATION_0001)?;
         transaction.commit()
     };

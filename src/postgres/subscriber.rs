@@ -41,7 +41,8 @@ pub enum SubscriberEvent {
 ///
 /// A lost connection is reopened (with a backoff of at most 1 s between attempts) and
 /// reported once as [`SubscriberEvent::Reconnected`]. A malformed payload, such as one from
-/// a foreign publisher, is logged, counted in [`malformed`](Self::malformed) and skipped.
+/// a foreign publisher, is logged, counted in [`malformed`](Self::malformed) and skipped. An
+/// empty payload, which Go's decoder accepts as no agents, is skipped without being counted.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -158,6 +159,11 @@ impl PgSubscriber {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let received = client.notifications().timeout_iter(remaining).next();
             match received {
+                // Go's decoder reads an empty payload as no agents: nothing to re-read, and
+                // nothing wrong with the publisher, so it is neither returned nor counted.
+                Ok(Some(notification)) if notification.payload().is_empty() => {
+                    debug!(channel = %self.channel, "skipping empty metadata notification");
+                }
                 Ok(Some(notification)) => {
                     match agent_ids::decode_chunk(notification.payload().as_bytes()) {
                         Ok(agents) => return Ok(Some(SubscriberEvent::Agents(agents))),

@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use metadata_batcher::postgres::SubscriberEvent;
-use metadata_batcher::postgres::{self as pg, PgPublisher, PgStore, PgSubscriber};
+use metadata_batcher::postgres::{self as pg, PgOptions, PgPublisher, PgStore, PgSubscriber};
 use metadata_batcher::{
     agent_ids, Batcher, MemoryPubsub, MemoryStore, Metadata, Publisher, Stats, Store,
     DEFAULT_BATCH_SIZE, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING_MULTIPLIER, METADATA_BATCH_CHANNEL,
@@ -240,8 +240,10 @@ fn run_postgres(
     keys: &[String],
 ) -> Result<bool, String> {
     println!("backend: PostgreSQL ({})", redact(url));
-    let client = postgres::Client::connect(url, postgres::NoTls)
-        .map_err(|err| format!("connecting to DATABASE_URL: {}", describe(&err)))?;
+    // The crate's own client: the URL may say sslmode=verify-full, which the postgres
+    // crate's parser refuses.
+    let client = pg::connect_client(url, &PgOptions::default())
+        .map_err(|err| format!("connecting to DATABASE_URL: {err}"))?;
     // From here on, whichever way `run_postgres` ends, the guard removes this run's rows.
     let mut rows = RegisteredRows::new(client, agents);
     pg::migrate(rows.client()).map_err(|err| err.to_string())?;
@@ -254,13 +256,20 @@ fn run_postgres(
         keys.len()
     );
 
-    let store = PgStore::connect(url).map_err(|err| format!("PgStore::connect: {err}"))?;
-    let publisher =
-        PgPublisher::connect(url).map_err(|err| format!("PgPublisher::connect: {err}"))?;
+    // Named for this run, so the TLS line below finds exactly these sessions.
+    let named = |role: &str| PgOptions {
+        application_name: Some(format!("mb-demo-{} {role}", std::process::id())),
+        ..PgOptions::default()
+    };
+    let store =
+        PgStore::open(url, named("store")).map_err(|err| format!("PgStore::open: {err}"))?;
+    let publisher = PgPublisher::open(url, named("publisher"))
+        .map_err(|err| format!("PgPublisher::open: {err}"))?;
     // Listening before the batcher starts, on a connection of its own, as a watching
     // replica would.
-    let mut subscriber = PgSubscriber::listen(url, METADATA_BATCH_CHANNEL)
-        .map_err(|err| format!("PgSubscriber::listen: {err}"))?;
+    let mut subscriber = PgSubscriber::open(url, METADATA_BATCH_CHANNEL, named("subscriber"))
+        .map_err(|err| format!("PgSubscriber::open: {err}"))?;
+    let tls = tls_summary(rows.client())?;
     let announcements = Announcements::collect(move |timeout| match subscriber.next(timeout) {
         Ok(Some(SubscriberEvent::Agents(agents))) => Ok(Some(agents)),
         Ok(Some(SubscriberEvent::Reconnected)) => {
@@ -271,20 +280,45 @@ fn run_postgres(
     });
 
     let outcome = drive(options, agents, keys, store, publisher)?;
-    if let Some(line) = tls_summary(url) {
-        println!("{line}");
-    }
+    println!("{tls}");
     let stored = read_back(rows.client(), agents)?;
     let removed = rows.remove()?;
     println!("removed this run's {removed} rows");
     Ok(outcome.finish(&stored, announcements))
 }
 
-/// The summary's line on how the sessions are secured: the hook for "sessions use TLS:
-/// yes/no". Every connection of the crate is plaintext (`NoTls`) for now, so there is
-/// nothing to report; once the crate can use TLS, say here whether these sessions do.
-fn tls_summary(_url: &str) -> Option<String> {
-    None
+/// Whether this run's store, publisher and subscriber sessions use TLS, as the server sees
+/// them (`pg_stat_ssl`).
+fn tls_summary(client: &mut postgres::Client) -> Result<String, String> {
+    let rows = client
+        .query(
+            "SELECT a.application_name, s.ssl, coalesce(s.version, '') \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name LIKE $1 ORDER BY 1",
+            &[&format!("mb-demo-{} %", std::process::id())],
+        )
+        .map_err(|err| format!("reading pg_stat_ssl: {}", describe(&err)))?;
+    let sessions: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            let name: String = row.get(0);
+            let role = name.rsplit(' ').next().unwrap_or_default().to_owned();
+            match row.get::<_, bool>(1) {
+                true => format!("{role} TLS ({})", row.get::<_, String>(2)),
+                false => format!("{role} plaintext"),
+            }
+        })
+        .collect();
+    let all_tls = rows.iter().all(|row| row.get::<_, bool>(1));
+    Ok(format!(
+        "sessions use TLS: {} ({})",
+        if all_tls && !rows.is_empty() {
+            "yes"
+        } else {
+            "no"
+        },
+        sessions.join(", ")
+    ))
 }
 
 /// This run's rows in the database. The agent IDs are random, so the rows are this run's

@@ -53,6 +53,8 @@ fn at(round: u64, i: usize) -> SystemTime {
     micros(1_764_000_000_000_000 + round * 1_000_000 + i as u64)
 }
 
+// The update keeps the fields PgOptions is gaining (lock_timeout, ...) at their defaults.
+#[allow(clippy::needless_update)]
 fn options(application_name: &str) -> PgOptions {
     PgOptions {
         statement_timeout: STATEMENT_TIMEOUT,

@@ -20,14 +20,14 @@ use rcgen::{
 };
 
 use super::cluster::{Cluster, ClusterOptions};
-use super::scratch::ClientDir;
+use super::scratch::ScratchDir;
 
 /// The user that logs in with a client certificate (its common name).
 pub const CERT_USER: &str = "certuser";
 
 /// PEM files of one test's certificates; see the module docs. Removed on drop.
 pub struct Certs {
-    dir: ClientDir,
+    dir: ScratchDir,
     /// The CA that signed the server and client certificates.
     pub ca: PathBuf,
     /// A CA that signed nothing the server has.
@@ -84,7 +84,7 @@ impl Certs {
             .signed_by(&client_key, &ca_cert, &ca_key)
             .expect("sign the client certificate");
 
-        let dir = ClientDir::new("certs");
+        let dir = ScratchDir::for_client("certs");
         Certs {
             ca: dir.write("ca.pem", &ca_pem, 0o644),
             other_ca: dir.write("other_ca.pem", &other_ca_pem, 0o644),

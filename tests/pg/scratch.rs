@@ -14,64 +14,52 @@ use std::sync::OnceLock;
 
 use uuid::Uuid;
 
-/// A directory under the system's temp dir, owned by the server user, removed on drop.
+/// A directory under the system's temp dir, removed on drop: the server's (owned by the
+/// server user, mode 0700) or the client's (the test process's own user: libpq refuses a
+/// client key that is not the current user's or that others can read).
 pub struct ScratchDir {
     path: PathBuf,
+    for_server: bool,
 }
 
 impl ScratchDir {
-    /// A new, empty directory named `mb-<what>-<random>`, mode 0700, owned by the server user.
+    /// A new, empty directory named `mb-<what>-<random>`, for a server.
     pub fn new(what: &str) -> ScratchDir {
+        ScratchDir::create(what, true)
+    }
+
+    /// The same, for client-side files.
+    pub fn for_client(what: &str) -> ScratchDir {
+        ScratchDir::create(what, false)
+    }
+
+    fn create(what: &str, for_server: bool) -> ScratchDir {
         let path = std::env::temp_dir().join(format!("mb-{what}-{}", Uuid::new_v4().simple()));
         std::fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
-        set_mode(&path, 0o700);
-        give_to_server_user(&path);
-        ScratchDir { path }
+        set_mode(&path, if for_server { 0o700 } else { 0o755 });
+        if for_server {
+            give_to_server_user(&path);
+        }
+        ScratchDir { path, for_server }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Writes `contents` to `name` in this directory with `mode`, owned by the server user.
+    /// Writes `contents` to `name` in this directory with `mode`, owned by the directory's
+    /// user.
     pub fn write(&self, name: &str, contents: impl AsRef<[u8]>, mode: u32) -> PathBuf {
-        write_file(&self.path.join(name), contents.as_ref(), mode, true)
+        write_file(
+            &self.path.join(name),
+            contents.as_ref(),
+            mode,
+            self.for_server,
+        )
     }
 }
 
 impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.path) {
-            eprintln!("could not remove {}: {err}", self.path.display());
-        }
-    }
-}
-
-/// A directory of the test process's own user (client-side files: libpq refuses a client key
-/// that is not the current user's or that others can read), removed on drop.
-pub struct ClientDir {
-    path: PathBuf,
-}
-
-impl ClientDir {
-    pub fn new(what: &str) -> ClientDir {
-        let path = std::env::temp_dir().join(format!("mb-{what}-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir(&path).unwrap_or_else(|err| panic!("mkdir {}: {err}", path.display()));
-        set_mode(&path, 0o755);
-        ClientDir { path }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Writes `contents` to `name` with `mode`, owned by the test process's user.
-    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>, mode: u32) -> PathBuf {
-        write_file(&self.path.join(name), contents.as_ref(), mode, false)
-    }
-}
-
-impl Drop for ClientDir {
     fn drop(&mut self) {
         if let Err(err) = std::fs::remove_dir_all(&self.path) {
             eprintln!("could not remove {}: {err}", self.path.display());

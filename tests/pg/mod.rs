@@ -3,8 +3,30 @@
 //!
 //! The server comes from `DATABASE_URL` (`scripts/ensure-postgres` prints one), else
 //! `postgres://postgres@127.0.0.1:5432/postgres`. No server is a test failure, never a skip.
+//!
+//! Beside it, the harness of real parts the fault, TLS and pooler tests need, one per file:
+//! [`cluster`] (a throwaway cluster of the test's own), [`certs`] (test certificates and a
+//! TLS-only cluster), [`proxy`] (a TCP proxy that black-holes, and a server that never
+//! answers), [`pgbouncer`] (a throwaway pooler), and [`scratch`] (what they share).
 #![allow(dead_code)] // each test file uses its own part of this module
 
+pub mod certs;
+pub mod cluster;
+pub mod pgbouncer;
+pub mod proxy;
+pub mod scratch;
+
+// Re-exported for the test files that use them; the others do not.
+#[allow(unused_imports)]
+pub use certs::{Certs, TlsCluster, CERT_USER};
+#[allow(unused_imports)]
+pub use cluster::{Cluster, ClusterOptions};
+#[allow(unused_imports)]
+pub use pgbouncer::PgBouncer;
+#[allow(unused_imports)]
+pub use proxy::{ConnInfo, Proxy, SilentServer};
+
+use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,6 +56,38 @@ pub fn with_dbname(url: &str, dbname: &str) -> String {
         dbname,
         &rest[query_at..]
     )
+}
+
+/// `url` pointing at `host:port` instead; works for URLs and `key=value` strings.
+pub fn with_host_port(url: &str, host: &str, port: u16) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        // key=value: a later key overrides an earlier one.
+        return format!("{url} host={host} port={port}");
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let host_at = rest[..authority_end].rfind('@').map_or(0, |at| at + 1);
+    format!(
+        "{}{}{host}:{port}{}",
+        &url[..scheme_end + 3],
+        &rest[..host_at],
+        &rest[authority_end..]
+    )
+}
+
+/// The TCP address of the first host and port `url` names (default port 5432).
+pub fn server_addr(url: &str) -> SocketAddr {
+    let config: postgres::Config = url.parse().expect("a valid server URL");
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.find(SocketAddr::is_ipv4))
+        .unwrap_or_else(|| panic!("cannot resolve {host}:{port} from {url}"))
 }
 
 /// Connects or fails the test with a message that says how to provide a server.
@@ -188,4 +242,48 @@ pub fn row_count(client: &mut Client) -> i64 {
         .query_one("SELECT count(*) FROM workspace_agent_metadata", &[])
         .expect("count rows")
         .get(0)
+}
+
+/// A call running on a thread of its own, so that a test can bound how long it waits for a
+/// call that may hang (a query into a black hole) and still collect it later.
+pub struct Background<T> {
+    result: std::sync::mpsc::Receiver<T>,
+    started: Instant,
+}
+
+/// Runs `call` on a new thread named `name`. The thread is never joined: a call stuck in a
+/// fault finishes (or fails) when the fault heals or its socket closes.
+pub fn background<T: Send + 'static>(
+    name: &str,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Background<T> {
+    let (send, result) = std::sync::mpsc::channel();
+    thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = send.send(call());
+        })
+        .expect("spawn a background call");
+    Background {
+        result,
+        started: Instant::now(),
+    }
+}
+
+impl<T> Background<T> {
+    /// The call's result if it returns within `limit`; `None` if it is still running.
+    pub fn wait(&self, limit: Duration) -> Option<T> {
+        self.result.recv_timeout(limit).ok()
+    }
+
+    /// The call's result, failing the test if it takes longer than `limit` from now.
+    pub fn expect_within(&self, limit: Duration, what: &str) -> T {
+        self.wait(limit)
+            .unwrap_or_else(|| panic!("{what} did not return within {limit:?}"))
+    }
+
+    /// Time since the call started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
 }

@@ -1,0 +1,228 @@
+//! TLS with libpq's `sslmode` semantics against a TLS-only PostgreSQL of the test's own: a
+//! throwaway cluster (`tests/pg/certs.rs`) with certificates generated for the test and a
+//! pg_hba.conf of `hostssl` lines only, so nothing here depends on how the machine's
+//! cluster is configured.
+
+mod pg;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use metadata_batcher::postgres::{
+    self as mbpg, ConnectErrorKind, PgOptions, PgPublisher, PgStore, PgSubscriber, SubscriberEvent,
+};
+use metadata_batcher::{Batcher, Metadata, METADATA_BATCH_CHANNEL};
+use pg::certs::{Certs, TlsCluster, CERT_USER};
+use uuid::Uuid;
+
+fn named(application_name: &str) -> PgOptions {
+    PgOptions {
+        application_name: Some(application_name.to_owned()),
+        ..PgOptions::default()
+    }
+}
+
+/// `url` (a URL, as `TlsCluster::url` gives) pointing at database `dbname`.
+fn in_db(url: &str, dbname: &str) -> String {
+    url.replacen("/postgres?", &format!("/{dbname}?"), 1)
+}
+
+/// What the server says of the sessions named `application_name`: their `ssl` flags.
+fn ssl_of(cluster: &TlsCluster, application_name: &str) -> Vec<bool> {
+    cluster
+        .cluster
+        .admin()
+        .query(
+            "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = $1",
+            &[&application_name],
+        )
+        .expect("pg_stat_ssl")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[test]
+fn every_session_is_encrypted_and_verified() {
+    let tls = TlsCluster::start_new();
+    let db = in_db(&tls.url("verify-full"), "tls_round_trip");
+    tls.cluster.create_migrated_db("tls_round_trip");
+    let agent = Uuid::from_u128(0x7150);
+    let mut client = mbpg::connect_client(&db, &named("tls admin")).expect("admin over TLS");
+    mbpg::register(&mut client, agent, &["cpu"]).unwrap();
+
+    let store = PgStore::open(&db, named("tls store")).expect("store over verify-full");
+    let publisher = PgPublisher::open(&db, named("tls publisher")).expect("publisher");
+    let mut subscriber = PgSubscriber::open(&db, METADATA_BATCH_CHANNEL, named("tls subscriber"))
+        .expect("subscriber");
+    for role in ["tls store", "tls publisher", "tls subscriber", "tls admin"] {
+        assert_eq!(ssl_of(&tls, role), vec![true], "{role}");
+    }
+    let batcher = Batcher::builder(store, publisher).build().unwrap();
+    batcher
+        .add(
+            agent,
+            vec![Metadata::new("cpu", "encrypted", "", SystemTime::now())],
+        )
+        .unwrap();
+    assert_eq!(batcher.flush().expect("a flush").updated, 1);
+    assert_eq!(
+        subscriber.next(Duration::from_secs(5)).unwrap(),
+        Some(SubscriberEvent::Agents(vec![agent]))
+    );
+    batcher.close();
+    assert_eq!(pg::row(&mut client, agent, "cpu").unwrap().0, "encrypted");
+}
+
+#[test]
+fn prefer_and_require_encrypt_and_disable_is_refused() {
+    let tls = TlsCluster::start_new();
+    // No sslmode is libpq's `prefer`; neither it nor `require` checks the certificate.
+    let base = format!("postgres://postgres@localhost:{}/postgres", tls.port());
+    for (url, name) in [
+        (base.clone(), "tls default"),
+        (format!("{base}?sslmode=prefer"), "tls prefer"),
+        (format!("{base}?sslmode=require"), "tls require"),
+        (format!("{base}?sslmode=allow"), "tls allow"),
+    ] {
+        let _client = mbpg::connect_client(&url, &named(name)).expect(name);
+        assert_eq!(ssl_of(&tls, name), vec![true], "{name}");
+    }
+    let Err(err) = mbpg::connect_client(&format!("{base}?sslmode=disable"), &named("tls plain"))
+    else {
+        panic!("the server takes TLS only");
+    };
+    assert_eq!(err.kind(), ConnectErrorKind::Authentication, "{err}");
+    assert!(err.to_string().contains("no encryption"), "{err}");
+}
+
+#[test]
+fn verify_full_refuses_a_name_the_certificate_does_not_name() {
+    let tls = TlsCluster::with_certs(Certs::for_server_names(&["db.example.internal"]));
+    let err = PgStore::open(&tls.url("verify-full"), PgOptions::default())
+        .expect_err("the certificate names db.example.internal, not localhost");
+    assert_eq!(err.kind(), ConnectErrorKind::Tls, "{err}");
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+    assert!(err.to_string().contains("localhost"), "{err}");
+    // verify-ca checks the chain only: the same server passes.
+    let _client = mbpg::connect_client(&tls.url("verify-ca"), &named("tls verify-ca"))
+        .expect("verify-ca does not check the name");
+    assert_eq!(ssl_of(&tls, "tls verify-ca"), vec![true]);
+}
+
+#[test]
+fn verify_ca_refuses_a_certificate_from_another_ca() {
+    let tls = TlsCluster::start_new();
+    let url = format!(
+        "host=localhost port={} user=postgres dbname=postgres sslrootcert={}",
+        tls.port(),
+        tls.certs.other_ca.display()
+    );
+    for mode in ["verify-ca", "verify-full", "require"] {
+        // `require` with a root certificate behaves as verify-ca (libpq's rule).
+        let err = PgPublisher::open(&format!("{url} sslmode={mode}"), PgOptions::default())
+            .expect_err("signed by a CA we do not trust");
+        assert_eq!(err.kind(), ConnectErrorKind::Tls, "{mode}: {err}");
+        assert!(err.to_string().contains("UnknownIssuer"), "{mode}: {err}");
+    }
+    let err = PgSubscriber::open(
+        &format!("{url} sslmode=verify-full"),
+        METADATA_BATCH_CHANNEL,
+        PgOptions::default(),
+    )
+    .expect_err("the subscriber too");
+    assert_eq!(err.kind(), ConnectErrorKind::Tls, "{err}");
+}
+
+#[test]
+fn a_client_certificate_logs_in() {
+    let tls = TlsCluster::start_new();
+    tls.cluster.create_migrated_db("tls_cert");
+    tls.cluster
+        .socket_client("tls_cert", "mb-test grant")
+        .batch_execute(&format!(
+            "GRANT SELECT, UPDATE ON workspace_agent_metadata TO {CERT_USER}"
+        ))
+        .unwrap();
+    let conninfo = format!("{} dbname=tls_cert", tls.cert_user_conninfo());
+    let mut client = mbpg::connect_client(&conninfo, &named("tls cert")).expect("cert login");
+    let user: String = client
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(user, CERT_USER);
+    let mut store = PgStore::open(&conninfo, named("tls cert store")).expect("store, cert auth");
+    let mut batch = metadata_batcher::MetadataBatch::default();
+    batch.push(
+        Uuid::from_u128(1),
+        Metadata::new("cpu", "x", "", SystemTime::now()),
+    );
+    use metadata_batcher::Store as _;
+    assert_eq!(
+        store.batch_update(&batch),
+        Ok(0),
+        "no such row, but allowed"
+    );
+
+    // Without the certificate the same user is refused, and the error says so.
+    let without = conninfo.replace(&format!("sslcert={}", tls.certs.client_cert.display()), "");
+    let without = without.replace(&format!("sslkey={}", tls.certs.client_key.display()), "");
+    let err = PgStore::open(&without, PgOptions::default()).expect_err("no certificate");
+    assert_eq!(err.kind(), ConnectErrorKind::Authentication, "{err}");
+}
+
+#[test]
+fn closes_cancel_request_reaches_a_hung_statement_over_tls() {
+    let tls = TlsCluster::start_new();
+    let db = in_db(&tls.url("verify-full"), "tls_cancel");
+    tls.cluster.create_migrated_db("tls_cancel");
+    let agent = Uuid::from_u128(0xca);
+    let mut locker = tls.cluster.socket_client("tls_cancel", "mb-test locker");
+    mbpg::register(&mut locker, agent, &["cpu"]).unwrap();
+    // Only close's cancel can end the statement: no lock timeout, a statement timeout far
+    // beyond the final flush timeout.
+    let options = PgOptions {
+        statement_timeout: Duration::from_secs(120),
+        lock_timeout: Duration::ZERO,
+        ..named("tls hung store")
+    };
+    let store = PgStore::open(&db, options).unwrap();
+    let publisher = PgPublisher::open(&db, named("tls hung publisher")).unwrap();
+    let batcher = Batcher::builder(store, publisher)
+        .interval(Duration::from_secs(3600))
+        .final_flush_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let mut transaction = locker.transaction().unwrap();
+    transaction
+        .batch_execute("LOCK TABLE workspace_agent_metadata IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    batcher
+        .add(
+            agent,
+            vec![Metadata::new("cpu", "late", "", SystemTime::now())],
+        )
+        .unwrap();
+    let started = Instant::now();
+    batcher.close();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // The lock is still held: only the cancel request, sent over TLS, can have ended the
+    // statement's wait.
+    let mut admin = tls.cluster.admin();
+    pg::wait_until("the canceled update leaves the lock queue", || {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tls hung store' \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    });
+    transaction.rollback().unwrap();
+}

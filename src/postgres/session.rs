@@ -137,15 +137,7 @@ impl PreparedSession {
                 if self.mode == StatementMode::Prepared
                     && err.code().map(|code| code.code()) == Some("26000") =>
             {
-                warn!(
-                    application_name = self.connector.application_name(),
-                    error = %describe(&err),
-                    "the metadata {}'s prepared statement is gone from its server connection, \
-                     as behind a transaction-mode pooler; sending unnamed statements from now on \
-                     (set PgOptions::statement_mode to Unnamed to start that way)",
-                    self.statement.role
-                );
-                self.mode = StatementMode::Unnamed;
+                self.switch_to_unnamed("its prepared statement is gone: SQLSTATE 26000");
                 self.session = None;
                 self.execute_once(&params)
             }
@@ -203,10 +195,10 @@ impl PreparedSession {
         Ok(self.session.as_mut().expect("just opened"))
     }
 
-    fn open(&self) -> Result<Open, ConnectError> {
+    fn open(&mut self) -> Result<Open, ConnectError> {
         let statement = self.statement.clone();
         let mode = self.mode;
-        let (client, prepared) = BoundedClient::open(
+        let (client, set_up) = BoundedClient::open(
             self.connector.clone(),
             statement.thread_name,
             move |connector, client| set_up(connector, client, &statement, mode),
@@ -223,9 +215,44 @@ impl PreparedSession {
             application_name = self.connector.application_name(),
             "metadata {} connected", self.statement.role
         );
-        Ok(Open { client, prepared })
+        if set_up.pooled {
+            self.switch_to_unnamed("its session settings did not stay on the session");
+            return Ok(Open {
+                client,
+                prepared: None,
+            });
+        }
+        Ok(Open {
+            client,
+            prepared: set_up.prepared,
+        })
+    }
+
+    /// Sends unnamed statements with per-transaction settings from now on: the session goes
+    /// through a transaction-mode pooler.
+    fn switch_to_unnamed(&mut self, why: &str) {
+        warn!(
+            application_name = self.connector.application_name(),
+            "the metadata {}'s connection goes through a transaction-mode pooler ({why}); \
+             sending unnamed statements with per-transaction settings from now on (set \
+             PgOptions::statement_mode to Unnamed to start that way)",
+            self.statement.role
+        );
+        self.mode = StatementMode::Unnamed;
     }
 }
+
+/// What [`set_up`] leaves on a new session.
+struct SetUp {
+    prepared: Option<postgres::Statement>,
+    /// The session settings did not stay on the session: a transaction-mode pooler.
+    pooled: bool,
+}
+
+/// A setting of the crate's own that the prepared path sets with the others and reads back
+/// in a later statement: through a transaction-mode pooler the later statement may run on
+/// another server connection, where it is not set.
+const SESSION_MARKER: &str = "metadata_batcher.session";
 
 /// On the session's thread, right after connecting: the session settings and the prepared
 /// statement, or for unnamed statements a dry run with no rows, so that a missing table or
@@ -235,17 +262,27 @@ fn set_up(
     client: &mut Client,
     statement: &SessionStatement,
     mode: StatementMode,
-) -> Result<Option<postgres::Statement>, ConnectError> {
+) -> Result<SetUp, ConnectError> {
     if mode == StatementMode::Prepared {
         if let Some(settings) = connector.connect_settings(statement.with_settings) {
             client
-                .batch_execute(&settings)
+                .batch_execute(&format!("{settings}; SET {SESSION_MARKER} = 'on'"))
                 .map_err(|err| ConnectError::from_postgres("setting the session up", err))?;
         }
-        let prepared = client.prepare_typed(&statement.sql, &statement.types);
-        return prepared
-            .map(Some)
-            .map_err(|err| ConnectError::from_postgres("preparing the statement", err));
+        let prepared = client
+            .prepare_typed(&statement.sql, &statement.types)
+            .map_err(|err| ConnectError::from_postgres("preparing the statement", err))?;
+        let kept: Option<String> = client
+            .query_typed_one(
+                &format!("SELECT current_setting('{SESSION_MARKER}', true)"),
+                &[],
+            )
+            .map_err(|err| ConnectError::from_postgres("checking the session", err))?
+            .get(0);
+        return Ok(SetUp {
+            prepared: Some(prepared),
+            pooled: kept.as_deref() != Some("on"),
+        });
     }
     if let Some(no_rows) = &statement.dry_run {
         let typed: Vec<(&(dyn ToSql + Sync), Type)> = no_rows
@@ -257,7 +294,10 @@ fn set_up(
             .execute_typed(&statement.sql, &typed)
             .map_err(|err| ConnectError::from_postgres("checking the statement", err))?;
     }
-    Ok(None)
+    Ok(SetUp {
+        prepared: None,
+        pooled: false,
+    })
 }
 
 /// On the session's thread: one call of the statement.

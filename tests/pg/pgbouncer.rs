@@ -6,6 +6,10 @@
 //! pools in transaction mode with a small pool (`default_pool_size`, 2 by default) and
 //! trusts its clients (`auth_type = trust`: every user named in its auth file logs in
 //! without a password; the server behind it authenticates pgbouncer as the URL says).
+//! The pool is kept full (`min_pool_size`) and handed out round robin
+//! (`server_round_robin = 1`), so one client's consecutive transactions land on different
+//! server connections, as they do on a busy production pool: whatever depends on a session
+//! shows at once instead of by chance.
 //! Running as root, it runs as the `postgres` OS user, as pgbouncer refuses root.
 //! Dropping it kills the process and removes its files.
 
@@ -67,6 +71,8 @@ impl PgBouncer {
                  admin_users = {user}\n\
                  pool_mode = transaction\n\
                  default_pool_size = {pool_size}\n\
+                 min_pool_size = {pool_size}\n\
+                 server_round_robin = 1\n\
                  max_client_conn = 200\n\
                  server_reset_query =\n\
                  ignore_startup_parameters = extra_float_digits,options\n\

@@ -53,15 +53,18 @@ fn at(round: u64, i: usize) -> SystemTime {
     micros(1_764_000_000_000_000 + round * 1_000_000 + i as u64)
 }
 
-// The update keeps the fields PgOptions is gaining (lock_timeout, ...) at their defaults.
-#[allow(clippy::needless_update)]
+/// The lock timeout in every test: well below the statement timeout, as the docs advise.
+const LOCK_TIMEOUT: Duration = Duration::from_millis(200);
+/// What the client-side deadline adds to the statement timeout in every test.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(300);
+
 fn options(application_name: &str) -> PgOptions {
     PgOptions {
         statement_timeout: STATEMENT_TIMEOUT,
         connect_timeout: CONNECT_TIMEOUT,
+        lock_timeout: LOCK_TIMEOUT,
+        deadline_margin: DEADLINE_MARGIN,
         application_name: Some(application_name.to_owned()),
-        // TODO(lead): set lock_timeout (well below statement_timeout, e.g. 200 ms) once
-        // PgOptions has it.
         ..PgOptions::default()
     }
 }

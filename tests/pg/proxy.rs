@@ -150,9 +150,16 @@ impl Proxy {
         self.addr.port()
     }
 
-    /// `url` with its host and port replaced by the proxy's.
+    /// `url` with its host and port replaced by the proxy's, in plaintext (`sslmode=disable`,
+    /// a later parameter wins): the proxy names connections by the `application_name` of the
+    /// startup packet, which TLS would hide.
     pub fn url(&self, url: &str) -> String {
-        super::with_host_port(url, "127.0.0.1", self.port())
+        let url = super::with_host_port(url, "127.0.0.1", self.port());
+        match (url.contains("://"), url.contains('?')) {
+            (false, _) => format!("{url} sslmode=disable"),
+            (true, true) => format!("{url}&sslmode=disable"),
+            (true, false) => format!("{url}?sslmode=disable"),
+        }
     }
 
     /// Every connection so far, oldest first, closed ones included.

@@ -5,8 +5,10 @@
 //! wins, so a retried or late update can never replace a newer one.
 //!
 //! The batch is also the batcher's only buffer besides the channel: entries a failed flush
-//! hands back are merged in under the same rule, and [`Batch::trim`] holds it to a bound on
-//! distinct entries by dropping the entries with the oldest `collected_at`.
+//! hands back are merged in under the same rule, and [`Batch::trim`] holds it to its bounds
+//! (bytes, and optionally distinct entries) by dropping the entries with the oldest
+//! `collected_at`. The bytes are kept up to date on every insert, in O(1): the capacities
+//! of the entry's three strings plus a fixed per-entry overhead ([`entry_bytes`]).
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -14,6 +16,25 @@ use std::time::SystemTime;
 use uuid::Uuid;
 
 use crate::{Metadata, MetadataBatch};
+
+/// What an entry costs besides its strings, as counted against the byte bound: the map
+/// slot (a UUID, a timestamp and three `String` headers, 104 bytes) at the map's lowest
+/// load (7/16 just after it grows: about 240 bytes), or, in flight, the five columns' slots
+/// (104 bytes), plus the allocator's rounding of three strings. Rounded up, so the bound
+/// holds for the real heap.
+pub(crate) const ENTRY_OVERHEAD_BYTES: usize = 288;
+
+/// Bytes one entry counts against the byte bound.
+pub(crate) fn entry_bytes(key: &String, value: &String, error: &String) -> usize {
+    key.capacity() + value.capacity() + error.capacity() + ENTRY_OVERHEAD_BYTES
+}
+
+/// Bytes a batch of flush columns counts against the byte bound.
+pub(crate) fn batch_bytes(batch: &MetadataBatch) -> usize {
+    (0..batch.len())
+        .map(|i| entry_bytes(&batch.keys[i], &batch.values[i], &batch.errors[i]))
+        .sum()
+}
 
 /// Below this the map is never shrunk: small tables are cheap to keep and to walk.
 const SMALLEST_SHRUNK_CAPACITY: usize = 1024;
@@ -32,13 +53,26 @@ struct Entry {
     collected_at: SystemTime,
 }
 
+impl Entry {
+    fn bytes(&self, row: &RowKey) -> usize {
+        entry_bytes(&row.key, &self.value, &self.error)
+    }
+}
+
 /// Deduplicating map from (agent, key) to the newest update.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     entries: HashMap<RowKey, Entry, foldhash::fast::RandomState>,
+    /// The sum of [`entry_bytes`] over the entries.
+    bytes: usize,
 }
 
 impl Batch {
+    /// What the entries count against the byte bound.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
@@ -81,10 +115,16 @@ impl Batch {
         match self.entries.entry(RowKey { agent_id, key }) {
             std::collections::hash_map::Entry::Occupied(mut stored) => {
                 if wins(collected_at, stored.get().collected_at) {
-                    stored.insert(entry);
+                    // Same key, same overhead: only the value and error change size.
+                    let old = stored.insert(entry);
+                    let new = stored.get();
+                    self.bytes = self.bytes + new.value.capacity() + new.error.capacity()
+                        - old.value.capacity()
+                        - old.error.capacity();
                 }
             }
             std::collections::hash_map::Entry::Vacant(slot) => {
+                self.bytes += entry_bytes(&slot.key().key, &entry.value, &entry.error);
                 slot.insert(entry);
             }
         }
@@ -94,6 +134,7 @@ impl Batch {
     /// unless it is far larger than this flush needed: a table sized for one burst would
     /// make every later insert and drain walk memory that no longer fits in cache.
     pub(crate) fn take(&mut self) -> MetadataBatch {
+        self.bytes = 0;
         let len = self.entries.len();
         let mut columns = MetadataBatch::with_capacity(len);
         for (row, entry) in self.entries.drain() {
@@ -109,30 +150,49 @@ impl Batch {
         columns
     }
 
-    /// Drops the entries with the oldest `collected_at` until at most `limit` remain;
-    /// returns how many it dropped. Linear in the batch size, so callers trim in steps
-    /// rather than one entry at a time.
-    pub(crate) fn trim(&mut self, limit: usize) -> usize {
-        let excess = self.entries.len().saturating_sub(limit);
-        if excess == 0 {
+    /// Drops the entries with the oldest `collected_at` until at most `max_entries` remain
+    /// and they count at most `max_bytes`; returns how many it dropped. Sorts the batch's
+    /// timestamps, so callers trim in steps rather than one entry at a time.
+    pub(crate) fn trim(&mut self, max_entries: usize, max_bytes: usize) -> usize {
+        let excess_entries = self.entries.len().saturating_sub(max_entries);
+        let excess_bytes = self.bytes.saturating_sub(max_bytes);
+        if excess_entries == 0 && excess_bytes == 0 {
             return 0;
         }
-        let mut times: Vec<SystemTime> = self.entries.values().map(|e| e.collected_at).collect();
-        let (older, &mut threshold, _) = times.select_nth_unstable(excess - 1);
-        // Everything strictly older than the threshold goes, and as many entries at the
-        // threshold itself as are needed to reach exactly `excess`.
-        let mut ties_to_drop = excess - older.iter().filter(|&&t| t < threshold).count();
-        self.entries.retain(|_, entry| {
+        let mut oldest: Vec<(SystemTime, usize)> = self
+            .entries
+            .iter()
+            .map(|(row, entry)| (entry.collected_at, entry.bytes(row)))
+            .collect();
+        oldest.sort_unstable_by_key(|&(collected_at, _)| collected_at);
+        let (mut dropping, mut freed) = (0, 0);
+        while dropping < excess_entries || freed < excess_bytes {
+            freed += oldest[dropping].1;
+            dropping += 1;
+        }
+        let threshold = oldest[dropping - 1].0;
+        // Everything strictly older than the threshold goes; then entries at the threshold
+        // itself while the bounds are still exceeded. The ties are decided as the map
+        // yields them, on what remains once the older ones are gone, so the bounds hold
+        // exactly whatever the order.
+        let older = oldest.partition_point(|&(collected_at, _)| collected_at < threshold);
+        let mut len = self.entries.len() - older;
+        let mut bytes = self.bytes - oldest[..older].iter().map(|&(_, b)| b).sum::<usize>();
+        self.entries.retain(|row, entry| {
             if entry.collected_at < threshold {
                 false
-            } else if entry.collected_at == threshold && ties_to_drop > 0 {
-                ties_to_drop -= 1;
+            } else if entry.collected_at == threshold && (len > max_entries || bytes > max_bytes)
+            {
+                len -= 1;
+                bytes -= entry.bytes(row);
                 false
             } else {
                 true
             }
         });
-        excess
+        let dropped = oldest.len() - self.entries.len();
+        self.bytes = bytes;
+        dropped
     }
 }
 
@@ -205,13 +265,50 @@ mod tests {
             // Timestamps 0,0,1,1,2,2,...: ties at the threshold are split exactly.
             batch.insert(agent, md(&format!("k{i}"), "v", i / 2));
         }
-        assert_eq!(batch.trim(10), 0);
-        assert_eq!(batch.trim(7), 3);
+        assert_eq!(batch.trim(10, usize::MAX), 0);
+        assert_eq!(batch.trim(7, usize::MAX), 3);
         let kept = batch.take();
         assert_eq!(kept.len(), 7);
         let mut times: Vec<_> = kept.collected_at.clone();
         times.sort();
         assert_eq!(times[0], at(1));
         assert_eq!(times.iter().filter(|&&t| t == at(1)).count(), 1);
+    }
+
+    #[test]
+    fn bytes_follow_inserts_replacements_and_take() {
+        let agent = Uuid::from_u128(1);
+        let mut batch = Batch::default();
+        batch.insert(agent, md("a", "12345", 1));
+        let one = 1 + 5 + ENTRY_OVERHEAD_BYTES;
+        assert_eq!(batch.bytes(), one);
+        batch.insert(agent, md("a", "1", 2)); // replaces: the value shrinks
+        assert_eq!(batch.bytes(), one - 4);
+        batch.insert(agent, md("a", "older, longer, loses", 0));
+        assert_eq!(batch.bytes(), one - 4);
+        batch.insert(agent, Metadata::new("b", "", "err", at(1)));
+        assert_eq!(batch.bytes(), one - 4 + 1 + 3 + ENTRY_OVERHEAD_BYTES);
+        let taken = batch.take();
+        assert_eq!(batch_bytes(&taken), one - 4 + 1 + 3 + ENTRY_OVERHEAD_BYTES);
+        assert_eq!(batch.bytes(), 0);
+    }
+
+    #[test]
+    fn trim_by_bytes_drops_the_oldest_until_within_the_bound() {
+        let agent = Uuid::from_u128(1);
+        let mut batch = Batch::default();
+        for i in 0..10u64 {
+            batch.insert(agent, md(&format!("k{i}"), "v", i / 2));
+        }
+        let each = 2 + 1 + ENTRY_OVERHEAD_BYTES;
+        assert_eq!(batch.bytes(), 10 * each);
+        // Room for 6½ entries: the four oldest go.
+        assert_eq!(batch.trim(usize::MAX, 6 * each + each / 2), 4);
+        assert_eq!(batch.bytes(), 6 * each);
+        let kept = batch.take();
+        let mut times = kept.collected_at.clone();
+        times.sort();
+        assert_eq!(times[0], at(2));
+        assert_eq!(times.iter().filter(|&&t| t == at(2)).count(), 2);
     }
 }

@@ -216,26 +216,25 @@ impl Flusher {
             ..Written::default()
         };
         self.write(job.batch, &mut written);
-        let (agents, chunks, publish_errors) = self.announce(job.seq, &written.agent_ids);
-        let elapsed = self.shared.clock.now().saturating_duration_since(start);
-        let report = FlushReport {
+        let agents = self.stored_agents(&written.agent_ids);
+        let mut report = FlushReport {
             reason: job.reason,
             count,
-            agents,
-            chunks,
-            elapsed,
+            agents: agents.len(),
+            chunks: agents.len().div_ceil(agent_ids::MAX_IDS_PER_CHUNK),
+            elapsed: Duration::ZERO,
             stored: written.agent_ids.len(),
             updated: written.updated,
             rejected: written.rejected,
             retained: written.retained.len(),
             statements: written.statements,
-            publish_errors,
+            publish_errors: 0,
             error: written.error.clone(),
         };
         // Kept rows mean a retry on the backoff, even when other rows were stored: a
         // locked row must not be retried, at the cost of a split, by every capacity flush.
         let failed = written.panicked || !written.retained.is_empty();
-        self.record(job.seq, &report, failed);
+        self.announce(job.seq, &agents, &mut report, start, failed);
         FlushOutcome {
             seq: job.seq,
             report,
@@ -407,10 +406,8 @@ impl Flusher {
         );
     }
 
-    /// Announces the distinct agents of the stored rows: hands them to the publisher
-    /// thread, or publishes them here when inline. Returns (agents, payloads, failed
-    /// payloads); failures are known here only when inline.
-    fn announce(&mut self, seq: u64, stored_agent_ids: &[Uuid]) -> (usize, usize, usize) {
+    /// The distinct agents of the stored rows; records how many keys each had.
+    fn stored_agents(&mut self, stored_agent_ids: &[Uuid]) -> Vec<Uuid> {
         self.keys_per_agent.clear();
         for &agent_id in stored_agent_ids {
             *self.keys_per_agent.entry(agent_id).or_insert(0) += 1;
@@ -418,20 +415,30 @@ impl Flusher {
         for &keys in self.keys_per_agent.values() {
             self.shared.metrics.batch_utilization.record(keys);
         }
-        let agents: Vec<Uuid> = self.keys_per_agent.keys().copied().collect();
-        let payloads = agents.len().div_ceil(agent_ids::MAX_IDS_PER_CHUNK);
-        let failures = match &mut self.announcer {
-            Announcer::Inline(publisher) => {
-                let failures = notifier::publish(&mut **publisher, &self.shared, &agents);
-                self.shared.notifier.published_inline(seq, failures);
-                failures
-            }
-            Announcer::Thread(_) => {
-                self.shared.notifier.announce(seq, &agents);
-                0
-            }
-        };
-        (agents.len(), payloads, failures)
+        self.keys_per_agent.keys().copied().collect()
+    }
+
+    /// Announces `agents` and records the flush. Inline, publishes here first, as Go does
+    /// (the flush's time includes the publish). Otherwise records the flush first, so the
+    /// publisher thread finds it to add its publish errors to, then hands the agents over.
+    fn announce(
+        &mut self,
+        seq: u64,
+        agents: &[Uuid],
+        report: &mut FlushReport,
+        start: std::time::Instant,
+        failed: bool,
+    ) {
+        let shared = &self.shared;
+        if let Announcer::Inline(publisher) = &mut self.announcer {
+            report.publish_errors = notifier::publish(&mut **publisher, shared, agents);
+            shared.notifier.published_inline(seq, report.publish_errors);
+        }
+        report.elapsed = shared.clock.now().saturating_duration_since(start);
+        self.record(seq, report, failed);
+        if let Announcer::Thread(_) = self.announcer {
+            self.shared.notifier.announce(seq, agents);
+        }
     }
 
     fn record(&self, seq: u64, report: &FlushReport, failed: bool) {

@@ -122,9 +122,11 @@ fn a_locked_row_is_split_out_the_rest_written_and_it_is_retried_with_backoff() {
     let report = b.stats().last_flush.unwrap();
     assert_eq!((report.stored, report.retained, report.rejected), (499, 1, 0));
     assert_eq!(report.error, Some(StoreError::Canceled));
-    // The whole chunk, then one half per level down to the row: ⌈log2 500⌉ + 1 canceled.
+    // The whole chunk, then one half per level down to the row: at most ⌈log2 500⌉ + 1
+    // canceled statements (9 when the row's halves are the smaller ones).
     let stats = b.stats();
-    assert_eq!(stats.store_errors, 10);
+    let canceled = stats.store_errors;
+    assert!((9..=10).contains(&canceled), "{canceled} canceled statements");
     assert_eq!((stats.flushed, stats.rejected, stats.batched), (499, 0, 1));
     assert_eq!(stats.flushes.capacity, 1, "a flush that stored rows counts");
     assert_eq!(b.health().consecutive_store_failures, 1);
@@ -137,10 +139,10 @@ fn a_locked_row_is_split_out_the_rest_written_and_it_is_retried_with_backoff() {
     // Retried on the backoff (250 ms), not before; still locked.
     clock.advance(Duration::from_millis(249));
     b.sync();
-    assert_eq!(b.stats().store_errors, 10);
+    assert_eq!(b.stats().store_errors, canceled);
     clock.advance(Duration::from_millis(1));
     b.sync();
-    assert_eq!(b.stats().store_errors, 11);
+    assert_eq!(b.stats().store_errors, canceled + 1, "one statement: the row alone");
     assert_eq!(b.health().consecutive_store_failures, 2);
 
     locks.lock().clear();
@@ -211,15 +213,23 @@ fn a_hung_publish_does_not_hold_back_the_next_write_and_announcements_merge() {
     .unwrap();
     let release = release;
     // Thirty capacity flushes of ten agents each; the first publish hangs meanwhile.
+    let b = Arc::new(b);
     for i in 0..300 {
         assert_eq!(b.add(agent(i), vec![md("k", "v", 1)]).unwrap().dropped, 0);
     }
+    // Whatever the capacity flushes leave below `batch_size`, a manual flush writes; it
+    // returns only after its publish, so it waits on a thread of its own.
+    let flushing = {
+        let b = b.clone();
+        std::thread::spawn(move || b.flush())
+    };
     let mut written = 0;
     while written < 300 {
         written += entered.recv_timeout(HANG).expect("a write waited for a publish");
     }
     assert_eq!(b.stats().flushed, 300);
     drop(release);
+    flushing.join().unwrap();
     b.sync();
     let announced: Vec<Vec<Uuid>> = published.try_iter().collect();
     let agents: HashSet<Uuid> = announced.iter().flatten().copied().collect();

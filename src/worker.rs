@@ -186,6 +186,9 @@ impl Worker {
                 Event::Timer => {
                     self.timer = never();
                     self.scheduled_due = true;
+                    // While polling, accepted updates may still sit in the channel: the
+                    // scheduled flush carries every update accepted before its tick.
+                    self.take_in_queued();
                 }
                 Event::Completed(Ok(outcome)) => self.complete(outcome),
                 Event::Completed(Err(_)) => self.lose_flusher(),

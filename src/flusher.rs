@@ -36,6 +36,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use uuid::Uuid;
 
+use crate::batch::Taken;
 use crate::shared::Shared;
 use crate::{
     agent_ids, notifier, FlushReason, FlushReport, Interrupt, MetadataBatch, Publisher, Store,
@@ -46,7 +47,7 @@ use crate::{
 pub(crate) struct FlushJob {
     pub(crate) seq: u64,
     pub(crate) reason: FlushReason,
-    pub(crate) batch: MetadataBatch,
+    pub(crate) batch: Taken,
 }
 
 /// What the worker needs back from a flush.
@@ -59,12 +60,15 @@ pub(crate) struct FlushOutcome {
     /// Rows were kept back, or the store panicked: the worker backs off before the next
     /// try.
     pub(crate) failed: bool,
+    /// The job's map, emptied, for the worker to reuse.
+    pub(crate) emptied: Taken,
 }
 
 impl FlushOutcome {
     /// A flush that could not run at all: every row is kept for the next one.
     pub(crate) fn not_attempted(job: FlushJob) -> Self {
         let count = job.batch.len();
+        let (batch, emptied) = job.batch.into_columns();
         FlushOutcome {
             seq: job.seq,
             report: FlushReport {
@@ -81,8 +85,9 @@ impl FlushOutcome {
                 publish_errors: 0,
                 error: None,
             },
-            retained: job.batch,
+            retained: batch,
             failed: true,
+            emptied,
         }
     }
 }
@@ -215,7 +220,8 @@ impl Flusher {
             cancel_budget: cancel_budget(count),
             ..Written::default()
         };
-        self.write(job.batch, &mut written);
+        let (batch, emptied) = job.batch.into_columns();
+        self.write(batch, &mut written);
         let agents = self.stored_agents(&written.agent_ids);
         let mut report = FlushReport {
             reason: job.reason,
@@ -240,6 +246,7 @@ impl Flusher {
             report,
             retained: written.retained,
             failed,
+            emptied,
         }
     }
 

@@ -367,6 +367,7 @@ impl Worker {
     /// Hands the whole batch to the flusher.
     fn start(&mut self, reason: FlushReason) {
         self.trim();
+        let bytes = self.batch.bytes();
         let batch = self.batch.take();
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -378,10 +379,7 @@ impl Worker {
         let since = self.batch_since.take();
         self.in_flight = Some((seq, since));
         self.shared.counters.in_flight.store(batch.len(), Relaxed);
-        self.shared
-            .counters
-            .in_flight_bytes
-            .store(crate::batch::batch_bytes(&batch), Relaxed);
+        self.shared.counters.in_flight_bytes.store(bytes, Relaxed);
         self.shared.counters.batched.store(0, Relaxed);
         self.shared.counters.set_oldest_in_flight(since);
         self.shared.counters.set_oldest_batched(None);
@@ -411,6 +409,7 @@ impl Worker {
         self.byte_budget = self.config.max_pending_bytes;
         self.shared.counters.set_oldest_in_flight(None);
         self.count_outcome(outcome.failed);
+        self.batch.recycle(outcome.emptied);
         if !outcome.retained.is_empty() {
             self.batch.restore(outcome.retained);
             self.batch_since = match (since, self.batch_since) {

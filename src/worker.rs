@@ -380,6 +380,7 @@ impl Worker {
         self.in_flight = Some((seq, since));
         self.shared.counters.in_flight.store(batch.len(), Relaxed);
         self.shared.counters.in_flight_bytes.store(bytes, Relaxed);
+        self.byte_budget = self.config.max_pending_bytes.saturating_sub(bytes);
         self.shared.counters.batched.store(0, Relaxed);
         self.shared.counters.set_oldest_in_flight(since);
         self.shared.counters.set_oldest_batched(None);

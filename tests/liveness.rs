@@ -408,6 +408,46 @@ fn past_the_byte_bound_the_oldest_are_shed() {
 }
 
 #[test]
+fn the_byte_bound_counts_what_the_flush_in_flight_has_not_written() {
+    let clock = MockClock::new();
+    let (store, gate) = ScriptedStore::gated();
+    let calls = store.calls.clone();
+    let b = Batcher::builder(store, MemoryPubsub::new())
+        .clock(clock.clone())
+        .batch_size(50)
+        .channel_capacity(1000)
+        .max_pending_bytes(100 * 290)
+        .build()
+        .unwrap();
+    let gate = gate;
+    for i in 0..50 {
+        b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
+    }
+    gate.entered.recv().unwrap(); // the capacity flush holds 50 entries' bytes in flight
+    for i in 50..200u64 {
+        b.add(agent(i.into()), vec![md("k", "v", i)]).unwrap();
+    }
+    // `sync` would wait for the held flush: watch the worker take all 150 in instead
+    // (each is batched or shed; the sum is 150 only once the last one is counted).
+    let stats = loop {
+        let stats = b.stats();
+        if stats.batched as u64 + stats.retention_dropped == 150 {
+            break stats;
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(stats.in_flight, 50);
+    assert!(stats.batched <= 50, "{} batched beside 50 in flight", stats.batched);
+    gate.open();
+    b.flush();
+    // The newest survived.
+    let written: HashSet<Uuid> = calls.lock().iter().flat_map(|c| c.agent_ids.clone()).collect();
+    for i in 50..200u128 {
+        assert_eq!(written.contains(&agent(i)), i >= 200 - stats.batched as u128, "agent {i}");
+    }
+}
+
+#[test]
 fn threads_are_named_within_fifteen_bytes() {
     let b = Batcher::builder(MemoryStore::new(), MemoryPubsub::new())
         .build()

@@ -337,7 +337,10 @@ impl Flusher {
         if self.shared.cancellation.is_abandoned() {
             // `close` gave up on the store: no more statements, the rows are counted as
             // unwritten.
-            tracing::error!(rows, "metadata store call canceled at shutdown; the rows are not written");
+            tracing::error!(
+                rows,
+                "metadata store call canceled at shutdown; the rows are not written"
+            );
             written.stopped = true;
             written.retained.append(&mut chunk);
         } else if written.cancel_budget == 0 {
@@ -359,7 +362,10 @@ impl Flusher {
             written.retained.append(&mut chunk);
         } else {
             written.cancel_budget -= 1;
-            tracing::debug!(rows, "metadata store call canceled; splitting the chunk to write what can be written");
+            tracing::debug!(
+                rows,
+                "metadata store call canceled; splitting the chunk to write what can be written"
+            );
             self.split(chunk, written);
         }
     }

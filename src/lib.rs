@@ -74,8 +74,7 @@ pub use batcher::{AddError, AddReport, Batcher};
 pub use builder::{
     BuildError, Builder, FlushMode, DEFAULT_BATCH_SIZE, DEFAULT_CHANNEL_MULTIPLIER,
     DEFAULT_FINAL_FLUSH_TIMEOUT, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING_BYTES,
-    DEFAULT_MAX_PENDING_MULTIPLIER,
-    DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
+    DEFAULT_MAX_PENDING_MULTIPLIER, DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
 };
 pub use clock::{Clock, MockClock, SystemClock};
 pub use memory::{MemoryPubsub, MemoryStore, StoredMetadata};

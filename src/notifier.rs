@@ -160,7 +160,10 @@ pub(crate) fn publish(publisher: &mut dyn Publisher, shared: &Shared, agents: &[
             Ok(Err(error)) => error.to_string(),
             Err(panic) => {
                 shared.counters.panics.fetch_add(1, Relaxed);
-                format!("publisher panicked: {}", crate::flusher::panic_message(&*panic))
+                format!(
+                    "publisher panicked: {}",
+                    crate::flusher::panic_message(&*panic)
+                )
             }
         };
         failures += 1;

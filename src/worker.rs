@@ -311,7 +311,12 @@ impl Worker {
             let len = self.batch.len();
             if len >= self.config.batch_size && self.can_flush_for_capacity() {
                 self.start(FlushReason::Capacity);
-            } else if len >= self.config.max_pending.saturating_add(self.config.batch_size) {
+            } else if len
+                >= self
+                    .config
+                    .max_pending
+                    .saturating_add(self.config.batch_size)
+            {
                 // Trimming costs a pass over the batch, so it waits for a batch's worth of
                 // excess; flushes trim exactly to the bound.
                 self.trim();

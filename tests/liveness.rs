@@ -64,7 +64,10 @@ fn a_retained_backlog_goes_out_in_statements_of_at_most_batch_size() {
     assert_eq!((failed.statements, failed.retained), (1, 350));
     store.set_outage(None);
     let report = b.flush().unwrap();
-    assert_eq!((report.count, report.stored, report.statements), (350, 350, 4));
+    assert_eq!(
+        (report.count, report.stored, report.statements),
+        (350, 350, 4)
+    );
     // The capacity flush at 100 and the first manual flush each tried once.
     assert_eq!(store.statements(), 6);
 }
@@ -99,7 +102,10 @@ fn an_unavailable_chunk_stops_the_flush_and_keeps_the_rest() {
     assert_eq!((report.stored, report.retained), (100, 150));
     assert_eq!(b.health().consecutive_store_failures, 2);
     let report = b.flush().unwrap();
-    assert_eq!((report.stored, report.retained, report.statements), (150, 0, 2));
+    assert_eq!(
+        (report.stored, report.retained, report.statements),
+        (150, 0, 2)
+    );
     assert_eq!(b.stats().flushed, 250);
     assert_eq!(b.health().consecutive_store_failures, 0);
 }
@@ -120,13 +126,19 @@ fn a_locked_row_is_split_out_the_rest_written_and_it_is_retried_with_backoff() {
     }
     b.sync(); // the capacity flush at 500
     let report = b.stats().last_flush.unwrap();
-    assert_eq!((report.stored, report.retained, report.rejected), (499, 1, 0));
+    assert_eq!(
+        (report.stored, report.retained, report.rejected),
+        (499, 1, 0)
+    );
     assert_eq!(report.error, Some(StoreError::Canceled));
     // The whole chunk, then one half per level down to the row: at most ⌈log2 500⌉ + 1
     // canceled statements (9 when the row's halves are the smaller ones).
     let stats = b.stats();
     let canceled = stats.store_errors;
-    assert!((9..=10).contains(&canceled), "{canceled} canceled statements");
+    assert!(
+        (9..=10).contains(&canceled),
+        "{canceled} canceled statements"
+    );
     assert_eq!((stats.flushed, stats.rejected, stats.batched), (499, 0, 1));
     assert_eq!(stats.flushes.capacity, 1, "a flush that stored rows counts");
     assert_eq!(b.health().consecutive_store_failures, 1);
@@ -142,7 +154,11 @@ fn a_locked_row_is_split_out_the_rest_written_and_it_is_retried_with_backoff() {
     assert_eq!(b.stats().store_errors, canceled);
     clock.advance(Duration::from_millis(1));
     b.sync();
-    assert_eq!(b.stats().store_errors, canceled + 1, "one statement: the row alone");
+    assert_eq!(
+        b.stats().store_errors,
+        canceled + 1,
+        "one statement: the row alone"
+    );
     assert_eq!(b.health().consecutive_store_failures, 2);
 
     locks.lock().clear();
@@ -168,8 +184,15 @@ fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
     let report = b.flush().unwrap();
     // ⌈log2 1000⌉ + 1 = 11 canceled statements are handled; the 12th stops the flush.
     assert_eq!(report.statements, 12);
-    assert_eq!((report.stored, report.retained, report.rejected), (0, 1000, 0));
-    assert_eq!(b.stats().rejected, 0, "canceled rows are never dropped as refused");
+    assert_eq!(
+        (report.stored, report.retained, report.rejected),
+        (0, 1000, 0)
+    );
+    assert_eq!(
+        b.stats().rejected,
+        0,
+        "canceled rows are never dropped as refused"
+    );
 }
 
 /// A publisher that blocks until released, and records what it published.
@@ -225,7 +248,9 @@ fn a_hung_publish_does_not_hold_back_the_next_write_and_announcements_merge() {
     };
     let mut written = 0;
     while written < 300 {
-        written += entered.recv_timeout(HANG).expect("a write waited for a publish");
+        written += entered
+            .recv_timeout(HANG)
+            .expect("a write waited for a publish");
     }
     assert_eq!(b.stats().flushed, 300);
     drop(release);
@@ -285,7 +310,8 @@ fn close_within(b: Batcher, limit: Duration) -> (metadata_batcher::CloseReport, 
         let report = b.close();
         let _ = done_tx.send((report, b));
     });
-    done.recv_timeout(limit).expect("close() outlived its bound")
+    done.recv_timeout(limit)
+        .expect("close() outlived its bound")
 }
 
 #[test]
@@ -437,13 +463,25 @@ fn the_byte_bound_counts_what_the_flush_in_flight_has_not_written() {
         std::thread::yield_now();
     };
     assert_eq!(stats.in_flight, 50);
-    assert!(stats.batched <= 50, "{} batched beside 50 in flight", stats.batched);
+    assert!(
+        stats.batched <= 50,
+        "{} batched beside 50 in flight",
+        stats.batched
+    );
     gate.open();
     b.flush();
     // The newest survived.
-    let written: HashSet<Uuid> = calls.lock().iter().flat_map(|c| c.agent_ids.clone()).collect();
+    let written: HashSet<Uuid> = calls
+        .lock()
+        .iter()
+        .flat_map(|c| c.agent_ids.clone())
+        .collect();
     for i in 50..200u128 {
-        assert_eq!(written.contains(&agent(i)), i >= 200 - stats.batched as u128, "agent {i}");
+        assert_eq!(
+            written.contains(&agent(i)),
+            i >= 200 - stats.batched as u128,
+            "agent {i}"
+        );
     }
 }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{agent, md, ScriptedStore};
 use metadata_batcher::{
-    agent_ids, Batcher, Interrupt, MemoryPubsub, MemoryStore, MetadataBatch, MockClock,
-    PublishError, Publisher, Store, StoreError, METADATA_BATCH_CHANNEL,
+    agent_ids, Batcher, CloseReport, Interrupt, MemoryPubsub, MemoryStore, MetadataBatch,
+    MockClock, PublishError, Publisher, Store, StoreError, METADATA_BATCH_CHANNEL,
 };
 use parking_lot::Mutex;
 use uuid::Uuid;
@@ -284,56 +284,50 @@ fn flush_waits_for_its_publish_and_reports_its_failures() {
     assert_eq!(pubsub.published(), 1);
 }
 
-/// A store whose first call hangs like a dead database: it moves the mock clock past the
-/// final flush timeout (the hung database's time passing) and returns only when
-/// interrupted.
-fn hanging_store(
-    clock: &MockClock,
-    timeout: Duration,
+/// Adds two entries to a batcher whose store hangs like a dead database, and closes it
+/// (on another thread, so a regression fails the test instead of hanging it). The store
+/// moves the mock clock past the final flush timeout (the hung database's time passing)
+/// and returns only once the returned sender is dropped; `interrupt` makes the store's
+/// interrupts.
+fn close_a_hung_store(
     interrupt: impl Fn() -> Interrupt + Send + 'static,
-) -> (ScriptedStore, crossbeam_channel::Sender<()>) {
-    let (interrupted_tx, interrupted) = crossbeam_channel::unbounded::<()>();
-    let clock = clock.clone();
+) -> (CloseReport, Batcher, crossbeam_channel::Sender<()>) {
+    let clock = MockClock::new();
+    let timeout = Duration::from_secs(2);
+    let (unblock_store, unblocked) = crossbeam_channel::unbounded::<()>();
+    let store_clock = clock.clone();
     let store = ScriptedStore::new(move |_| {
-        clock.advance(timeout);
-        let _ = interrupted.recv();
+        store_clock.advance(timeout);
+        let _ = unblocked.recv();
         Err(StoreError::Canceled)
     })
     .with_interrupt(interrupt);
-    (store, interrupted_tx)
-}
-
-/// Runs `close` on another thread, so a regression fails the test instead of hanging it.
-fn close_within(b: Batcher, limit: Duration) -> (metadata_batcher::CloseReport, Batcher) {
-    let (done_tx, done) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        let report = b.close();
-        let _ = done_tx.send((report, b));
-    });
-    done.recv_timeout(limit)
-        .expect("close() outlived its bound")
-}
-
-#[test]
-fn close_returns_in_time_when_the_interrupt_hangs() {
-    let clock = MockClock::new();
-    let timeout = Duration::from_secs(2);
-    let (hold, held) = crossbeam_channel::bounded::<()>(0);
-    // The interrupt blocks like a cancel request into a black hole, until the test ends.
-    let (store, unblock_store) = hanging_store(&clock, timeout, move || {
-        let held = held.clone();
-        Interrupt::new(move || {
-            let _ = held.recv();
-        })
-    });
     let b = Batcher::builder(store, MemoryPubsub::new())
-        .clock(clock.clone())
+        .clock(clock)
         .final_flush_timeout(timeout)
         .build()
         .unwrap();
     b.add(agent(0), vec![md("a", "v", 1), md("b", "v", 1)])
         .unwrap();
-    let (report, b) = close_within(b, HANG);
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let report = b.close();
+        let _ = done_tx.send((report, b));
+    });
+    let (report, b) = done.recv_timeout(HANG).expect("close() outlived its bound");
+    (report, b, unblock_store)
+}
+
+#[test]
+fn close_returns_in_time_when_the_interrupt_hangs() {
+    let (hold, held) = crossbeam_channel::bounded::<()>(0);
+    // The interrupt blocks like a cancel request into a black hole, until the test ends.
+    let (report, b, unblock_store) = close_a_hung_store(move || {
+        let held = held.clone();
+        Interrupt::new(move || {
+            let _ = held.recv();
+        })
+    });
     assert!(report.deadline_hit);
     assert_eq!((report.written, report.unwritten), (0, 2));
     assert_eq!(b.stats().unwritten_at_shutdown, 2);
@@ -344,19 +338,8 @@ fn close_returns_in_time_when_the_interrupt_hangs() {
 
 #[test]
 fn close_survives_a_panicking_interrupt() {
-    let clock = MockClock::new();
-    let timeout = Duration::from_secs(2);
-    let (store, unblock_store) = hanging_store(&clock, timeout, || {
-        Interrupt::new(|| panic!("interrupt bug"))
-    });
-    let b = Batcher::builder(store, MemoryPubsub::new())
-        .clock(clock.clone())
-        .final_flush_timeout(timeout)
-        .build()
-        .unwrap();
-    b.add(agent(0), vec![md("a", "v", 1), md("b", "v", 1)])
-        .unwrap();
-    let (report, b) = close_within(b, HANG);
+    let (report, b, unblock_store) =
+        close_a_hung_store(|| Interrupt::new(|| panic!("interrupt bug")));
     assert!(report.deadline_hit);
     assert_eq!(report.unwritten, 2);
     assert_eq!(b.stats().unwritten_at_shutdown, 2);

@@ -12,7 +12,8 @@
 //!                         (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres;
 //!                         a database mb_loadgen_<pid> is created and dropped)
 //!   --batch-size N        (500)
-//!   --max-pending N       (library default: 20 × batch size)
+//!   --max-pending N       bound on distinct entries (library default: none)
+//!   --max-pending-bytes N bound on the backlog's bytes (library default: 64 MiB)
 //!   --channel-capacity N  (library default: 5 × batch size)
 //!   --interval-ms N       flush interval (library default: 5000)
 //!   --mode M              pipelined (default) | inline (the Go behaviour)
@@ -69,6 +70,7 @@ struct Config {
     store: StoreKind,
     batch_size: usize,
     max_pending: Option<usize>,
+    max_pending_bytes: Option<usize>,
     channel_capacity: Option<usize>,
     interval: Option<Duration>,
     mode: FlushMode,
@@ -91,6 +93,7 @@ fn parse_args() -> Result<Config, String> {
         store: StoreKind::Memory,
         batch_size: 500,
         max_pending: None,
+        max_pending_bytes: None,
         channel_capacity: None,
         interval: None,
         mode: FlushMode::Pipelined,
@@ -130,6 +133,9 @@ fn parse_args() -> Result<Config, String> {
             }
             "--batch-size" => config.batch_size = number(value()?)? as usize,
             "--max-pending" => config.max_pending = Some(number(value()?)? as usize),
+            "--max-pending-bytes" => {
+                config.max_pending_bytes = Some(number(value()?)? as usize);
+            }
             "--channel-capacity" => config.channel_capacity = Some(number(value()?)? as usize),
             "--interval-ms" => {
                 config.interval = Some(Duration::from_secs_f64(number(value()?)? / 1e3))
@@ -397,6 +403,9 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
     if let Some(max_pending) = config.max_pending {
         builder = builder.max_pending(max_pending);
     }
+    if let Some(bytes) = config.max_pending_bytes {
+        builder = builder.max_pending_bytes(bytes);
+    }
     if let Some(capacity) = config.channel_capacity {
         builder = builder.channel_capacity(capacity);
     }
@@ -662,7 +671,7 @@ fn print_summary(config: &Config, s: &Summary) {
     println!("accepted           {}", s.accepted);
     println!("dropped            {} (channel full at add)", s.dropped);
     println!(
-        "retention_dropped  {} (batch at max_pending)",
+        "retention_dropped  {} (backlog at max_pending or max_pending_bytes)",
         s.retention_dropped
     );
     println!(

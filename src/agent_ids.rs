@@ -58,7 +58,7 @@ pub fn decode_chunk(payload: &[u8]) -> Result<Vec<Uuid>, DecodeError> {
     if payload.is_empty() {
         return Err(DecodeError::Empty);
     }
-    if payload.len() % UUID_BASE64_LEN != 0 {
+    if !payload.len().is_multiple_of(UUID_BASE64_LEN) {
         return Err(DecodeError::Length { len: payload.len() });
     }
     payload

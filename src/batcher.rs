@@ -7,6 +7,7 @@
 //! their own reply channel, so the handle holds no lock the worker could need.
 
 use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread;
@@ -17,10 +18,13 @@ use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
 use crate::builder::Builder;
-use crate::flusher::Flusher;
+use crate::flusher::{panic_message, Announcer, Flusher};
 use crate::shared::Shared;
 use crate::worker::{Control, Flushing, Update, Worker, WorkerConfig};
-use crate::{FlushMode, FlushReport, Health, InvalidMetadata, Metadata, Publisher, Stats, Store};
+use crate::{
+    CloseReport, FlushMode, FlushReport, Health, Interrupt, InvalidMetadata, Metadata, Publisher,
+    Stats, Store,
+};
 
 /// `add` logs dropped keys at warn level at most this often (debug otherwise), by the
 /// injected clock, as in Go: a full channel drops on every call.
@@ -69,6 +73,8 @@ pub struct Batcher {
     final_flush_timeout: Duration,
     shared: Arc<Shared>,
     worker: Mutex<Option<thread::JoinHandle<()>>>,
+    /// What the first `close` did; later calls return it again.
+    close_report: Mutex<CloseReport>,
 }
 
 /// What `add` did with a call's keys.
@@ -135,9 +141,8 @@ impl Batcher {
             batch_size: builder.batch_size,
             channel_capacity,
             interval: builder.interval,
-            max_pending: builder
-                .max_pending
-                .unwrap_or(builder.batch_size * crate::builder::DEFAULT_MAX_PENDING_MULTIPLIER),
+            max_pending: builder.max_pending.unwrap_or(usize::MAX),
+            max_pending_bytes: builder.max_pending_bytes,
             retry_backoff_initial: builder.retry_backoff_initial,
             retry_backoff_max: builder.retry_backoff_max,
         };
@@ -150,14 +155,31 @@ impl Batcher {
         // Armed here, not on the worker thread, so a test's first `advance` cannot race it.
         let timer = shared.clock.after(config.interval);
 
-        let flusher = Flusher::new(builder.store, builder.publisher, shared.clone());
+        // Thread names stay within 15 bytes, all Linux keeps, so `top -H` tells them apart.
         let flushing = match builder.flush_mode {
-            FlushMode::Inline => Flushing::Inline(flusher),
+            FlushMode::Inline => Flushing::Inline(Flusher::new(
+                builder.store,
+                Announcer::Inline(builder.publisher),
+                shared.clone(),
+                builder.batch_size,
+            )),
             FlushMode::Pipelined => {
+                let publisher = builder.publisher;
+                let notify_shared = shared.clone();
+                let notifier = thread::Builder::new()
+                    .name("mdbatch-notify".into())
+                    .spawn(move || notify_shared.notifier.run(publisher, &notify_shared))
+                    .map_err(crate::BuildError::Spawn)?;
+                let flusher = Flusher::new(
+                    builder.store,
+                    Announcer::Thread(Some(notifier)),
+                    shared.clone(),
+                    builder.batch_size,
+                );
                 let (jobs, jobs_rx) = crossbeam_channel::bounded(1);
                 let (completed_tx, completed) = crossbeam_channel::bounded(1);
                 let thread = thread::Builder::new()
-                    .name("metadata-batcher-flush".into())
+                    .name("mdbatch-flush".into())
                     .spawn(move || flusher.run(jobs_rx, completed_tx))
                     .map_err(crate::BuildError::Spawn)?;
                 Flushing::Thread {
@@ -177,7 +199,7 @@ impl Batcher {
             flushing,
         );
         let worker = thread::Builder::new()
-            .name("metadata-batcher".into())
+            .name("mdbatch-worker".into())
             .spawn(move || worker.run())
             .map_err(crate::BuildError::Spawn)?;
         Ok(Batcher {
@@ -189,6 +211,7 @@ impl Batcher {
             final_flush_timeout: builder.final_flush_timeout,
             shared,
             worker: Mutex::new(Some(worker)),
+            close_report: Mutex::new(CloseReport::default()),
         })
     }
 
@@ -304,7 +327,7 @@ impl Batcher {
 
     /// Returns once the worker has taken in every update accepted before the call, has
     /// handled every timer that had fired before the call, and every flush those triggered
-    /// has completed.
+    /// has completed and been announced.
     ///
     /// With a [`MockClock`](crate::MockClock), `clock.advance(interval); batcher.sync();`
     /// leaves the scheduled flush complete. Returns at once after `close`.
@@ -317,7 +340,9 @@ impl Batcher {
 
     /// Flushes now (reason `manual`) everything accepted before the call, including
     /// entries kept from failed flushes, without waiting out a retry backoff. Blocks until
-    /// the flush is done; `None` when there was nothing to flush or the batcher is closed.
+    /// the flush is done and its agents announced (the next flush does not wait for that
+    /// announcement; only this caller does); `None` when there was nothing to flush or the
+    /// batcher is closed.
     pub fn flush(&self) -> Option<FlushReport> {
         let (reply, report) = crossbeam_channel::bounded(1);
         self.control.send(Control::Flush(reply)).ok()?;
@@ -335,52 +360,111 @@ impl Batcher {
     }
 
     /// Stops intake, drains everything already accepted, makes the final flush and joins
-    /// the worker.
+    /// the threads; returns what it wrote and what it could not.
     ///
-    /// Returns within the final flush timeout (by the injected clock) even when the store
-    /// hangs: then it interrupts the store call (see
-    /// [`Store::interrupt_handle`](crate::Store::interrupt_handle)), leaves the threads to
-    /// finish on their own, and counts what was not written in
-    /// `Stats::unwritten_at_shutdown`. Idempotent; dropping the batcher calls it.
+    /// Returns within the final flush timeout (by the injected clock) whatever the store
+    /// does: then it counts what is unwritten in `Stats::unwritten_at_shutdown`, refuses
+    /// further store calls, fires the store call's interrupt (see
+    /// [`Store::interrupt_handle`](crate::Store::interrupt_handle)) on a thread of its own,
+    /// so a slow or panicking interrupt cannot hold or unwind the caller, and leaves the
+    /// threads to finish on their own. Never panics. Idempotent: later calls return the
+    /// first call's report. Dropping the batcher calls it.
     ///
     /// With a [`MockClock`](crate::MockClock) the timeout passes only when the clock is
     /// advanced, so a test whose store never returns must advance it (the store itself may,
     /// as a hung database's time passes); otherwise `close` waits for the store.
-    pub fn close(&self) {
+    ///
+    /// ```
+    /// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore};
+    ///
+    /// let batcher = Batcher::builder(MemoryStore::new(), MemoryPubsub::new()).build().unwrap();
+    /// let report = batcher.close();
+    /// assert!(!report.deadline_hit);
+    /// batcher.close(); // a statement is fine too: the report need not be used
+    /// ```
+    pub fn close(&self) -> CloseReport {
         let mut worker = self.worker.lock();
         let Some(handle) = worker.take() else {
-            return;
+            return *self.close_report.lock();
         };
         *self.intake.write() = false;
+        let flushed_before = self.shared.counters.flushed.load(Relaxed);
         let deadline = self.shared.clock.after(self.final_flush_timeout);
         let (reply, done) = crossbeam_channel::bounded(1);
-        if self.control.send(Control::Shutdown(reply)).is_err() {
-            return;
+        let deadline_hit = self.control.send(Control::Shutdown(reply)).is_ok()
+            && select! {
+                recv(done) -> _ => false,
+                // Both may be ready: a worker that finished in time has finished.
+                recv(deadline) -> _ => done.try_recv().is_err(),
+            };
+        if deadline_hit {
+            self.give_up();
+        } else {
+            let _ = handle.join();
         }
-        select! {
-            recv(done) -> _ => {
-                let _ = handle.join();
-            }
-            recv(deadline) -> _ => {
-                self.shared.cancellation.abandon();
-                let stats = self.shared.counters.snapshot();
-                let unwritten = stats.queued + stats.batched + stats.in_flight;
-                self.shared.counters
-                    .unwritten_at_shutdown
-                    .store(unwritten as u64, Relaxed);
-                tracing::error!(
-                    unwritten,
-                    timeout = ?self.final_flush_timeout,
-                    "metadata batcher final flush timed out; interrupted the store call"
-                );
-            }
+        let report = CloseReport {
+            written: self
+                .shared
+                .counters
+                .flushed
+                .load(Relaxed)
+                .saturating_sub(flushed_before),
+            unwritten: self.shared.counters.unwritten_at_shutdown.load(Relaxed),
+            deadline_hit,
+        };
+        *self.close_report.lock() = report;
+        report
+    }
+
+    /// The final flush timed out: record what is unwritten, then interrupt the store call.
+    fn give_up(&self) {
+        // Refuse further calls first, then count: the worker records no more after this,
+        // and the interrupt (user code) runs only once the count is safe.
+        let interrupt = self.shared.cancellation.abandon();
+        let stats = self.shared.counters.snapshot();
+        let unwritten = stats.queued + stats.batched + stats.in_flight;
+        self.shared
+            .counters
+            .unwritten_at_shutdown
+            .store(unwritten as u64, Relaxed);
+        self.shared.notifier.close();
+        tracing::error!(
+            unwritten,
+            timeout = ?self.final_flush_timeout,
+            "metadata batcher final flush timed out; interrupting the store call"
+        );
+        if let Some(interrupt) = interrupt {
+            self.interrupt_off_thread(interrupt);
+        }
+    }
+
+    /// Fires the store's interrupt on a thread of its own: it is user code, and may block
+    /// (a cancel request into a dead network) or panic; neither may reach `close`.
+    fn interrupt_off_thread(&self, interrupt: Interrupt) {
+        let shared = self.shared.clone();
+        let spawned = thread::Builder::new()
+            .name("mdbatch-cancel".into())
+            .spawn(move || {
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| interrupt.fire())) {
+                    shared.counters.panics.fetch_add(1, Relaxed);
+                    tracing::error!(
+                        panic = %panic_message(&*panic),
+                        "the store's interrupt panicked; the store call is left running"
+                    );
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::error!(
+                %error,
+                "could not start a thread to interrupt the store call; it is left running"
+            );
         }
     }
 }
 
 impl Drop for Batcher {
     fn drop(&mut self) {
-        self.close();
+        let _ = self.close();
     }
 }
 

@@ -14,9 +14,19 @@ pub const DEFAULT_BATCH_SIZE: usize = 500;
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 /// Channel capacity, in keys, per entry of batch size: Go's headroom for bursts.
 pub const DEFAULT_CHANNEL_MULTIPLIER: usize = 5;
-/// Distinct entries the batch may hold, per entry of batch size, while the store is down
-/// or slow; beyond it the oldest `collected_at` are dropped.
+/// A bound on distinct entries, per entry of batch size, for [`Builder::max_pending`].
+///
+/// No longer a default: the backlog is bounded in bytes ([`DEFAULT_MAX_PENDING_BYTES`]),
+/// and there is no bound on entries unless one is set. It was the default bound on
+/// entries (20 × 500 = 10,000), which measured half the throughput the pipelined design
+/// can reach under a slow database; kept as a reasonable entry bound for those who want
+/// one: `.max_pending(batch_size * DEFAULT_MAX_PENDING_MULTIPLIER)`.
 pub const DEFAULT_MAX_PENDING_MULTIPLIER: usize = 20;
+/// The backlog's bound in bytes (64 MiB): the batch and the flush in flight, counted as
+/// their keys', values' and errors' allocations plus 288 bytes per entry. With realistic
+/// entries (a short key, a value of a few dozen bytes) that is about 200,000 distinct
+/// entries: a fleet of 20,000 agents × 10 keys rides out an outage of any length.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 64 << 20;
 /// How long `close` may take, as in Go.
 pub const DEFAULT_FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(15);
 /// First retry delay after a failed flush; it doubles on each further failure.
@@ -59,6 +69,7 @@ pub struct Builder {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) channel_capacity: Option<usize>,
     pub(crate) max_pending: Option<usize>,
+    pub(crate) max_pending_bytes: usize,
     pub(crate) final_flush_timeout: Duration,
     pub(crate) retry_backoff_initial: Duration,
     pub(crate) retry_backoff_max: Duration,
@@ -76,6 +87,7 @@ impl Builder {
             clock: Arc::new(SystemClock),
             channel_capacity: None,
             max_pending: None,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             final_flush_timeout: DEFAULT_FINAL_FLUSH_TIMEOUT,
             retry_backoff_initial: DEFAULT_RETRY_BACKOFF_INITIAL,
             retry_backoff_max: DEFAULT_RETRY_BACKOFF_MAX,
@@ -108,11 +120,33 @@ impl Builder {
         self
     }
 
-    /// Distinct entries the batch may hold while a flush is running or the store is
-    /// failing (default 20 × batch size; at least the batch size). Beyond it the entries
-    /// with the oldest `collected_at` are dropped and counted as `retention_dropped`.
+    /// A bound on the distinct entries the batch may hold while a flush is running or the
+    /// store is failing (default: none, only [`max_pending_bytes`](Builder::max_pending_bytes);
+    /// at least the batch size). Beyond it the entries with the oldest `collected_at` are
+    /// dropped and counted as `retention_dropped`. The batch may exceed it by one batch
+    /// size between flushes, which trim exactly to it.
     pub fn max_pending(mut self, entries: usize) -> Self {
         self.max_pending = Some(entries);
+        self
+    }
+
+    /// The bound on the backlog's bytes (default [`DEFAULT_MAX_PENDING_BYTES`], 64 MiB):
+    /// the batch plus what the flush in flight has not yet written, each entry counted as
+    /// its key's, value's and error's allocations plus 288 bytes (map slot and allocator
+    /// overhead). Past it the entries with the oldest `collected_at` are dropped, an
+    /// eighth of the bound at a time, and counted as `retention_dropped`.
+    ///
+    /// ```
+    /// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore};
+    ///
+    /// let batcher = Batcher::builder(MemoryStore::new(), MemoryPubsub::new())
+    ///     .max_pending_bytes(16 << 20)
+    ///     .build()
+    ///     .unwrap();
+    /// batcher.close();
+    /// ```
+    pub fn max_pending_bytes(mut self, bytes: usize) -> Self {
+        self.max_pending_bytes = bytes;
         self
     }
 
@@ -164,14 +198,16 @@ impl Builder {
         self
     }
 
-    /// Checks the settings and starts the worker thread (and the flusher thread, when
-    /// pipelined). Metric handles are registered here, with the recorder current on the
+    /// Checks the settings and starts the worker thread `mdbatch-worker` (and, when
+    /// pipelined, the flusher thread `mdbatch-flush` and the publisher thread
+    /// `mdbatch-notify`). Metric handles are registered here, with the recorder current on the
     /// calling thread.
     pub fn build(self) -> Result<Batcher, BuildError> {
         for (setting, zero) in [
             ("batch_size", self.batch_size == 0),
             ("interval", self.interval.is_zero()),
             ("channel_capacity", self.channel_capacity == Some(0)),
+            ("max_pending_bytes", self.max_pending_bytes == 0),
             ("final_flush_timeout", self.final_flush_timeout.is_zero()),
             ("retry_backoff", self.retry_backoff_initial.is_zero()),
         ] {

@@ -1,55 +1,74 @@
-//! One flush: write the batch with one statement, isolate refused rows, announce the agents.
+//! One flush: write the batch in chunks, isolate refused and locked rows, announce the agents.
 //!
-//! [`Flusher::flush`] runs on the flusher thread (or inline on the worker thread, in
-//! [`FlushMode::Inline`](crate::FlushMode::Inline)) and owns the user's store and publisher,
-//! so nothing else ever waits on the database. Its steps, each small:
+//! [`Flusher::flush`] runs on the `mdbatch-flush` thread (or inline on the worker thread,
+//! in [`FlushMode::Inline`](crate::FlushMode::Inline)) and owns the user's store, so nothing
+//! else ever waits on the database. Its steps, each small:
 //!
-//! 1. [`Flusher::write`]: one `Store::batch_update` for the whole batch. When the database
-//!    refuses the data, the batch is split in halves and each half written again, until the
-//!    refused rows stand alone; only they are dropped (about `2·log2(n)` extra statements
-//!    per refused row). When the store is unavailable, the unwritten rows are handed back
-//!    to the worker to retry.
-//! 2. [`Flusher::announce`]: the distinct agents of the stored rows, published in payloads
-//!    of at most 363 IDs.
-//! 3. [`Flusher::record`]: totals, metrics and the report, all timed on the injected clock.
+//! 1. [`Flusher::write`]: the batch goes out in chunks of at most `batch_size` rows, so a
+//!    backlog that accrued during a slow flush or an outage drains at the database's pace
+//!    instead of timing out as one huge statement.
+//! 2. [`Flusher::write_chunk`]: one `Store::batch_update` per chunk.
+//!    - `Rejected`: the chunk is split in halves and each written again, until the refused
+//!      rows stand alone; only they are dropped (about `2·log2(n)` extra statements per
+//!      refused row).
+//!    - `Canceled` (a statement or lock timeout): split the same way, so the rows that can
+//!      be written are; a single row still canceled (a locked row) is kept for a retry,
+//!      never dropped. A flush spends at most `⌈log2 n⌉ + 2` canceled statements (enough
+//!      to isolate one locked row among `n`), then keeps the rest for the next flush.
+//!      After `close` has given up on the store, nothing is split.
+//!    - `Unavailable`, or `close` gave up: this chunk and the rest are kept for a retry.
+//! 3. [`Flusher::announce`]: the distinct agents of the stored rows go to the
+//!    `mdbatch-notify` thread ([`crate::notifier`]), so the next write never waits for a
+//!    publish; inline, they are published here, as Go does.
+//! 4. [`Flusher::record`]: totals, metrics and the report, all timed on the injected clock.
+//!
+//! Every failed store call is logged on exactly one line, here: the stores do not log
+//! their own failures.
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use uuid::Uuid;
 
+use crate::batch::Taken;
 use crate::shared::Shared;
 use crate::{
-    agent_ids, FlushReason, FlushReport, Interrupt, MetadataBatch, Publisher, Store, StoreError,
-    METADATA_BATCH_CHANNEL,
+    agent_ids, notifier, FlushReason, FlushReport, Interrupt, MetadataBatch, Publisher, Store,
+    StoreError,
 };
 
 /// A batch handed to the flusher.
 pub(crate) struct FlushJob {
     pub(crate) seq: u64,
     pub(crate) reason: FlushReason,
-    pub(crate) batch: MetadataBatch,
+    pub(crate) batch: Taken,
 }
 
 /// What the worker needs back from a flush.
 pub(crate) struct FlushOutcome {
     pub(crate) seq: u64,
     pub(crate) report: FlushReport,
-    /// Rows not written because the store was unavailable; the worker merges them back.
+    /// Rows kept for a retry (store unavailable, statement canceled); the worker merges
+    /// them back.
     pub(crate) retained: MetadataBatch,
-    /// The store was unavailable or panicked: the worker backs off before the next try.
+    /// Rows were kept back, or the store panicked: the worker backs off before the next
+    /// try.
     pub(crate) failed: bool,
+    /// The job's map, emptied, for the worker to reuse.
+    pub(crate) emptied: Taken,
 }
 
 impl FlushOutcome {
     /// A flush that could not run at all: every row is kept for the next one.
     pub(crate) fn not_attempted(job: FlushJob) -> Self {
         let count = job.batch.len();
+        let (batch, emptied) = job.batch.into_columns();
         FlushOutcome {
             seq: job.seq,
             report: FlushReport {
@@ -66,8 +85,9 @@ impl FlushOutcome {
                 publish_errors: 0,
                 error: None,
             },
-            retained: job.batch,
+            retained: batch,
             failed: true,
+            emptied,
         }
     }
 }
@@ -97,17 +117,23 @@ impl Cancellation {
         self.state.lock().interrupt = None;
     }
 
-    /// Gives up on the store: interrupts the call in flight and refuses further calls.
-    pub(crate) fn abandon(&self) {
-        let interrupt = {
-            let mut state = self.state.lock();
-            state.abandoned = true;
-            state.interrupt.take()
-        };
-        // Fired outside the lock: a PostgreSQL cancel request opens a connection.
-        if let Some(interrupt) = interrupt {
-            interrupt.fire();
+    /// Gives up on the store: refuses further calls and returns the interrupt of the call
+    /// in flight, for the caller to fire off its own thread (user code may block or panic).
+    pub(crate) fn abandon(&self) -> Option<Interrupt> {
+        let mut state = self.state.lock();
+        state.abandoned = true;
+        state.interrupt.take()
+    }
+
+    /// Runs `record` unless `close` has given up on the store; says whether it ran.
+    /// Under the lock, so `close`'s own record of what is unwritten cannot be overwritten.
+    pub(crate) fn unless_abandoned(&self, record: impl FnOnce()) -> bool {
+        let state = self.state.lock();
+        if state.abandoned {
+            return false;
         }
+        record();
+        true
     }
 
     pub(crate) fn is_abandoned(&self) -> bool {
@@ -125,15 +151,30 @@ struct Written {
     retained: MetadataBatch,
     statements: usize,
     error: Option<StoreError>,
-    unavailable: bool,
+    /// No more store calls this flush: the store is unavailable or panicked, `close` gave
+    /// up, or the canceled statements spent their budget. Later chunks are kept.
+    stopped: bool,
     panicked: bool,
+    /// Canceled statements this flush still handles (by splitting or keeping one row)
+    /// before it stops.
+    cancel_budget: u32,
 }
 
-/// Runs flushes against the user's store and publisher.
+/// Where a flush's agents are announced.
+pub(crate) enum Announcer {
+    /// On the flushing thread, as Go does ([`FlushMode::Inline`](crate::FlushMode::Inline)).
+    Inline(Box<dyn Publisher>),
+    /// On the `mdbatch-notify` thread; joined when the flusher is dropped.
+    Thread(Option<JoinHandle<()>>),
+}
+
+/// Runs flushes against the user's store, and announces what they stored.
 pub(crate) struct Flusher {
     store: Box<dyn Store>,
-    publisher: Box<dyn Publisher>,
+    announcer: Announcer,
     shared: Arc<Shared>,
+    /// The most rows one statement carries.
+    batch_size: usize,
     /// Keys per agent of the current flush; kept to reuse its allocation.
     keys_per_agent: HashMap<Uuid, u32, foldhash::fast::RandomState>,
 }
@@ -141,13 +182,15 @@ pub(crate) struct Flusher {
 impl Flusher {
     pub(crate) fn new(
         store: Box<dyn Store>,
-        publisher: Box<dyn Publisher>,
+        announcer: Announcer,
         shared: Arc<Shared>,
+        batch_size: usize,
     ) -> Self {
         Flusher {
             store,
-            publisher,
+            announcer,
             shared,
+            batch_size,
             keys_per_agent: HashMap::default(),
         }
     }
@@ -173,78 +216,102 @@ impl Flusher {
             count,
             "flushing metadata batch"
         );
+        let mut written = Written {
+            cancel_budget: cancel_budget(count),
+            ..Written::default()
+        };
+        let (batch, emptied) = job.batch.into_columns();
         // As Go: before the store call, for every agent of the batch.
         self.shared
             .metrics
-            .observe_utilization(&job.batch.agent_ids, &mut self.keys_per_agent);
-        let mut written = Written::default();
-        self.write(job.batch, &mut written);
-        let (agents, chunks, publish_errors) = self.announce(&written.agent_ids);
-        let elapsed = self.shared.clock.now().saturating_duration_since(start);
-        let report = FlushReport {
+            .observe_utilization(&batch.agent_ids, &mut self.keys_per_agent);
+        self.write(batch, &mut written);
+        let agents = self.stored_agents(&written.agent_ids);
+        let mut report = FlushReport {
             reason: job.reason,
             count,
-            agents,
-            chunks,
-            elapsed,
+            agents: agents.len(),
+            chunks: agents.len().div_ceil(agent_ids::MAX_IDS_PER_CHUNK),
+            elapsed: Duration::ZERO,
             stored: written.agent_ids.len(),
             updated: written.updated,
             rejected: written.rejected,
             retained: written.retained.len(),
             statements: written.statements,
-            publish_errors,
+            publish_errors: 0,
             error: written.error.clone(),
         };
-        let failed = written.unavailable || written.panicked;
-        self.record(&report, failed);
+        // Kept rows mean a retry on the backoff, even when other rows were stored: a
+        // locked row must not be retried, at the cost of a split, by every capacity flush.
+        let failed = written.panicked || !written.retained.is_empty();
+        self.announce(job.seq, &agents, &mut report, start, failed);
         FlushOutcome {
             seq: job.seq,
             report,
             retained: written.retained,
             failed,
+            emptied,
         }
     }
 
-    /// Writes `batch`, splitting it while the database refuses its data.
+    /// Writes `batch` in chunks of at most `batch_size` rows.
     fn write(&mut self, mut batch: MetadataBatch, written: &mut Written) {
-        if written.unavailable || written.panicked {
-            // No point in more calls this flush; the rows wait for the retry.
-            written.retained.append(&mut batch);
+        while !batch.is_empty() {
+            // From the end, so each split moves only the chunk's rows.
+            let chunk = batch.split_off(batch.len().saturating_sub(self.batch_size));
+            self.write_chunk(chunk, written);
+        }
+    }
+
+    /// Writes one chunk, splitting it while the database refuses its data or cancels it.
+    fn write_chunk(&mut self, mut chunk: MetadataBatch, written: &mut Written) {
+        if written.stopped {
+            written.retained.append(&mut chunk);
             return;
         }
         written.statements += 1;
-        match self.call_store(&batch) {
+        let rows = chunk.len();
+        match self.call_store(&chunk) {
             Ok(updated) => {
+                self.count_stored(&chunk, updated);
                 written.updated += updated;
-                written.agent_ids.append(&mut batch.agent_ids);
+                written.agent_ids.append(&mut chunk.agent_ids);
             }
             Err(StoreCall::Failed(StoreError::Rejected(message))) => {
                 self.count_store_error();
-                if batch.len() == 1 {
-                    self.reject(&batch, &message);
+                if rows == 1 {
+                    self.reject(&chunk, &message);
                     written.rejected += 1;
                     written.error = Some(StoreError::Rejected(message));
                 } else {
-                    let second_half = batch.split_off(batch.len() / 2);
-                    self.write(batch, written);
-                    self.write(second_half, written);
+                    tracing::debug!(
+                        rows,
+                        error = %message,
+                        "the database refused a chunk; splitting it to find the refused rows"
+                    );
+                    self.split(chunk, written);
                 }
+            }
+            Err(StoreCall::Failed(StoreError::Canceled)) => {
+                self.count_store_error();
+                written.error = Some(StoreError::Canceled);
+                self.canceled(chunk, written);
             }
             Err(StoreCall::Failed(error)) => {
                 self.count_store_error();
                 tracing::error!(
-                    rows = batch.len(),
+                    rows,
                     error = %error,
-                    "metadata flush failed; the rows are kept and retried"
+                    "metadata store call failed; the rows are kept and retried"
                 );
-                written.unavailable = true;
+                written.stopped = true;
                 written.error = Some(error);
-                written.retained.append(&mut batch);
+                written.retained.append(&mut chunk);
             }
             Err(StoreCall::Abandoned) => {
-                written.unavailable = true;
+                written.stopped = true;
                 written.error = Some(StoreError::Canceled);
-                written.retained.append(&mut batch);
+                written.retained.append(&mut chunk);
             }
             Err(StoreCall::Panicked(message)) => {
                 self.count_store_error();
@@ -252,12 +319,13 @@ impl Flusher {
                 self.shared
                     .counters
                     .lost_to_panics
-                    .fetch_add(batch.len() as u64, Relaxed);
+                    .fetch_add(rows as u64, Relaxed);
                 tracing::error!(
-                    rows = batch.len(),
+                    rows,
                     panic = %message,
                     "metadata store panicked; the rows of this call are lost"
                 );
+                written.stopped = true;
                 written.panicked = true;
                 written.error = Some(StoreError::Unavailable(format!(
                     "store panicked: {message}"
@@ -266,17 +334,77 @@ impl Flusher {
         }
     }
 
+    /// A canceled chunk (statement or lock timeout): split it so the writable rows are
+    /// written, keep a lone canceled row for a retry, and stop once the budget is spent.
+    fn canceled(&mut self, mut chunk: MetadataBatch, written: &mut Written) {
+        let rows = chunk.len();
+        if self.shared.cancellation.is_abandoned() {
+            // `close` gave up on the store: no more statements, the rows are counted as
+            // unwritten.
+            tracing::error!(
+                rows,
+                "metadata store call canceled at shutdown; the rows are not written"
+            );
+            written.stopped = true;
+            written.retained.append(&mut chunk);
+        } else if written.cancel_budget == 0 {
+            tracing::warn!(
+                rows,
+                "metadata store call canceled (statement or lock timeout) again; this flush \
+                 stops splitting and keeps the rest for the retry"
+            );
+            written.stopped = true;
+            written.retained.append(&mut chunk);
+        } else if rows == 1 {
+            written.cancel_budget -= 1;
+            tracing::warn!(
+                agent_id = %chunk.agent_ids[0],
+                key = %chunk.keys[0],
+                "metadata row canceled on its own (a lock held elsewhere, or a statement \
+                 timeout); it is kept and retried with backoff"
+            );
+            written.retained.append(&mut chunk);
+        } else {
+            written.cancel_budget -= 1;
+            tracing::debug!(
+                rows,
+                "metadata store call canceled; splitting the chunk to write what can be written"
+            );
+            self.split(chunk, written);
+        }
+    }
+
+    fn split(&mut self, mut chunk: MetadataBatch, written: &mut Written) {
+        let second_half = chunk.split_off(chunk.len() / 2);
+        self.write_chunk(chunk, written);
+        self.write_chunk(second_half, written);
+    }
+
     fn call_store(&mut self, batch: &MetadataBatch) -> Result<u64, StoreCall> {
         let store = &mut self.store;
+        let counters = &self.shared.counters;
         let result = catch_unwind(AssertUnwindSafe(|| {
             let interrupt = store.interrupt_handle();
             if !self.shared.cancellation.arm(interrupt) {
                 return Err(StoreCall::Abandoned);
             }
+            counters.set_store_call_started(Some(self.shared.clock.now()));
             store.batch_update(batch).map_err(StoreCall::Failed)
         }));
+        counters.set_store_call_started(None);
         self.shared.cancellation.disarm();
         result.unwrap_or_else(|panic| Err(StoreCall::Panicked(panic_message(&*panic))))
+    }
+
+    /// Counts a stored chunk at once, so `stats()` and `close` see a long flush progress.
+    fn count_stored(&self, chunk: &MetadataBatch, updated: u64) {
+        let c = &self.shared.counters;
+        let rows = chunk.len();
+        c.flushed.fetch_add(rows as u64, Relaxed);
+        c.unmatched
+            .fetch_add((rows as u64).saturating_sub(updated), Relaxed);
+        c.release_in_flight(rows, crate::batch::batch_bytes(chunk));
+        self.shared.metrics.flushed.increment(rows as u64);
     }
 
     fn count_store_error(&self) {
@@ -295,50 +423,43 @@ impl Flusher {
         );
     }
 
-    /// Publishes the distinct agents of the stored rows; returns (agents, payloads, failures).
-    fn announce(&mut self, stored_agent_ids: &[Uuid]) -> (usize, usize, usize) {
+    /// The distinct agents of the stored rows (the map is reused for its allocation).
+    fn stored_agents(&mut self, stored_agent_ids: &[Uuid]) -> Vec<Uuid> {
         self.keys_per_agent.clear();
         for &agent_id in stored_agent_ids {
             *self.keys_per_agent.entry(agent_id).or_insert(0) += 1;
         }
-        let agents: Vec<Uuid> = self.keys_per_agent.keys().copied().collect();
-        let payloads = agent_ids::encode_chunks(&agents);
-        let mut failures = 0;
-        for payload in &payloads {
-            let publisher = &mut self.publisher;
-            let result = catch_unwind(AssertUnwindSafe(|| {
-                publisher.publish(METADATA_BATCH_CHANNEL, payload)
-            }));
-            let error = match result {
-                Ok(Ok(())) => continue,
-                Ok(Err(error)) => error.to_string(),
-                Err(panic) => {
-                    self.shared.counters.panics.fetch_add(1, Relaxed);
-                    format!("publisher panicked: {}", panic_message(&*panic))
-                }
-            };
-            failures += 1;
-            self.shared.counters.publish_errors.fetch_add(1, Relaxed);
-            self.shared.metrics.publish_errors.increment(1);
-            tracing::error!(
-                error = %error,
-                chunk_size = payload.len() / agent_ids::UUID_BASE64_LEN,
-                payload_size = payload.len(),
-                "failed to publish workspace agent metadata batch"
-            );
-        }
-        (agents.len(), payloads.len(), failures)
+        self.keys_per_agent.keys().copied().collect()
     }
 
-    fn record(&self, report: &FlushReport, failed: bool) {
+    /// Announces `agents` and records the flush. Inline, publishes here first, as Go does
+    /// (the flush's time includes the publish). Otherwise records the flush first, so the
+    /// publisher thread finds it to add its publish errors to, then hands the agents over.
+    fn announce(
+        &mut self,
+        seq: u64,
+        agents: &[Uuid],
+        report: &mut FlushReport,
+        start: std::time::Instant,
+        failed: bool,
+    ) {
+        let shared = &self.shared;
+        if let Announcer::Inline(publisher) = &mut self.announcer {
+            report.publish_errors = notifier::publish(&mut **publisher, shared, agents);
+            shared.notifier.published_inline(seq, report.publish_errors);
+        }
+        report.elapsed = shared.clock.now().saturating_duration_since(start);
+        self.record(seq, report, failed);
+        if let Announcer::Thread(_) = self.announcer {
+            self.shared.notifier.announce(seq, agents);
+        }
+    }
+
+    fn record(&self, seq: u64, report: &FlushReport, failed: bool) {
         let c = &self.shared.counters;
-        c.flushed.fetch_add(report.stored as u64, Relaxed);
-        c.unmatched.fetch_add(
-            (report.stored as u64).saturating_sub(report.updated),
-            Relaxed,
-        );
-        self.shared.metrics.flushed.increment(report.stored as u64);
-        if !failed {
+        // A flush that stored rows counts as one, even when others were kept for a retry:
+        // with a locked row, every flush is such a flush, and they must show.
+        if !failed || report.stored > 0 {
             c.count_flush(report.reason);
             self.shared.metrics.batch_size.record(report.count as f64);
             self.shared.metrics.batches(report.reason).increment(1);
@@ -347,17 +468,37 @@ impl Flusher {
                 .flush_duration(report.reason)
                 .record(report.elapsed.as_secs_f64());
         }
-        c.set_last_flush(report.clone());
+        c.set_last_flush(seq, report.clone());
         tracing::debug!(
             reason = report.reason.as_str(),
             count = report.count,
             stored = report.stored,
             retained = report.retained,
             rejected = report.rejected,
+            statements = report.statements,
             elapsed = ?report.elapsed,
             "flush complete"
         );
     }
+}
+
+impl Drop for Flusher {
+    /// Lets the publisher thread announce what is queued, and waits for it.
+    fn drop(&mut self) {
+        if let Announcer::Thread(thread) = &mut self.announcer {
+            self.shared.notifier.close();
+            if let Some(thread) = thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Canceled statements one flush of `rows` handles before it stops: `⌈log2 rows⌉ + 1`,
+/// what isolating one locked row takes (the whole chunk, then one half per level down to
+/// the row). The next canceled statement stops the flush.
+fn cancel_budget(rows: usize) -> u32 {
+    rows.max(1).next_power_of_two().trailing_zeros() + 1
 }
 
 enum StoreCall {
@@ -367,7 +508,7 @@ enum StoreCall {
     Panicked(String),
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

@@ -5,15 +5,17 @@
 //! through a [`Store`], and announces the agents it changed through a [`Publisher`], so every
 //! replica's watchers can refresh. It is the Rust counterpart of the metadata batcher in
 //! Coder's control plane, with the same metric names and NOTIFY payload format, and no async
-//! runtime: two named OS threads and crossbeam channels.
+//! runtime: named OS threads (`mdbatch-worker`, `mdbatch-flush`, `mdbatch-notify`) and
+//! crossbeam channels.
 //!
 //! # A tour
 //!
 //! - [`Batcher`] and [`Builder`]: the handle callers share, and its settings.
 //! - `worker` (private, `src/worker.rs`): the select loop over updates, the flush timer,
 //!   flusher completions and control messages. Start reading there.
-//! - `flusher` (private, `src/flusher.rs`): one flush: the store call, isolating refused rows,
-//!   announcing the agents.
+//! - `flusher` (private, `src/flusher.rs`): one flush: the store calls in chunks of at most
+//!   `batch_size`, isolating refused and locked rows, handing the agents to `notifier`
+//!   (`src/notifier.rs`), the publisher thread.
 //! - [`Clock`], [`SystemClock`], [`MockClock`]: every timer and duration comes from an
 //!   injected clock, so tests are deterministic.
 //! - [`Store`], [`Publisher`] and their in-process implementations [`MemoryStore`] and
@@ -60,6 +62,7 @@ mod memory;
 mod metadata;
 mod metadata_batch;
 pub mod metrics;
+mod notifier;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod publish;
@@ -71,8 +74,8 @@ mod worker;
 pub use batcher::{AddError, AddReport, Batcher};
 pub use builder::{
     BuildError, Builder, FlushMode, DEFAULT_BATCH_SIZE, DEFAULT_CHANNEL_MULTIPLIER,
-    DEFAULT_FINAL_FLUSH_TIMEOUT, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING_MULTIPLIER,
-    DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
+    DEFAULT_FINAL_FLUSH_TIMEOUT, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING_BYTES,
+    DEFAULT_MAX_PENDING_MULTIPLIER, DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
 };
 pub use clock::{Clock, MockClock, SystemClock};
 pub use memory::{MemoryPubsub, MemoryStore, StoredMetadata};
@@ -81,7 +84,7 @@ pub use metadata::{
 };
 pub use metadata_batch::MetadataBatch;
 pub use publish::{PublishError, Publisher};
-pub use stats::{FlushCounts, FlushReason, FlushReport, Health, Stats};
+pub use stats::{CloseReport, FlushCounts, FlushReason, FlushReport, Health, Stats};
 pub use store::{Interrupt, Store, StoreError};
 
 /// Compiles and runs the README's examples with the doctests.

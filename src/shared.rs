@@ -1,10 +1,12 @@
-//! What the handle, the worker thread and the flusher thread share: the clock, the totals,
-//! the metric handles and the way `close` gives up on a hung store.
+//! What the handle, the worker thread, the flusher thread and the publisher thread share:
+//! the clock, the totals, the metric handles, the way `close` gives up on a hung store, and
+//! the hand-over of announcements.
 
 use std::sync::Arc;
 
 use crate::flusher::Cancellation;
 use crate::metrics::Metrics;
+use crate::notifier::Notifier;
 use crate::stats::Counters;
 use crate::Clock;
 
@@ -13,6 +15,7 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     pub(crate) metrics: Metrics,
     pub(crate) cancellation: Cancellation,
+    pub(crate) notifier: Notifier,
 }
 
 impl Shared {
@@ -23,6 +26,7 @@ impl Shared {
             counters: Counters::new(clock.now()),
             metrics: Metrics::register(metric_labels),
             cancellation: Cancellation::default(),
+            notifier: Notifier::default(),
             clock,
         })
     }

@@ -54,9 +54,12 @@ pub struct FlushReport {
     pub count: usize,
     /// Distinct agents among the entries it stored, each announced once.
     pub agents: usize,
-    /// NOTIFY payloads it published (successfully or not).
+    /// NOTIFY payloads its agents take (at most 363 IDs each). Announcements that queue
+    /// behind a slow publish are merged, so fewer payloads may actually be sent.
     pub chunks: usize,
-    /// Time from the first store call to the last publish, by the injected clock.
+    /// Time from the first store call to the last publish, by the injected clock. In
+    /// [`FlushMode::Pipelined`](crate::FlushMode::Pipelined) the publish runs on its own
+    /// thread, so this ends with the last store call.
     pub elapsed: Duration,
     /// Entries the store accepted.
     pub stored: usize,
@@ -65,11 +68,15 @@ pub struct FlushReport {
     pub updated: u64,
     /// Entries the database refused, isolated and dropped.
     pub rejected: usize,
-    /// Entries handed back to the batch because the store was unavailable.
+    /// Entries handed back to the batch to be retried: the store was unavailable, or their
+    /// statement was canceled (a statement or lock timeout) and could not be split further
+    /// in this flush.
     pub retained: usize,
-    /// Store calls made; more than one when refused rows were being isolated.
+    /// Store calls made: one per chunk of at most `batch_size` rows, plus the calls that
+    /// split refused or canceled chunks.
     pub statements: usize,
-    /// Payloads whose publish failed.
+    /// Payloads whose publish failed. When announcements were merged behind a slow
+    /// publish, the failures of the merged publish.
     pub publish_errors: usize,
     /// The last store error, if any call failed.
     pub error: Option<StoreError>,
@@ -97,9 +104,10 @@ pub struct Stats {
     pub queued: usize,
     /// Distinct entries in the batch, waiting for a flush.
     pub batched: usize,
-    /// Entries of the flush in progress, if any.
+    /// Entries of the flush in progress not yet written, if any.
     pub in_flight: usize,
-    /// Flushes whose store call succeeded, by reason.
+    /// Flushes that reached the database, by reason: every store call succeeded, or some
+    /// rows were stored before the others were retained.
     pub flushes: FlushCounts,
     /// Entries written.
     pub flushed: u64,
@@ -130,11 +138,43 @@ pub struct Stats {
 pub struct Health {
     /// The worker thread is running (false after `close`, or if it died).
     pub worker_alive: bool,
-    /// Flushes in a row whose store call failed (unavailable, canceled or panicked); 0
-    /// after a flush that reached the database.
+    /// Flushes in a row that failed: they kept rows back for a retry (the store was
+    /// unavailable, or a statement was canceled and its rows could not all be written) or
+    /// their store panicked. 0 after a flush that wrote (or saw refused) all it carried.
+    /// A flush that wrote some rows but kept locked ones counts as failed, so the locked
+    /// rows are retried on the backoff.
     pub consecutive_store_failures: u64,
     /// How long the oldest entry not yet written has waited, by the injected clock.
     pub oldest_unflushed_age: Option<Duration>,
+    /// How long the store call running now has run, by the injected clock; `None` between
+    /// calls. A hung call shows here before it fails.
+    pub store_call_age: Option<Duration>,
+}
+
+/// What [`Batcher::close`](crate::Batcher::close) did.
+///
+/// ```
+/// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore, Metadata};
+/// use uuid::Uuid;
+///
+/// let store = MemoryStore::new();
+/// let agent = Uuid::from_u128(1);
+/// store.register(agent, ["cpu"]);
+/// let batcher = Batcher::builder(store, MemoryPubsub::new()).build().unwrap();
+/// batcher.add(agent, vec![Metadata::new("cpu", "1%", "", std::time::SystemTime::now())]).unwrap();
+/// let report = batcher.close();
+/// assert_eq!((report.written, report.unwritten, report.deadline_hit), (1, 0, false));
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CloseReport {
+    /// Entries stored while `close` ran: the flush that was in flight and the final flush.
+    pub written: u64,
+    /// Entries left unwritten; the same number as `Stats::unwritten_at_shutdown`.
+    pub unwritten: u64,
+    /// The final flush timeout passed: the store call in flight was interrupted and the
+    /// threads were left to finish on their own.
+    pub deadline_hit: bool,
 }
 
 /// Sentinel for "no instant" in the atomics below.
@@ -151,6 +191,9 @@ pub(crate) struct Counters {
     pub(crate) taken_in: AtomicU64,
     pub(crate) batched: AtomicUsize,
     pub(crate) in_flight: AtomicUsize,
+    /// Bytes of the flush in progress not yet written (see `batch::entry_bytes`); counts
+    /// against the byte bound.
+    pub(crate) in_flight_bytes: AtomicUsize,
     flushes: [AtomicU64; FlushReason::ALL.len()],
     pub(crate) flushed: AtomicU64,
     pub(crate) dropped: AtomicU64,
@@ -167,9 +210,13 @@ pub(crate) struct Counters {
     /// When the oldest entry of the batch arrived, and of the flush in progress.
     oldest_batched: AtomicU64,
     oldest_in_flight: AtomicU64,
+    /// When the store call running now started.
+    store_call_started: AtomicU64,
     /// When `add` last logged dropped keys at warn level.
     pub(crate) last_drop_warning: AtomicU64,
-    last_flush: Mutex<Option<FlushReport>>,
+    /// The last flush that carried entries, with its sequence number, so the publisher
+    /// thread can add its publish errors once they are known.
+    last_flush: Mutex<Option<(u64, FlushReport)>>,
 }
 
 impl Counters {
@@ -180,6 +227,7 @@ impl Counters {
             taken_in: AtomicU64::new(0),
             batched: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            in_flight_bytes: AtomicUsize::new(0),
             flushes: Default::default(),
             flushed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -195,6 +243,7 @@ impl Counters {
             worker_alive: AtomicBool::new(true),
             oldest_batched: AtomicU64::new(NONE),
             oldest_in_flight: AtomicU64::new(NONE),
+            store_call_started: AtomicU64::new(NONE),
             last_drop_warning: AtomicU64::new(NONE),
             last_flush: Mutex::new(None),
         }
@@ -223,9 +272,34 @@ impl Counters {
         self.flushes[reason as usize].fetch_add(1, Relaxed);
     }
 
-    pub(crate) fn set_last_flush(&self, report: FlushReport) {
+    /// The flusher wrote `rows` entries of `bytes` of the flush in progress.
+    pub(crate) fn release_in_flight(&self, rows: usize, bytes: usize) {
+        let _ = self
+            .in_flight
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(rows)));
+        let _ = self
+            .in_flight_bytes
+            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(bytes)));
+    }
+
+    pub(crate) fn set_store_call_started(&self, at: Option<Instant>) {
+        self.store_call_started
+            .store(at.map_or(NONE, |at| self.encode(at)), Relaxed);
+    }
+
+    pub(crate) fn set_last_flush(&self, seq: u64, report: FlushReport) {
         // A lock, deliberately: a report is several words and is written once per flush.
-        *self.last_flush.lock() = Some(report);
+        *self.last_flush.lock() = Some((seq, report));
+    }
+
+    /// Records the publish errors of the flushes after `after` up to `through`, once the
+    /// publisher thread has announced them.
+    pub(crate) fn set_last_publish_errors(&self, after: u64, through: u64, errors: usize) {
+        if let Some((seq, report)) = self.last_flush.lock().as_mut() {
+            if *seq > after && *seq <= through {
+                report.publish_errors = errors;
+            }
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
@@ -255,7 +329,7 @@ impl Counters {
             lost_to_panics: self.lost_to_panics.load(Relaxed),
             panics: self.panics.load(Relaxed),
             unwritten_at_shutdown: self.unwritten_at_shutdown.load(Relaxed),
-            last_flush: self.last_flush.lock().clone(),
+            last_flush: self.last_flush.lock().as_ref().map(|(_, r)| r.clone()),
         }
     }
 
@@ -271,6 +345,9 @@ impl Counters {
             worker_alive: self.worker_alive.load(Relaxed),
             consecutive_store_failures: self.consecutive_failures.load(Relaxed),
             oldest_unflushed_age: oldest.map(|at| now.saturating_duration_since(at)),
+            store_call_age: self
+                .decode(self.store_call_started.load(Relaxed))
+                .map(|at| now.saturating_duration_since(at)),
         }
     }
 }

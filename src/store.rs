@@ -1,8 +1,10 @@
 //! Where a flush writes: the [`Store`] trait and how a write can fail.
 //!
-//! A store gets one [`MetadataBatch`] per flush and writes it with one statement. Its error
-//! tells the batcher what to do with the rows: keep them and retry ([`StoreError::Unavailable`],
-//! [`StoreError::Canceled`]), or look for the rows the database refuses
+//! A store gets one [`MetadataBatch`] of at most `batch_size` rows per call and writes it with
+//! one statement; a flush that carries more makes several calls. Its error tells the batcher
+//! what to do with the rows: keep them and retry ([`StoreError::Unavailable`]), split the
+//! batch to write what can be written and keep the rest ([`StoreError::Canceled`]: a
+//! timeout or a lock), or look for the rows the database refuses and drop only those
 //! ([`StoreError::Rejected`]). Classify with care: calling an outage "rejected" makes the
 //! batcher throw good rows away.
 
@@ -29,7 +31,9 @@ use crate::MetadataBatch;
 /// }
 /// ```
 pub trait Store: Send + 'static {
-    /// Writes one batch; returns how many stored rows it updated.
+    /// Writes one batch (at most the batcher's `batch_size` rows); returns how many stored
+    /// rows it updated. Failures are logged by the batcher, once each: a store need not
+    /// log them.
     ///
     /// A row whose (agent, key) is not stored, or whose stored `collected_at` is newer, is
     /// not updated and not counted; the batcher counts the difference as unmatched.
@@ -38,6 +42,9 @@ pub trait Store: Send + 'static {
     /// A way to stop a `batch_update` that is running on another thread, taken just before
     /// each call. The batcher fires it when [`close`](crate::Batcher::close) runs out of its
     /// final flush timeout, so a hung database cannot hold a service's shutdown.
+    ///
+    /// The interrupt runs on a thread of its own, after the batcher has counted what is
+    /// unwritten; it may block or even panic without holding or unwinding `close`.
     ///
     /// The default, `None`, means a call cannot be interrupted: `close` then still returns in
     /// time, but leaves the call running on the flusher thread.
@@ -86,8 +93,11 @@ pub enum StoreError {
     /// range, a violated constraint). The batcher splits the batch to find the refused rows,
     /// drops only those and writes the rest.
     Rejected(String),
-    /// The statement was canceled (SQLSTATE 57014: a statement timeout or a cancel request).
-    /// Retried like [`StoreError::Unavailable`], except during shutdown.
+    /// The statement was canceled: a statement timeout or a cancel request (SQLSTATE 57014),
+    /// or a lock it waited for past `lock_timeout` (55P03). The batcher splits the batch, as
+    /// for [`StoreError::Rejected`], so the rows that can be written are; a row still
+    /// canceled on its own (locked elsewhere) is kept and retried with backoff, never
+    /// dropped. During shutdown, after the final flush timeout, nothing is split.
     Canceled,
 }
 

@@ -17,8 +17,12 @@
 //! After every message [`Worker::dispatch`] starts the next flush if one is due and none is
 //! running. A flush runs on the flusher thread, so intake and dedup never wait on the
 //! database: what accrues while a flush is in flight is carried by the next one, which
-//! makes the batch grow with the database's latency instead of dropping updates. When the
-//! worker keeps up, a capacity flush carries exactly `batch_size` entries.
+//! makes the batch grow with the database's latency instead of dropping updates (the
+//! flusher writes it in statements of at most `batch_size` rows). When the worker keeps
+//! up, a capacity flush carries exactly `batch_size` entries.
+//!
+//! The worker answers `sync` and `flush` through the publisher thread
+//! ([`crate::notifier`]): the answer goes out once the flush it covers is announced.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -30,6 +34,7 @@ use uuid::Uuid;
 
 use crate::batch::Batch;
 use crate::flusher::{FlushJob, FlushOutcome, Flusher};
+use crate::notifier::Waiter;
 use crate::shared::Shared;
 use crate::{FlushReason, FlushReport, Metadata};
 
@@ -53,7 +58,10 @@ pub(crate) struct WorkerConfig {
     /// The channel's capacity in keys.
     pub(crate) channel_capacity: usize,
     pub(crate) interval: Duration,
+    /// The bound on distinct entries; `usize::MAX` when none is set.
     pub(crate) max_pending: usize,
+    /// The bound on the bytes of the batch and the flush in flight.
+    pub(crate) max_pending_bytes: usize,
     pub(crate) retry_backoff_initial: Duration,
     pub(crate) retry_backoff_max: Duration,
 }
@@ -104,7 +112,14 @@ pub(crate) struct Worker {
     batch_since: Option<Instant>,
     /// The running flush: its sequence number and when its oldest entry arrived.
     in_flight: Option<(u64, Option<Instant>)>,
+    /// Flushes are numbered from 1; 0 means none yet.
     next_seq: u64,
+    /// The last flush completed: `sync` answers once it is announced.
+    last_completed: u64,
+    /// The batch trims once its bytes pass this: the byte bound less what the flush in
+    /// flight held when last looked at. Stale only downwards (the flush in flight only
+    /// shrinks), so checking it costs one comparison per insert.
+    byte_budget: usize,
     scheduled_due: bool,
     consecutive_failures: u32,
     manual_waiting: Vec<Sender<Option<FlushReport>>>,
@@ -125,6 +140,7 @@ impl Worker {
         timer: Receiver<Instant>,
         flushing: Flushing,
     ) -> Self {
+        let byte_budget = config.max_pending_bytes;
         Worker {
             config,
             shared,
@@ -137,7 +153,9 @@ impl Worker {
             batch: Batch::default(),
             batch_since: None,
             in_flight: None,
-            next_seq: 0,
+            next_seq: 1,
+            last_completed: 0,
+            byte_budget,
             scheduled_due: false,
             consecutive_failures: 0,
             manual_waiting: Vec::new(),
@@ -168,6 +186,9 @@ impl Worker {
                 Event::Timer => {
                     self.timer = never();
                     self.scheduled_due = true;
+                    // While polling, accepted updates may still sit in the channel: the
+                    // scheduled flush carries every update accepted before its tick.
+                    self.take_in_queued();
                 }
                 Event::Completed(Ok(outcome)) => self.complete(outcome),
                 Event::Completed(Err(_)) => self.lose_flusher(),
@@ -290,10 +311,17 @@ impl Worker {
             let len = self.batch.len();
             if len >= self.config.batch_size && self.can_flush_for_capacity() {
                 self.start(FlushReason::Capacity);
-            } else if len >= self.config.max_pending + self.config.batch_size {
+            } else if len
+                >= self
+                    .config
+                    .max_pending
+                    .saturating_add(self.config.batch_size)
+            {
                 // Trimming costs a pass over the batch, so it waits for a batch's worth of
                 // excess; flushes trim exactly to the bound.
                 self.trim();
+            } else if self.batch.bytes() > self.byte_budget {
+                self.trim_bytes();
             }
         }
         self.shared
@@ -321,7 +349,9 @@ impl Worker {
                 FlushReason::Capacity
             } else {
                 for (_, reply) in self.sync_waiting.drain(..) {
-                    let _ = reply.send(());
+                    self.shared
+                        .notifier
+                        .when_published(self.last_completed, Waiter::Sync(reply));
                 }
                 return;
             };
@@ -342,6 +372,7 @@ impl Worker {
     /// Hands the whole batch to the flusher.
     fn start(&mut self, reason: FlushReason) {
         self.trim();
+        let bytes = self.batch.bytes();
         let batch = self.batch.take();
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -353,6 +384,8 @@ impl Worker {
         let since = self.batch_since.take();
         self.in_flight = Some((seq, since));
         self.shared.counters.in_flight.store(batch.len(), Relaxed);
+        self.shared.counters.in_flight_bytes.store(bytes, Relaxed);
+        self.byte_budget = self.config.max_pending_bytes.saturating_sub(bytes);
         self.shared.counters.batched.store(0, Relaxed);
         self.shared.counters.set_oldest_in_flight(since);
         self.shared.counters.set_oldest_batched(None);
@@ -376,9 +409,13 @@ impl Worker {
     /// Takes a finished flush back: unwritten rows rejoin the batch, the timer re-arms.
     fn complete(&mut self, outcome: FlushOutcome) {
         let since = self.in_flight.take().and_then(|(_, since)| since);
+        self.last_completed = outcome.seq;
         self.shared.counters.in_flight.store(0, Relaxed);
+        self.shared.counters.in_flight_bytes.store(0, Relaxed);
+        self.byte_budget = self.config.max_pending_bytes;
         self.shared.counters.set_oldest_in_flight(None);
         self.count_outcome(outcome.failed);
+        self.batch.recycle(outcome.emptied);
         if !outcome.retained.is_empty() {
             self.batch.restore(outcome.retained);
             self.batch_since = match (since, self.batch_since) {
@@ -392,18 +429,18 @@ impl Worker {
                 .batched
                 .store(self.batch.len(), Relaxed);
         }
+        let notifier = &self.shared.notifier;
         for reply in self.manual_in_flight.drain(..) {
-            let _ = reply.send(Some(outcome.report.clone()));
+            notifier.when_published(outcome.seq, Waiter::Flush(reply, outcome.report.clone()));
         }
         self.timer = self.shared.clock.after(self.next_delay());
-        self.sync_waiting.retain(|(target, reply)| {
-            if *target <= outcome.seq {
-                let _ = reply.send(());
-                false
-            } else {
-                true
-            }
-        });
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sync_waiting)
+            .into_iter()
+            .partition(|(target, _)| *target <= outcome.seq);
+        self.sync_waiting = waiting;
+        for (_, reply) in done {
+            notifier.when_published(outcome.seq, Waiter::Sync(reply));
+        }
     }
 
     /// The flusher thread ended without reporting its flush. It catches the store's and
@@ -416,6 +453,8 @@ impl Worker {
         }
         self.in_flight = None;
         self.shared.counters.in_flight.store(0, Relaxed);
+        self.shared.counters.in_flight_bytes.store(0, Relaxed);
+        self.byte_budget = self.config.max_pending_bytes;
         self.shared.counters.set_oldest_in_flight(None);
         self.count_outcome(true);
         self.timer = self.shared.clock.after(self.next_delay());
@@ -447,9 +486,32 @@ impl Worker {
             .min(self.config.retry_backoff_max)
     }
 
-    /// Holds the batch to its bound, oldest `collected_at` first.
+    /// Holds the batch to its bounds, oldest `collected_at` first: the entry bound, and
+    /// the byte bound less what the flush in flight still holds.
     fn trim(&mut self) {
-        let dropped = self.batch.trim(self.config.max_pending);
+        let budget = self.refresh_byte_budget();
+        self.trim_to(self.config.max_pending, budget);
+    }
+
+    /// The batch passed its byte budget while taking in. Trimming sorts the batch, so it
+    /// goes an eighth below the budget: the next trim is an eighth of the bound away.
+    fn trim_bytes(&mut self) {
+        let budget = self.refresh_byte_budget();
+        if self.batch.bytes() > budget {
+            self.trim_to(self.config.max_pending, budget - budget / 8);
+        }
+    }
+
+    /// The byte bound less what the flush in flight still holds (the flusher releases
+    /// each chunk as it is written).
+    fn refresh_byte_budget(&mut self) -> usize {
+        let in_flight = self.shared.counters.in_flight_bytes.load(Relaxed);
+        self.byte_budget = self.config.max_pending_bytes.saturating_sub(in_flight);
+        self.byte_budget
+    }
+
+    fn trim_to(&mut self, max_entries: usize, max_bytes: usize) {
+        let dropped = self.batch.trim(max_entries, max_bytes);
         if dropped > 0 {
             self.shared
                 .counters
@@ -461,7 +523,8 @@ impl Worker {
                 .increment(dropped as u64);
             tracing::warn!(
                 dropped,
-                bound = self.config.max_pending,
+                max_entries,
+                max_bytes,
                 "metadata batch at its bound; dropped the entries with the oldest collected_at"
             );
         }
@@ -481,7 +544,9 @@ impl Worker {
         self.dispatch();
         match self.in_flight {
             None => {
-                let _ = reply.send(());
+                self.shared
+                    .notifier
+                    .when_published(self.last_completed, Waiter::Sync(reply));
             }
             Some((seq, _)) => {
                 // A flush that is due now starts when this one completes; wait for it too.
@@ -510,11 +575,15 @@ impl Worker {
             self.wait_for_flush();
         }
         let unwritten = self.batch.len();
-        self.shared
-            .counters
-            .unwritten_at_shutdown
-            .store(unwritten as u64, Relaxed);
-        if unwritten > 0 {
+        // After `close` has given up, it has recorded what was unwritten when it did, and
+        // its report says the same: the worker does not change it afterwards.
+        let recorded = self.shared.cancellation.unless_abandoned(|| {
+            self.shared
+                .counters
+                .unwritten_at_shutdown
+                .store(unwritten as u64, Relaxed);
+        });
+        if recorded && unwritten > 0 {
             tracing::error!(
                 unwritten,
                 "metadata batcher closed with entries it could not write"

@@ -678,13 +678,17 @@ fn pipelined_flush_carries_what_accrued_while_the_store_worked() {
     assert_eq!(b.stats().in_flight, 100);
     gate.open();
     b.sync();
+    // The second flush carries all 1,200 that accrued, in statements of at most
+    // `batch_size` rows.
     let sizes: Vec<usize> = calls.lock().iter().map(|batch| batch.len()).collect();
-    assert_eq!(sizes, [100, 1200]);
+    assert_eq!(sizes, [100; 13]);
     let stats = b.stats();
     assert_eq!(
         (stats.flushed, stats.dropped, stats.flushes.capacity),
         (1300, 0, 2)
     );
+    let last = stats.last_flush.unwrap();
+    assert_eq!((last.count, last.stored, last.statements), (1200, 1200, 12));
     let agents: HashSet<_> = calls
         .lock()
         .iter()

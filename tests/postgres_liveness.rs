@@ -741,11 +741,13 @@ fn a_backlog_drains_at_a_slow_databases_pace() {
     r.flush_within(FLUSH_BOUND * 10, "before the slowdown");
     assert_eq!(stored(&mut check, 0), n as i64);
 
-    // About 1 ms per row: a database that writes about 1,000 rows/s.
+    // About 1 ms per row: a database that writes about 1,000 rows/s. pg_sleep rounds up
+    // to the timer's granularity: 500 calls of pg_sleep(0.001) took 1.05 s here, of
+    // pg_sleep(0.0005) 0.56 s.
     check
         .batch_execute(
             "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS \
-             $$ BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$; \
+             $$ BEGIN PERFORM pg_sleep(0.0005); RETURN NEW; END $$; \
              CREATE TRIGGER slow_row BEFORE UPDATE ON workspace_agent_metadata \
              FOR EACH ROW EXECUTE FUNCTION slow_row()",
         )

@@ -9,6 +9,11 @@
 //! (bytes, and optionally distinct entries) by dropping the entries with the oldest
 //! `collected_at`. The bytes are kept up to date on every insert, in O(1): the capacities
 //! of the entry's three strings plus a fixed per-entry overhead ([`entry_bytes`]).
+//!
+//! Nothing here may stall the worker for longer than the channel lasts (16.7 ms at 150,000
+//! updates/s with the defaults): a flush takes the map in O(1) and the flusher builds the
+//! columns ([`Taken::into_columns`]), and the map is sharded so that no doubling moves more
+//! than a small share of it.
 
 use std::collections::HashMap;
 use std::time::SystemTime;
@@ -62,18 +67,46 @@ impl Entry {
 type Entries = HashMap<RowKey, Entry, foldhash::fast::RandomState>;
 
 /// The map is split by agent into this many shards, so that growing it never moves more
-/// than a sixteenth of the entries at once: a hash map doubles by moving every entry,
+/// than a small share of the entries at once: a hash map doubles by moving every entry,
 /// which for 60,000 entries took 17 ms here, longer than the default channel lasts at
 /// 150,000 updates/s (2,500 keys: 16.7 ms).
 const SHARDS: usize = 16;
 
+/// Each shard's share of the agents, ∝ 2^(i/16) (×1000). Shards of equal shares would
+/// reach their doubling points together and move everything in one burst; shares spread
+/// over one octave put their doublings at different sizes, so one doubling moves at most
+/// about 8% of the entries.
+const SHARD_WEIGHTS: [u64; SHARDS] = [
+    1000, 1044, 1091, 1139, 1189, 1242, 1297, 1354, 1414, 1477, 1542, 1610, 1682, 1756, 1834, 1915,
+];
+
+/// Upper bounds of each shard's range of 32-bit hash points.
+const SHARD_BOUNDS: [u64; SHARDS] = {
+    let mut total = 0;
+    let mut i = 0;
+    while i < SHARDS {
+        total += SHARD_WEIGHTS[i];
+        i += 1;
+    }
+    let mut bounds = [0; SHARDS];
+    let mut sum = 0;
+    let mut i = 0;
+    while i < SHARDS {
+        sum += SHARD_WEIGHTS[i];
+        bounds[i] = (sum << 32) / total;
+        i += 1;
+    }
+    bounds
+};
+
 type Shards = [Entries; SHARDS];
 
-/// Which shard holds an agent's entries: the UUID's bits folded, which is random enough
-/// for random (v4, v7) and sequential IDs alike.
+/// Which shard holds an agent's entries: the UUID's halves folded and mixed (Fibonacci
+/// hashing, so sequential IDs spread too) into a 32-bit point, placed by the shares.
 fn shard_of(agent_id: Uuid) -> usize {
     let (high, low) = agent_id.as_u64_pair();
-    ((high ^ low) % SHARDS as u64) as usize
+    let point = (high ^ low).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    SHARD_BOUNDS.partition_point(|&bound| bound <= point)
 }
 
 /// Deduplicating map from (agent, key) to the newest update.
@@ -380,5 +413,24 @@ mod tests {
         times.sort();
         assert_eq!(times[0], at(2));
         assert_eq!(times.iter().filter(|&&t| t == at(2)).count(), 2);
+    }
+
+    #[test]
+    fn shards_take_their_shares_of_sequential_and_random_ids() {
+        let mut counts = [0usize; SHARDS];
+        for i in 0..160_000u128 {
+            counts[shard_of(Uuid::from_u128(0x5eed << 112 | i))] += 1;
+            counts[shard_of(Uuid::from_u128(
+                i.wrapping_mul(0x2545_F491_4F6C_DD1D_9E37_79B9),
+            ))] += 1;
+        }
+        let total: u64 = SHARD_WEIGHTS.iter().sum();
+        for (shard, &count) in counts.iter().enumerate() {
+            let expected = 320_000 * SHARD_WEIGHTS[shard] as usize / total as usize;
+            assert!(
+                count.abs_diff(expected) < expected / 10,
+                "shard {shard}: {count} vs {expected}"
+            );
+        }
     }
 }

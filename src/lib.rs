@@ -5,17 +5,15 @@
 //! through a [`Store`], and announces the agents it changed through a [`Publisher`], so every
 //! replica's watchers can refresh. It is the Rust counterpart of the metadata batcher in
 //! Coder's control plane, with the same metric names and NOTIFY payload format, and no async
-//! runtime: named OS threads (`mdbatch-worker`, `mdbatch-flush`, `mdbatch-notify`) and
-//! crossbeam channels.
+//! runtime: two named OS threads and crossbeam channels.
 //!
 //! # A tour
 //!
 //! - [`Batcher`] and [`Builder`]: the handle callers share, and its settings.
 //! - `worker` (private, `src/worker.rs`): the select loop over updates, the flush timer,
 //!   flusher completions and control messages. Start reading there.
-//! - `flusher` (private, `src/flusher.rs`): one flush: the store calls in chunks of at most
-//!   `batch_size`, isolating refused and locked rows, handing the agents to `notifier`
-//!   (`src/notifier.rs`), the publisher thread.
+//! - `flusher` (private, `src/flusher.rs`): one flush: the store call, isolating refused rows,
+//!   announcing the agents.
 //! - [`Clock`], [`SystemClock`], [`MockClock`]: every timer and duration comes from an
 //!   injected clock, so tests are deterministic.
 //! - [`Store`], [`Publisher`] and their in-process implementations [`MemoryStore`] and

@@ -523,7 +523,7 @@ impl Worker {
                 .increment(dropped as u64);
             tracing::warn!(
                 dropped,
-                max_entries,
+                max_entries = ?(max_entries != usize::MAX).then_some(max_entries),
                 max_bytes,
                 "metadata batch at its bound; dropped the entries with the oldest collected_at"
             );

@@ -25,7 +25,7 @@ use metadata_batcher::postgres::SubscriberEvent;
 use metadata_batcher::postgres::{self as pg, PgOptions, PgPublisher, PgStore, PgSubscriber};
 use metadata_batcher::{
     agent_ids, Batcher, MemoryPubsub, MemoryStore, Metadata, Publisher, Stats, Store,
-    DEFAULT_BATCH_SIZE, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING_MULTIPLIER, METADATA_BATCH_CHANNEL,
+    DEFAULT_BATCH_SIZE, DEFAULT_INTERVAL, METADATA_BATCH_CHANNEL,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use uuid::Uuid;
@@ -49,8 +49,8 @@ FLAGS:
   --threads N       sending threads; each owns a share of the agents (default 4)
   --batch-size N    the batcher's batch size (default 500)
   --interval MS     the batcher's flush interval in milliseconds (default 5000)
-  --max-pending N   distinct entries the batch may hold while a flush runs
-                    (default: agents x keys, at least 20 x batch size)
+  --max-pending N   an optional bound on the distinct entries held while flushes run
+                    (default: none; the library's 64 MiB byte bound applies)
   --metrics         print the batcher's Prometheus metrics at the end
   --help            print this
 
@@ -67,21 +67,10 @@ struct Options {
     threads: usize,
     batch_size: usize,
     interval: Duration,
-    /// `None`: sized to the fleet, see `Options::max_pending`.
+    /// `None`: no entry bound, only the library's byte bound.
     max_pending: Option<usize>,
     /// Print the Prometheus text at the end; without it, one line says how to get it.
     metrics: bool,
-}
-
-impl Options {
-    /// The batch's bound on distinct entries. The demo sizes it to its fleet (every key of
-    /// every agent), as a service would: metadata is last-value-wins, so a batch that can
-    /// hold each key once never has to drop one, however slow the database gets.
-    fn max_pending(&self) -> usize {
-        self.max_pending.unwrap_or_else(|| {
-            (self.agents * self.keys).max(self.batch_size * DEFAULT_MAX_PENDING_MULTIPLIER)
-        })
-    }
 }
 
 impl Default for Options {
@@ -431,18 +420,23 @@ fn drive(
         options.duration.as_secs_f64(),
         options.batch_size,
         options.interval.as_millis(),
-        options.max_pending(),
+        options
+            .max_pending
+            .map_or_else(|| "none (byte bound only)".to_owned(), |n| n.to_string()),
     );
     // A recorder of our own rather than a global one: the batcher registers its metrics
     // when built, so building it inside `with_local_recorder` is enough for its threads.
     let recorder = metadata_batcher::metrics::prometheus_builder().build_recorder();
     let metrics = recorder.handle();
     let batcher = metrics::with_local_recorder(&recorder, || {
-        Batcher::builder(store, publisher)
+        let builder = Batcher::builder(store, publisher)
             .batch_size(options.batch_size)
-            .interval(options.interval)
-            .max_pending(options.max_pending())
-            .build()
+            .interval(options.interval);
+        match options.max_pending {
+            Some(entries) => builder.max_pending(entries),
+            None => builder,
+        }
+        .build()
     })
     .map_err(|err| format!("building the batcher: {err}"))?;
 

@@ -274,8 +274,10 @@ fn close_returns_in_time_against_a_locked_table(final_flush_timeout: Duration) {
         .unwrap();
 
     let started = Instant::now();
-    batcher.close();
+    let report = batcher.close();
     let elapsed = started.elapsed();
+    assert!(report.deadline_hit, "{report:?}");
+    assert_eq!((report.written, report.unwritten), (0, 1), "{report:?}");
     assert!(
         elapsed >= final_flush_timeout,
         "close returned after {elapsed:?}"

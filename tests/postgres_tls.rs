@@ -226,3 +226,51 @@ fn closes_cancel_request_reaches_a_hung_statement_over_tls() {
     });
     transaction.rollback().unwrap();
 }
+
+#[test]
+fn a_connector_of_your_own_keeps_tls_for_every_session() {
+    use rustls::pki_types::pem::PemObject as _;
+    let tls = TlsCluster::start_new();
+    tls.cluster.create_migrated_db("tls_byo");
+    // The service's own TLS setup: rustls trusting the test CA, as it might already have.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&tls.certs.ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_postgres_rustls::MakeRustlsConnect::new(client_config);
+    let mut config = postgres::Config::new();
+    config
+        .host("localhost")
+        .port(tls.port())
+        .user("postgres")
+        .dbname("tls_byo")
+        .ssl_mode(postgres::config::SslMode::Require);
+
+    let _store = PgStore::open_config(config.clone(), connector.clone(), named("byo store"))
+        .expect("store with the caller's connector");
+    let _publisher =
+        PgPublisher::open_config(config.clone(), connector.clone(), named("byo publisher"))
+            .expect("publisher");
+    let _subscriber = PgSubscriber::open_config(
+        config.clone(),
+        connector,
+        METADATA_BATCH_CHANNEL,
+        named("byo subscriber"),
+    )
+    .expect("subscriber");
+    for role in ["byo store", "byo publisher", "byo subscriber"] {
+        assert_eq!(ssl_of(&tls, role), vec![true], "{role}");
+    }
+    // The same config in plaintext is refused by the TLS-only server, with the server's
+    // words, as a configuration problem.
+    config.ssl_mode(postgres::config::SslMode::Disable);
+    let err = PgStore::open_config(config, postgres::NoTls, PgOptions::default())
+        .expect_err("plaintext refused");
+    assert_eq!(err.kind(), ConnectErrorKind::Authentication, "{err}");
+}

@@ -25,6 +25,28 @@ use super::error::ConnectError;
 use super::params::{self, SslMode};
 use super::{PgOptions, StatementMode};
 
+/// A TLS connector of your own for the `*_config` constructors: anything
+/// `postgres::Config::connect` takes (`postgres::NoTls`, `postgres-openssl`'s or
+/// `tokio-postgres-rustls`' connectors, ...) that can be cloned for each reconnect and cancel
+/// request. Implemented for every such type; there is nothing to implement.
+pub trait TlsConnector:
+    MakeTlsConnect<Socket, Stream: Send, TlsConnect: Send + TlsConnect<Socket, Future: Send>>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> TlsConnector for T where
+    T: MakeTlsConnect<Socket, Stream: Send, TlsConnect: Send + TlsConnect<Socket, Future: Send>>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Opens connections and sends cancel requests with one TLS setup.
 trait Connect: Send + Sync {
     fn connect(&self, config: &Config) -> Result<Client, postgres::Error>;
@@ -34,13 +56,7 @@ trait Connect: Send + Sync {
 /// A caller's own `MakeTlsConnect`, used as the caller configured it.
 struct Custom<T>(T);
 
-impl<T> Connect for Custom<T>
-where
-    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
-    T::TlsConnect: Send,
-    T::Stream: Send,
-    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-{
+impl<T: TlsConnector> Connect for Custom<T> {
     fn connect(&self, config: &Config) -> Result<Client, postgres::Error> {
         config.connect(self.0.clone())
     }
@@ -156,18 +172,12 @@ impl Connector {
     }
 
     /// From the caller's own config and TLS connector, used as given.
-    pub(crate) fn from_config<T>(
+    pub(crate) fn from_config(
         config: Config,
-        tls: T,
+        tls: impl TlsConnector,
         options: PgOptions,
         role: &str,
-    ) -> Connector
-    where
-        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
-        T::TlsConnect: Send,
-        T::Stream: Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-    {
+    ) -> Connector {
         Self::new(config, Arc::new(Custom(tls)), options, role, "custom")
     }
 

@@ -50,7 +50,7 @@ mod subscriber;
 mod tls;
 
 pub(crate) use bounded::NoAnswer;
-pub use connector::connect_client;
+pub use connector::{connect_client, TlsConnector};
 pub use error::{ConnectError, ConnectErrorKind};
 pub use options::{
     PgOptions, StatementMode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE_MARGIN,

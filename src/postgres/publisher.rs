@@ -2,11 +2,10 @@
 
 use std::fmt;
 
-use postgres::tls::{MakeTlsConnect, TlsConnect};
 use postgres::types::Type;
-use postgres::{Config, Socket};
+use postgres::Config;
 
-use super::connector::Connector;
+use super::connector::{Connector, TlsConnector};
 use super::error::{describe, ConnectError};
 use super::session::{Encoded, Failure, PreparedSession, SessionStatement};
 use super::PgOptions;
@@ -57,17 +56,11 @@ impl PgPublisher {
 
     /// Connects with your own `postgres::Config` and TLS connector; see
     /// [`PgStore::open_config`](super::PgStore::open_config).
-    pub fn open_config<T>(
+    pub fn open_config(
         config: Config,
-        tls: T,
+        tls: impl TlsConnector,
         options: PgOptions,
-    ) -> Result<PgPublisher, ConnectError>
-    where
-        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
-        T::TlsConnect: Send,
-        T::Stream: Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-    {
+    ) -> Result<PgPublisher, ConnectError> {
         Self::start(Connector::from_config(config, tls, options, "publisher"))
     }
 

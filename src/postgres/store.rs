@@ -2,11 +2,10 @@
 
 use std::fmt;
 
-use postgres::tls::{MakeTlsConnect, TlsConnect};
 use postgres::types::{ToSql, Type};
-use postgres::{Config, Socket};
+use postgres::Config;
 
-use super::connector::Connector;
+use super::connector::{Connector, TlsConnector};
 use super::error::{classify, describe, store_error, ConnectError};
 use super::session::{Encoded, Failure, PreparedSession, SessionStatement};
 use super::{NoAnswer, PgOptions, DEFAULT_TABLE};
@@ -146,17 +145,11 @@ impl PgStore {
     /// let store = PgStore::open_config(config, postgres::NoTls, PgOptions::default())?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn open_config<T>(
+    pub fn open_config(
         config: Config,
-        tls: T,
+        tls: impl TlsConnector,
         options: PgOptions,
-    ) -> Result<PgStore, ConnectError>
-    where
-        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
-        T::TlsConnect: Send,
-        T::Stream: Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-    {
+    ) -> Result<PgStore, ConnectError> {
         Self::start(Connector::from_config(config, tls, options, "store"))
     }
 

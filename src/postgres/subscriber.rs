@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 use postgres::fallible_iterator::FallibleIterator as _;
-use postgres::tls::{MakeTlsConnect, TlsConnect};
-use postgres::{Client, Config, Socket};
+use postgres::{Client, Config};
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use super::connector::Connector;
+use super::connector::{Connector, TlsConnector};
 use super::error::{describe, ConnectError, ConnectErrorKind};
 use super::PgOptions;
 use crate::agent_ids;
@@ -107,18 +106,12 @@ impl PgSubscriber {
 
     /// Connects with your own `postgres::Config` and TLS connector; see
     /// [`PgStore::open_config`](super::PgStore::open_config).
-    pub fn open_config<T>(
+    pub fn open_config(
         config: Config,
-        tls: T,
+        tls: impl TlsConnector,
         channel: &str,
         options: PgOptions,
-    ) -> Result<PgSubscriber, ConnectError>
-    where
-        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
-        T::TlsConnect: Send,
-        T::Stream: Send,
-        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
-    {
+    ) -> Result<PgSubscriber, ConnectError> {
         check_channel(channel)?;
         Self::start(
             Connector::from_config(config, tls, options, "subscriber"),

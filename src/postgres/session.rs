@@ -115,7 +115,17 @@ impl PreparedSession {
             mode,
             session: None,
         };
-        session.session()?;
+        // Logged here, at start-up, for services that only log: later reconnects fail into
+        // a flush, which the batcher logs once.
+        if let Err(err) = session.session() {
+            warn!(
+                application_name = session.connector.application_name(),
+                error = %err,
+                "metadata {} cannot connect",
+                session.statement.role
+            );
+            return Err(err);
+        }
         Ok(session)
     }
 
@@ -202,15 +212,7 @@ impl PreparedSession {
             self.connector.clone(),
             statement.thread_name,
             move |connector, client| set_up(connector, client, &statement, mode),
-        )
-        .inspect_err(|err| {
-            warn!(
-                application_name = self.connector.application_name(),
-                error = %err,
-                "metadata {} cannot connect",
-                self.statement.role
-            );
-        })?;
+        )?;
         debug!(
             application_name = self.connector.application_name(),
             "metadata {} connected", self.statement.role

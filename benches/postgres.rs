@@ -253,6 +253,14 @@ impl Fixture {
                 .expect("create the bench database");
         }
         let url = with_database(&admin_url, &database);
+        // Owned from here on, so that its Drop removes the database even if the set-up
+        // below panics.
+        let fixture = Fixture {
+            admin,
+            database,
+            // Plaintext, as the direct client is; the `tls` variant asks for TLS itself.
+            url: with_sslmode(&url, "disable"),
+        };
         let mut client = Client::connect(&url, NoTls).expect("connect to the bench database");
         pg::migrate(&mut client).expect("migrate");
         let agents: Vec<_> = (0..AGENTS).map(agent).collect();
@@ -271,12 +279,7 @@ impl Fixture {
         ] {
             client.batch_execute(&sql).expect("set up the bench tables");
         }
-        Fixture {
-            admin,
-            database,
-            // Plaintext, as the direct client is; the `tls` variant asks for TLS itself.
-            url: with_sslmode(&url, "disable"),
-        }
+        fixture
     }
 }
 

@@ -151,6 +151,7 @@ impl PgBouncer {
             if Instant::now() >= deadline {
                 return Err(format!("pgbouncer not ready in {READY_TIMEOUT:?}: {last}"));
             }
+            // Polling a starting pgbouncer with a login: it offers nothing to block on.
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -291,15 +291,7 @@ fn close_returns_in_time_against_a_locked_table(final_flush_timeout: Duration) {
     // The cancel request ended the blocked statement: nothing waits on the lock any more.
     let mut admin = db.admin();
     pg::wait_until("the canceled update leaves the lock queue", || {
-        admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
-                 AND application_name = 'replica store' AND wait_event_type = 'Lock'",
-                &[&db.name],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
+        pg::lock_waiters(&mut admin, &db.name, "replica store") == 0
     });
     transaction.rollback().unwrap();
     assert_eq!(

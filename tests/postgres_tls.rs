@@ -214,15 +214,7 @@ fn closes_cancel_request_reaches_a_hung_statement_over_tls() {
     // statement's wait.
     let mut admin = tls.cluster.admin();
     pg::wait_until("the canceled update leaves the lock queue", || {
-        admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tls hung store' \
-                 AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get::<_, i64>(0)
-            == 0
+        pg::lock_waiters(&mut admin, "tls_cancel", "tls hung store") == 0
     });
     transaction.rollback().unwrap();
 }

@@ -179,17 +179,22 @@ impl TestDb {
         // The statement under test runs on another thread; only the server knows when it
         // reaches the lock, so poll pg_stat_activity with a deadline.
         wait_until("statement waits on the lock", || {
-            admin
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
-                     AND application_name = $2 AND wait_event_type = 'Lock'",
-                    &[&self.name, &application_name],
-                )
-                .expect("pg_stat_activity")
-                .get::<_, i64>(0)
-                > 0
+            lock_waiters(&mut admin, &self.name, application_name) > 0
         });
     }
+}
+
+/// How many backends of `database` named `application_name` wait on a lock, on the server
+/// `admin` is connected to (tests running at once reuse names in databases of their own).
+pub fn lock_waiters(admin: &mut Client, database: &str, application_name: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+             AND application_name = $2 AND wait_event_type = 'Lock'",
+            &[&database, &application_name],
+        )
+        .expect("pg_stat_activity")
+        .get(0)
 }
 
 impl Drop for TestDb {

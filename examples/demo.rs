@@ -237,8 +237,8 @@ fn run_postgres(
     let mut rows = RegisteredRows::new(client, agents);
     pg::migrate(rows.client()).map_err(|err| err.to_string())?;
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let created = pg::register_agents(rows.client(), agents, &key_refs)
-        .map_err(|err| format!("registering agents: {}", describe(&err)))?;
+    let created = pg::register_keys_for_agents(rows.client(), agents, &key_refs)
+        .map_err(|err| err.to_string())?;
     println!(
         "registered {created} rows ({} agents x {} keys)",
         agents.len(),

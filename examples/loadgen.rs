@@ -278,7 +278,7 @@ impl Database {
         pg::migrate(&mut client).map_err(|e| e.to_string())?;
         let ids: Vec<Uuid> = (0..agents).map(agent).collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        pg::register_agents(&mut client, &ids, &keys).map_err(|e| e.to_string())?;
+        pg::register_keys_for_agents(&mut client, &ids, &keys).map_err(|e| e.to_string())?;
         client
             .batch_execute("VACUUM ANALYZE workspace_agent_metadata")
             .map_err(|e| e.to_string())?;

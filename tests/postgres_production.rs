@@ -138,6 +138,21 @@ fn the_batcher_writes_coders_own_table_without_migrate() {
     );
     use metadata_batcher::Store as _;
     assert_eq!(store.batch_update(&batch), Ok(0));
+
+    // The crate's own register cannot fill Coder's NOT NULL columns, and says so in the
+    // server's words rather than the driver's bare "db error".
+    let err = metadata_batcher::postgres::register_keys(&mut client, agents[1], &["disk"])
+        .expect_err("Coder's NOT NULL columns have no defaults");
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::NOT_NULL_VIOLATION)
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("23502") && message.contains("display_name"),
+        "{message}"
+    );
+    assert!(std::error::Error::source(&err).is_some());
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! A replica of a service opens three connections:
 //!
 //! - [`PgStore`] writes each flush with one prepared `UPDATE ... FROM unnest(...)` into
-//!   `workspace_agent_metadata`, the table [`migrate`] creates and [`register`] fills;
+//!   `workspace_agent_metadata`, the table [`migrate`] creates and [`register_keys`] fills;
 //! - [`PgPublisher`] announces the flushed agents with `pg_notify`;
 //! - [`PgSubscriber`] `LISTEN`s and hands out the agent IDs every replica announces.
 //!
@@ -22,7 +22,7 @@
 //! let url = "postgres://postgres@127.0.0.1:5432/postgres";
 //! let mut client = ::postgres::Client::connect(url, ::postgres::NoTls)?;
 //! postgres::migrate(&mut client)?;
-//! postgres::register(&mut client, uuid::Uuid::from_u128(1), &["cpu", "mem"])?;
+//! postgres::register_keys(&mut client, uuid::Uuid::from_u128(1), &["cpu", "mem"])?;
 //!
 //! let store = PgStore::connect(url)?;
 //! let publisher = PgPublisher::connect(url)?;
@@ -58,6 +58,9 @@ pub use options::{
     DEFAULT_TCP_USER_TIMEOUT,
 };
 pub use publisher::{PgPublisher, MAX_NOTIFY_PAYLOAD};
-pub use schema::{migrate, register, register_agents, MigrateError, MIGRATION_0001};
+pub use schema::{
+    migrate, register, register_agents, register_keys, register_keys_for_agents, MigrateError,
+    RegisterError, MIGRATION_0001,
+};
 pub use store::{PgStore, BATCH_UPDATE_SQL};
 pub use subscriber::{PgSubscriber, SubscribeError, SubscriberEvent};

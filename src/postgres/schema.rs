@@ -1,5 +1,6 @@
-//! The table the store writes: [`migrate`] creates it, [`register`] and [`register_agents`]
-//! create its rows.
+//! The table the store writes: [`migrate`] creates it, [`register_keys`] and
+//! [`register_keys_for_agents`] create its rows ([`register`] and [`register_agents`] are the
+//! same with the driver's own error).
 //!
 //! Rows are created when an agent registers its metadata keys; the batcher only updates
 //! existing rows, so an agent cannot invent keys by reporting them (an update for an
@@ -50,19 +51,21 @@ pub fn migrate(client: &mut Client) -> Result<(), MigrateError> {
 /// `collected_at` at `0001-01-01`, so the first real update always wins. Keys already
 /// registered are left as they are. Returns how many rows were created.
 ///
+/// The error says what the server said, with its SQLSTATE ([`RegisterError`]).
+///
 /// ```no_run
 /// use uuid::Uuid;
 /// let mut client = postgres::Client::connect("postgres://postgres@127.0.0.1/postgres", postgres::NoTls)?;
-/// let created = metadata_batcher::postgres::register(&mut client, Uuid::from_u128(1), &["cpu", "mem"])?;
+/// let created = metadata_batcher::postgres::register_keys(&mut client, Uuid::from_u128(1), &["cpu", "mem"])?;
 /// assert!(created <= 2);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub fn register(
+pub fn register_keys(
     client: &mut Client,
     agent_id: Uuid,
     keys: &[&str],
-) -> Result<u64, postgres::Error> {
-    register_agents(client, &[agent_id], keys)
+) -> Result<u64, RegisterError> {
+    register_keys_for_agents(client, &[agent_id], keys)
 }
 
 /// Registers the same keys for many agents in one statement (every agent gets every key),
@@ -73,9 +76,29 @@ pub fn register(
 /// use uuid::Uuid;
 /// let mut client = postgres::Client::connect("postgres://postgres@127.0.0.1/postgres", postgres::NoTls)?;
 /// let agents: Vec<Uuid> = (0..10_000u128).map(Uuid::from_u128).collect();
-/// metadata_batcher::postgres::register_agents(&mut client, &agents, &["cpu", "mem"])?;
+/// metadata_batcher::postgres::register_keys_for_agents(&mut client, &agents, &["cpu", "mem"])?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+pub fn register_keys_for_agents(
+    client: &mut Client,
+    agent_ids: &[Uuid],
+    keys: &[&str],
+) -> Result<u64, RegisterError> {
+    register_agents(client, agent_ids, keys).map_err(|source| RegisterError { source })
+}
+
+/// [`register_keys`] with the `postgres` crate's own error, whose `Display` says only "db
+/// error" for anything the server refused; kept for the callers that match on it.
+pub fn register(
+    client: &mut Client,
+    agent_id: Uuid,
+    keys: &[&str],
+) -> Result<u64, postgres::Error> {
+    register_agents(client, &[agent_id], keys)
+}
+
+/// [`register_keys_for_agents`] with the `postgres` crate's own error, whose `Display` says
+/// only "db error" for anything the server refused; kept for the callers that match on it.
 pub fn register_agents(
     client: &mut Client,
     agent_ids: &[Uuid],
@@ -93,6 +116,37 @@ pub fn register_agents(
             (&keys, postgres::types::Type::TEXT_ARRAY),
         ],
     )
+}
+
+/// [`register_keys`] or [`register_keys_for_agents`] failed: the server's severity, SQLSTATE
+/// and message (with its detail and hint), or what broke the connection.
+#[derive(Debug)]
+pub struct RegisterError {
+    source: postgres::Error,
+}
+
+impl RegisterError {
+    /// The server's SQLSTATE, when the server refused the statement (e.g. `23502`, a NOT NULL
+    /// column with no default: Coder's schema, where `docs/postgres.md` shows the insert).
+    pub fn code(&self) -> Option<&postgres::error::SqlState> {
+        self.source.code()
+    }
+}
+
+impl fmt::Display for RegisterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "registering metadata keys in workspace_agent_metadata failed: {}",
+            describe(&self.source)
+        )
+    }
+}
+
+impl std::error::Error for RegisterError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// [`migrate`] failed; the server's message says why.

@@ -24,12 +24,23 @@
 //! plaintext `PgStore` on a logged table (`postgres/variant/...`): TLS (`sslmode=require`),
 //! unnamed statements with per-transaction settings (the pooler path), an UNLOGGED copy of
 //! the table (Coder's choice), and `synchronous_commit = off`. Every path but `tls` is
-//! plaintext, as the direct client is.
+//! plaintext, as the direct client is. Last, `postgres/floor/unnamed_direct`: the statement
+//! sent unnamed on a plain client, one round trip, with the plan settings on its session (as
+//! no pooled session can have them), against the same statement prepared: the least any
+//! unnamed path can cost here, since the server parses and plans every unnamed statement.
 //!
 //! Needs PostgreSQL: `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! Creates the database `mb_bench_<pid>` and drops it afterwards.
 //!
 //! `cargo bench --bench postgres -- --warm-up-time 1 --measurement-time 3`
+//!
+//! `MB_BENCH_SUSTAINED_STORE=plain` runs the sustained batcher on the direct client instead of
+//! `PgStore` (the statement on the flusher thread, no session thread, no deadline): what the
+//! batcher alone costs, against what `PgStore`'s session thread adds.
+//!
+//! `MB_BENCH_PAIRED=<text>` runs only the paired sections whose name contains the text; give
+//! criterion a filter that matches none of its benchmarks to skip those too:
+//! `MB_BENCH_PAIRED=unnamed cargo bench --bench postgres -- unnamed`.
 
 mod common;
 
@@ -38,6 +49,7 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::{Criterion, Throughput};
 use metadata_batcher::postgres::{self as pg, PgOptions, PgStore, StatementMode, BATCH_UPDATE_SQL};
 use metadata_batcher::{Batcher, Interrupt, Metadata, MetadataBatch, Store, StoreError};
+use postgres::types::Type;
 use postgres::{Client, NoTls};
 
 use common::{agent, call, key_names, NoopPublisher};
@@ -158,10 +170,22 @@ impl Sustained {
     const FLUSHES: usize = 20;
 
     fn new(url: &str) -> Sustained {
+        let store: Box<dyn Store> =
+            if std::env::var("MB_BENCH_SUSTAINED_STORE").as_deref() == Ok("plain") {
+                let mut direct = Direct::connect(url);
+                // The settings PgStore's session has.
+                direct
+                    .client
+                    .batch_execute("SET plan_cache_mode = force_generic_plan")
+                    .expect("plan settings");
+                Box::new(direct)
+            } else {
+                Box::new(PgStore::connect(url).expect("PgStore connects"))
+            };
         let (started_tx, started) = crossbeam_channel::unbounded();
         let batcher = Batcher::builder(
             Announcing {
-                store: PgStore::connect(url).expect("PgStore connects"),
+                store,
                 started: started_tx,
             },
             NoopPublisher,
@@ -216,8 +240,14 @@ impl Sustained {
 
 /// The library's `PgStore`, saying when each statement starts.
 struct Announcing {
-    store: PgStore,
+    store: Box<dyn Store>,
     started: crossbeam_channel::Sender<()>,
+}
+
+impl Store for Direct {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+        Ok(self.execute(batch))
+    }
 }
 
 impl Store for Announcing {
@@ -290,6 +320,34 @@ impl Drop for Fixture {
             self.database
         ));
     }
+}
+
+/// Whether the paired section `name` runs: see `MB_BENCH_PAIRED` in the module docs.
+fn paired_section(name: &str) -> bool {
+    std::env::var("MB_BENCH_PAIRED").map_or(true, |only| name.contains(&only))
+}
+
+/// Writes batch `n` as an unnamed statement (parsed and planned by the server on every
+/// call, as every statement through a transaction-mode pooler is) in one round trip;
+/// returns how long it took.
+fn time_unnamed(client: &mut Client, n: usize, keys: &[String]) -> Duration {
+    let rows = batch(n, keys);
+    let start = Instant::now();
+    let updated = client
+        .execute_typed(
+            BATCH_UPDATE_SQL,
+            &[
+                (&rows.agent_ids, Type::UUID_ARRAY),
+                (&rows.keys, Type::TEXT_ARRAY),
+                (&rows.values, Type::TEXT_ARRAY),
+                (&rows.errors, Type::TEXT_ARRAY),
+                (&rows.collected_at, Type::TIMESTAMPTZ_ARRAY),
+            ],
+        )
+        .expect("unnamed execute");
+    let elapsed = start.elapsed();
+    assert_eq!(updated, BATCH as u64);
+    elapsed
 }
 
 fn median(mut xs: Vec<Duration>) -> Duration {
@@ -465,7 +523,7 @@ fn main() {
     };
     const WARM_UP: usize = 10;
     let (mut library, mut plain) = (Vec::new(), Vec::new());
-    for round in 0..rounds {
+    for round in (0..rounds).filter(|_| paired_section("paired/library_store")) {
         let mut store = PgStore::connect(&fixture.url).expect("PgStore connects");
         let mut direct = Direct::connect(&fixture.url);
         // Past a new session's first executions (planned afresh each time) on both.
@@ -490,11 +548,13 @@ fn main() {
         library.push(median(l));
         plain.push(median(d));
     }
-    print_paired("library_store", library, plain);
+    if !library.is_empty() {
+        print_paired("library_store", library, plain);
+    }
     // The same for the batcher: per round a fresh batcher (and connection) and a fresh
     // client; a sustained run of 20 flushes, and 20 direct statements.
     let (mut library, mut plain) = (Vec::new(), Vec::new());
-    for round in 0..2 * rounds {
+    for round in (0..2 * rounds).filter(|_| paired_section("paired/library_batcher_sustained")) {
         let sustained = Sustained::new(&fixture.url);
         let mut direct = Direct::connect(&fixture.url);
         let flushes = Sustained::FLUSHES;
@@ -521,8 +581,10 @@ fn main() {
         library.push(l);
         plain.push(d);
     }
-    print_paired("library_batcher_sustained", library, plain);
-    sustained.report();
+    if !library.is_empty() {
+        print_paired("library_batcher_sustained", library, plain);
+        sustained.report();
+    }
 
     // The library's variants against its default: prepared, plaintext, logged table.
     let plaintext = PgOptions::default();
@@ -558,6 +620,9 @@ fn main() {
         ),
     ];
     for (name, url, options) in variants {
+        if !paired_section(&format!("variant/{name}")) {
+            continue;
+        }
         let (mut variant, mut baseline) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             let mut other = PgStore::open(&url, options.clone()).expect("variant connects");
@@ -587,6 +652,47 @@ fn main() {
             &format!("variant/{name}"),
             (name, variant),
             ("prepared_plaintext_logged", baseline),
+        );
+    }
+    if paired_section("floor/unnamed_direct") {
+        let (mut unnamed, mut prepared) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Each with the plan settings the store gives it (docs/postgres.md, "Plan"), so
+            // that both run the same plan and differ only in parsing and planning.
+            let mut direct = Direct::connect(&fixture.url);
+            direct
+                .client
+                .batch_execute("SET plan_cache_mode = force_generic_plan")
+                .expect("plan settings");
+            let mut plain = Client::connect(&fixture.url, NoTls).expect("client connects");
+            plain
+                .batch_execute("SET enable_hashjoin = off; SET enable_mergejoin = off")
+                .expect("plan settings");
+            for _ in 0..WARM_UP {
+                n += 1;
+                time_unnamed(&mut plain, n, &keys);
+                direct.time(n, &keys);
+            }
+            let (mut u, mut p) = (Vec::new(), Vec::new());
+            for i in 0..10 {
+                let flip = (round + i) % 2;
+                let (mine, theirs) = (n + 1 + flip, n + 2 - flip);
+                n += 2;
+                if flip == 0 {
+                    u.push(time_unnamed(&mut plain, mine, &keys));
+                    p.push(direct.time(theirs, &keys));
+                } else {
+                    p.push(direct.time(theirs, &keys));
+                    u.push(time_unnamed(&mut plain, mine, &keys));
+                }
+            }
+            unnamed.push(median(u));
+            prepared.push(median(p));
+        }
+        print_pair(
+            "floor/unnamed_direct",
+            ("unnamed", unnamed),
+            ("prepared", prepared),
         );
     }
     drop(store);

@@ -263,16 +263,15 @@ pub fn background<T: Send + 'static>(
     call: impl FnOnce() -> T + Send + 'static,
 ) -> Background<T> {
     let (send, result) = std::sync::mpsc::channel();
+    // Before the spawn: the call may start (and time out) before `spawn` returns.
+    let started = Instant::now();
     thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
             let _ = send.send(call());
         })
         .expect("spawn a background call");
-    Background {
-        result,
-        started: Instant::now(),
-    }
+    Background { result, started }
 }
 
 impl<T> Background<T> {

@@ -2,6 +2,11 @@
 //! throwaway cluster (`tests/pg/certs.rs`) with certificates generated for the test and a
 //! pg_hba.conf of `hostssl` lines only, so nothing here depends on how the machine's
 //! cluster is configured.
+//!
+//! `sslmode=prefer`'s fallback to plaintext after a failed TLS attempt runs against two
+//! servers of that kind: a fake front end whose TLS handshakes fail (`tests/pg/broken_tls.rs`),
+//! forwarding plaintext to the machine's server (which never sees a TLS attempt); and a
+//! throwaway cluster that takes TLS but whose pg_hba.conf refuses TLS sessions.
 
 mod pg;
 
@@ -12,6 +17,7 @@ use metadata_batcher::postgres::{
 };
 use metadata_batcher::{Batcher, Metadata, METADATA_BATCH_CHANNEL};
 use pg::certs::{Certs, TlsCluster, CERT_USER};
+use pg::{Breakage, BrokenTls};
 use uuid::Uuid;
 
 fn named(application_name: &str) -> PgOptions {
@@ -26,11 +32,15 @@ fn in_db(url: &str, dbname: &str) -> String {
     url.replacen("/postgres?", &format!("/{dbname}?"), 1)
 }
 
-/// What the server says of the sessions named `application_name`: their `ssl` flags.
+/// What the TLS cluster says of the sessions named `application_name`: their `ssl` flags.
 fn ssl_of(cluster: &TlsCluster, application_name: &str) -> Vec<bool> {
-    cluster
-        .cluster
-        .admin()
+    ssl_flags(&mut cluster.cluster.admin(), application_name)
+}
+
+/// What the server `admin` is connected to says of the sessions named `application_name`:
+/// their `ssl` flags.
+fn ssl_flags(admin: &mut postgres::Client, application_name: &str) -> Vec<bool> {
+    admin
         .query(
             "SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
              WHERE a.application_name = $1",
@@ -42,6 +52,52 @@ fn ssl_of(cluster: &TlsCluster, application_name: &str) -> Vec<bool> {
         .collect()
 }
 
+/// A store, publisher and subscriber on one connection string, named `"{prefix} store"`,
+/// `"{prefix} publisher"` and `"{prefix} subscriber"`.
+struct Sessions {
+    store: PgStore,
+    publisher: PgPublisher,
+    subscriber: PgSubscriber,
+}
+
+impl Sessions {
+    fn open(url: &str, prefix: &str) -> Sessions {
+        let options = |role: &str| named(&format!("{prefix} {role}"));
+        Sessions {
+            store: PgStore::open(url, options("store"))
+                .unwrap_or_else(|err| panic!("{prefix} store: {err}")),
+            publisher: PgPublisher::open(url, options("publisher"))
+                .unwrap_or_else(|err| panic!("{prefix} publisher: {err}")),
+            subscriber: PgSubscriber::open(url, METADATA_BATCH_CHANNEL, options("subscriber"))
+                .unwrap_or_else(|err| panic!("{prefix} subscriber: {err}")),
+        }
+    }
+
+    /// Writes `value` as `agent`'s `cpu` through a batcher on the store and publisher, and
+    /// checks that the subscriber is told and `client` reads it back: the sessions work.
+    fn round_trip(self, client: &mut postgres::Client, agent: Uuid, value: &str) {
+        let Sessions {
+            store,
+            publisher,
+            mut subscriber,
+        } = self;
+        let batcher = Batcher::builder(store, publisher).build().unwrap();
+        batcher
+            .add(
+                agent,
+                vec![Metadata::new("cpu", value, "", SystemTime::now())],
+            )
+            .unwrap();
+        assert_eq!(batcher.flush().expect("a flush").updated, 1);
+        assert_eq!(
+            subscriber.next(Duration::from_secs(5)).unwrap(),
+            Some(SubscriberEvent::Agents(vec![agent]))
+        );
+        batcher.close();
+        assert_eq!(pg::row(client, agent, "cpu").unwrap().0, value);
+    }
+}
+
 #[test]
 fn every_session_is_encrypted_and_verified() {
     let tls = TlsCluster::start_new();
@@ -51,27 +107,11 @@ fn every_session_is_encrypted_and_verified() {
     let mut client = mbpg::connect_client(&db, &named("tls admin")).expect("admin over TLS");
     mbpg::register(&mut client, agent, &["cpu"]).unwrap();
 
-    let store = PgStore::open(&db, named("tls store")).expect("store over verify-full");
-    let publisher = PgPublisher::open(&db, named("tls publisher")).expect("publisher");
-    let mut subscriber = PgSubscriber::open(&db, METADATA_BATCH_CHANNEL, named("tls subscriber"))
-        .expect("subscriber");
+    let sessions = Sessions::open(&db, "tls");
     for role in ["tls store", "tls publisher", "tls subscriber", "tls admin"] {
         assert_eq!(ssl_of(&tls, role), vec![true], "{role}");
     }
-    let batcher = Batcher::builder(store, publisher).build().unwrap();
-    batcher
-        .add(
-            agent,
-            vec![Metadata::new("cpu", "encrypted", "", SystemTime::now())],
-        )
-        .unwrap();
-    assert_eq!(batcher.flush().expect("a flush").updated, 1);
-    assert_eq!(
-        subscriber.next(Duration::from_secs(5)).unwrap(),
-        Some(SubscriberEvent::Agents(vec![agent]))
-    );
-    batcher.close();
-    assert_eq!(pg::row(&mut client, agent, "cpu").unwrap().0, "encrypted");
+    sessions.round_trip(&mut client, agent, "encrypted");
 }
 
 #[test]
@@ -265,4 +305,129 @@ fn a_connector_of_your_own_keeps_tls_for_every_session() {
     let err = PgStore::open_config(config, postgres::NoTls, PgOptions::default())
         .expect_err("plaintext refused");
     assert_eq!(err.kind(), ConnectErrorKind::Authentication, "{err}");
+}
+
+#[test]
+fn prefer_falls_back_to_plaintext_when_the_tls_handshake_fails() {
+    let db = pg::TestDb::new();
+    let mut admin = db.admin();
+    let agent = Uuid::from_u128(0x9ef);
+    // Application names unique on the machine's server, where other tests run at once.
+    let tag = &db.name[db.name.len() - 8..];
+    for breakage in [Breakage::Garbage, Breakage::Close] {
+        let front = BrokenTls::in_front_of(&db.url, breakage);
+        let prefer = front.url(&db.url, "prefer");
+        let prefix = format!("{breakage:?} {tag}");
+
+        let mut client = mbpg::connect_client(&prefer, &named(&format!("{prefix} admin")))
+            .unwrap_or_else(|err| panic!("{prefix} admin: {err}"));
+        mbpg::register(&mut client, agent, &["cpu"]).unwrap();
+        let sessions = Sessions::open(&prefer, &prefix);
+        for role in ["admin", "store", "publisher", "subscriber"] {
+            let name = format!("{prefix} {role}");
+            assert_eq!(ssl_flags(&mut admin, &name), vec![false], "{name}");
+        }
+        // Each session tried TLS first: one broken TLS attempt and one plaintext session each.
+        assert_eq!(
+            (front.ssl_requests(), front.plaintext()),
+            (4, 4),
+            "{breakage:?}"
+        );
+        sessions.round_trip(&mut client, agent, &prefix);
+
+        // `require` makes no second attempt, and says the handshake failed.
+        let err = PgStore::open(&front.url(&db.url, "require"), PgOptions::default())
+            .expect_err("require has no plaintext fallback");
+        assert_eq!(err.kind(), ConnectErrorKind::Tls, "{breakage:?}: {err}");
+        assert!(
+            err.to_string().contains("TLS handshake"),
+            "{breakage:?}: {err}"
+        );
+        assert_eq!(
+            front.plaintext(),
+            4,
+            "{breakage:?}: require tried plaintext"
+        );
+    }
+}
+
+#[test]
+fn prefer_reports_the_tls_attempts_error_when_plaintext_fails_too() {
+    // Plaintext goes on to port 0, which takes no connection (a free port might be taken by
+    // a cluster of a test running at once).
+    let nowhere = std::net::SocketAddr::from((pg::certs::LOOPBACK, 0));
+    let front = BrokenTls::start(Breakage::Garbage, nowhere);
+    let err = PgStore::open(
+        &front.url("postgres://postgres@127.0.0.1/postgres", "prefer"),
+        PgOptions::default(),
+    )
+    .expect_err("neither attempt can succeed");
+    assert_eq!(
+        (front.ssl_requests(), front.plaintext()),
+        (1, 1),
+        "both attempts made"
+    );
+    // The first attempt's error is the one reported; the plaintext attempt's is dropped.
+    assert_eq!(err.kind(), ConnectErrorKind::Tls, "{err}");
+    assert!(err.to_string().contains("TLS handshake"), "{err}");
+}
+
+#[test]
+fn prefer_falls_back_to_plaintext_when_pg_hba_refuses_tls() {
+    // The server takes TLS (ssl = on, certificates), and then refuses every TLS session.
+    let tls = TlsCluster::with_hba(
+        Certs::new(),
+        "# The Unix socket, for the harness's admin client.\n\
+         local all all trust\n\
+         hostnossl all postgres 127.0.0.1/32 trust\n",
+    );
+    tls.cluster.create_migrated_db("tls_nossl");
+    let base = format!("postgres://postgres@127.0.0.1:{}/tls_nossl", tls.port());
+
+    // No sslmode is libpq's `prefer`.
+    let _client = mbpg::connect_client(&base, &named("nossl default")).expect("default falls back");
+    let _store = PgStore::open(&format!("{base}?sslmode=prefer"), named("nossl store"))
+        .expect("prefer falls back");
+    for name in ["nossl default", "nossl store"] {
+        assert_eq!(ssl_of(&tls, name), vec![false], "{name}");
+    }
+
+    // `require` and `verify-full` (whose handshake checks the certificate and host name) get
+    // through TLS and are refused by pg_hba.conf, in the server's words.
+    for url in [
+        format!("{base}?sslmode=require"),
+        in_db(&tls.url("verify-full"), "tls_nossl"),
+    ] {
+        let err = PgStore::open(&url, PgOptions::default()).expect_err("TLS sessions refused");
+        assert_eq!(err.kind(), ConnectErrorKind::Authentication, "{err}");
+        assert!(err.to_string().contains("no pg_hba.conf entry"), "{err}");
+        assert!(err.to_string().contains("SSL"), "{err}");
+    }
+}
+
+#[test]
+fn prefer_gives_up_at_connect_timeout_when_the_tls_attempt_is_black_holed() {
+    let db = pg::TestDb::new();
+    let front = BrokenTls::in_front_of(&db.url, Breakage::Silence);
+    let url = front.url(&db.url, "prefer");
+    let options = PgOptions {
+        connect_timeout: Duration::from_secs(1),
+        ..PgOptions::default()
+    };
+    let open = pg::background("open into a black hole", move || {
+        PgStore::open(&url, options).map(drop)
+    });
+    let result = open.expect_within(Duration::from_secs(10), "PgStore::open");
+    let elapsed = open.elapsed();
+    eprintln!("sslmode=prefer, TLS attempt black-holed: open returned after {elapsed:?}");
+    let err = result.expect_err("the TLS attempt never ends");
+    assert_eq!(err.kind(), ConnectErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("connect_timeout"), "{err}");
+    assert!(
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(10),
+        "{elapsed:?}"
+    );
+    // The whole connect_timeout went to the TLS attempt; like libpq, which moves on to the
+    // next address at the timeout, there is no plaintext attempt after it.
+    assert_eq!((front.ssl_requests(), front.plaintext()), (1, 0));
 }

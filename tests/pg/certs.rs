@@ -7,9 +7,10 @@
 //! process's own user, the client key mode 0600 as libpq demands.
 //!
 //! [`TlsCluster`] runs a [`Cluster`] with `ssl = on`, the server key mode 0600 owned by the
-//! server's user, and a pg_hba.conf whose TCP lines are all `hostssl`: trust for `postgres`,
-//! `cert` authentication for [`CERT_USER`]. A plaintext login over TCP is refused. The admin
-//! client still works, over the Unix socket.
+//! server's user, and by default a pg_hba.conf whose TCP lines are all `hostssl`: trust for
+//! `postgres`, `cert` authentication for [`CERT_USER`]. A plaintext login over TCP is
+//! refused. The admin client still works, over the Unix socket. [`TlsCluster::with_hba`]
+//! takes another pg_hba.conf, e.g. one that refuses the TLS sessions the server offers.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -141,6 +142,20 @@ impl TlsCluster {
 
     /// A TLS-only cluster presenting the server certificate of `certs`.
     pub fn with_certs(certs: Certs) -> TlsCluster {
+        TlsCluster::with_hba(
+            certs,
+            &format!(
+                "# The Unix socket, for the harness's admin client only.\n\
+                 local all all trust\n\
+                 hostssl all postgres 127.0.0.1/32 trust\n\
+                 hostssl all {CERT_USER} 127.0.0.1/32 cert\n"
+            ),
+        )
+    }
+
+    /// A cluster with `ssl = on` presenting the server certificate of `certs`, and `hba` as
+    /// its whole pg_hba.conf (with a `local` line: the harness's admin client needs one).
+    pub fn with_hba(certs: Certs, hba: &str) -> TlsCluster {
         let options = ClusterOptions {
             conf: vec![
                 "ssl = on".to_owned(),
@@ -148,12 +163,7 @@ impl TlsCluster {
                 "ssl_key_file = 'server.key'".to_owned(),
                 "ssl_ca_file = 'ca.pem'".to_owned(),
             ],
-            hba: Some(format!(
-                "# The Unix socket, for the harness's admin client only.\n\
-                 local all all trust\n\
-                 hostssl all postgres 127.0.0.1/32 trust\n\
-                 hostssl all {CERT_USER} 127.0.0.1/32 cert\n"
-            )),
+            hba: Some(hba.to_owned()),
             files: vec![
                 (
                     "server.crt".to_owned(),

@@ -7,9 +7,11 @@
 //! Beside it, the harness of real parts the fault, TLS and pooler tests need, one per file:
 //! [`cluster`] (a throwaway cluster of the test's own), [`certs`] (test certificates and a
 //! TLS-only cluster), [`proxy`] (a TCP proxy that black-holes, and a server that never
-//! answers), [`pgbouncer`] (a throwaway pooler), and [`scratch`] (what they share).
+//! answers), [`broken_tls`] (a front end whose TLS handshakes fail and whose plaintext is
+//! forwarded), [`pgbouncer`] (a throwaway pooler), and [`scratch`] (what they share).
 #![allow(dead_code)] // each test file uses its own part of this module
 
+pub mod broken_tls;
 pub mod certs;
 pub mod cluster;
 pub mod pgbouncer;
@@ -17,6 +19,8 @@ pub mod proxy;
 pub mod scratch;
 
 // Re-exported for the test files that use them; the others do not.
+#[allow(unused_imports)]
+pub use broken_tls::{Breakage, BrokenTls};
 #[allow(unused_imports)]
 pub use certs::{Certs, TlsCluster, CERT_USER};
 #[allow(unused_imports)]
@@ -73,6 +77,16 @@ pub fn with_host_port(url: &str, host: &str, port: u16) -> String {
         &rest[..host_at],
         &rest[authority_end..]
     )
+}
+
+/// `url` with `key=value` added; a later parameter wins over an earlier one of the same key.
+/// Works for URLs and `key=value` strings.
+pub fn with_param(url: &str, key: &str, value: &str) -> String {
+    match (url.contains("://"), url.contains('?')) {
+        (false, _) => format!("{url} {key}={value}"),
+        (true, true) => format!("{url}&{key}={value}"),
+        (true, false) => format!("{url}?{key}={value}"),
+    }
 }
 
 /// The TCP address of the first host and port `url` names (default port 5432).
@@ -263,16 +277,15 @@ pub fn background<T: Send + 'static>(
     call: impl FnOnce() -> T + Send + 'static,
 ) -> Background<T> {
     let (send, result) = std::sync::mpsc::channel();
+    // Before the spawn: the call may start (and time out) before `spawn` returns.
+    let started = Instant::now();
     thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
             let _ = send.send(call());
         })
         .expect("spawn a background call");
-    Background {
-        result,
-        started: Instant::now(),
-    }
+    Background { result, started }
 }
 
 impl<T> Background<T> {

@@ -29,7 +29,7 @@ const POLL: Duration = Duration::from_millis(5);
 /// How long a proxy waits to connect upstream before giving the connection up.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The protocol code of an SSLRequest (and of a GSSENCRequest's neighbour): not a startup.
-const SSL_REQUEST_CODE: u32 = 80_877_103;
+pub(super) const SSL_REQUEST_CODE: u32 = 80_877_103;
 const GSSENC_REQUEST_CODE: u32 = 80_877_104;
 
 /// What [`Proxy::connections`] reports about one connection.
@@ -155,11 +155,7 @@ impl Proxy {
     /// startup packet, which TLS would hide.
     pub fn url(&self, url: &str) -> String {
         let url = super::with_host_port(url, "127.0.0.1", self.port());
-        match (url.contains("://"), url.contains('?')) {
-            (false, _) => format!("{url} sslmode=disable"),
-            (true, true) => format!("{url}&sslmode=disable"),
-            (true, false) => format!("{url}?sslmode=disable"),
-        }
+        super::with_param(&url, "sslmode", "disable")
     }
 
     /// Every connection so far, oldest first, closed ones included.

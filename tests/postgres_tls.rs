@@ -352,7 +352,7 @@ fn prefer_falls_back_to_plaintext_when_the_tls_handshake_fails() {
 }
 
 #[test]
-fn prefer_reports_the_tls_attempts_error_when_plaintext_fails_too() {
+fn prefer_reports_both_attempts_when_plaintext_fails_too() {
     // Plaintext goes on to port 0, which takes no connection (a free port might be taken by
     // a cluster of a test running at once).
     let nowhere = std::net::SocketAddr::from((pg::certs::LOOPBACK, 0));
@@ -367,9 +367,35 @@ fn prefer_reports_the_tls_attempts_error_when_plaintext_fails_too() {
         (1, 1),
         "both attempts made"
     );
-    // The first attempt's error is the one reported; the plaintext attempt's is dropped.
+    // Neither reached a server: the first attempt's kind, and both attempts' errors.
     assert_eq!(err.kind(), ConnectErrorKind::Tls, "{err}");
-    assert!(err.to_string().contains("TLS handshake"), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("the TLS attempt failed: error performing TLS handshake"),
+        "{err}"
+    );
+    assert!(
+        message.contains("the plaintext attempt failed too"),
+        "{err}"
+    );
+
+    // When the plaintext attempt reaches the server, what the server said decides the kind:
+    // a broken TLS set-up in front does not hide a database that does not exist.
+    let db = pg::TestDb::new();
+    let front = BrokenTls::in_front_of(&db.url, Breakage::Close);
+    let missing = front.url(&db.url, "prefer").replacen(
+        &format!("/{}?", db.name),
+        "/mb_no_such_database?",
+        1,
+    );
+    let err = PgStore::open(&missing, PgOptions::default()).expect_err("no such database");
+    assert_eq!(err.kind(), ConnectErrorKind::Config, "{err}");
+    let message = err.to_string();
+    assert!(message.contains("TLS handshake"), "{err}");
+    assert!(
+        message.contains("3D000") && message.contains("mb_no_such_database"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -84,9 +84,7 @@ impl BoundedClient {
             .name(thread_name.to_owned())
             .spawn(move || {
                 let result = catch_unwind(AssertUnwindSafe(|| {
-                    let mut client = on_thread
-                        .open(None)
-                        .map_err(|err| ConnectError::from_postgres("connecting", err))?;
+                    let mut client = on_thread.open(None)?;
                     let state = setup(&on_thread, &mut client)?;
                     Ok((client, state))
                 }))

@@ -49,16 +49,21 @@ impl<T> TlsConnector for T where
 
 /// Opens connections and sends cancel requests with one TLS setup.
 trait Connect: Send + Sync {
-    fn connect(&self, config: &Config) -> Result<Client, postgres::Error>;
+    fn connect(&self, config: &Config) -> Result<Client, ConnectError>;
     fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error>;
+}
+
+/// A failed connection attempt, as a [`ConnectError`].
+fn connecting(err: postgres::Error) -> ConnectError {
+    ConnectError::from_postgres("connecting", err)
 }
 
 /// A caller's own `MakeTlsConnect`, used as the caller configured it.
 struct Custom<T>(T);
 
 impl<T: TlsConnector> Connect for Custom<T> {
-    fn connect(&self, config: &Config) -> Result<Client, postgres::Error> {
-        config.connect(self.0.clone())
+    fn connect(&self, config: &Config) -> Result<Client, ConnectError> {
+        config.connect(self.0.clone()).map_err(connecting)
     }
 
     fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
@@ -86,27 +91,38 @@ impl Libpq {
 }
 
 impl Connect for Libpq {
-    fn connect(&self, config: &Config) -> Result<Client, postgres::Error> {
-        match self.mode {
-            SslMode::Disable => self.attempt(config, ClientSslMode::Disable),
-            // libpq makes a second attempt the other way when the first fails: a server that
-            // takes only TLS (allow), or a TLS setup that does not work out (prefer).
-            SslMode::Allow => self
-                .attempt(config, ClientSslMode::Disable)
-                .or_else(|first| {
-                    self.attempt(config, ClientSslMode::Require)
-                        .map_err(|_| first)
-                }),
-            SslMode::Prefer => self
-                .attempt(config, ClientSslMode::Prefer)
-                .or_else(|first| {
-                    self.attempt(config, ClientSslMode::Disable)
-                        .map_err(|_| first)
-                }),
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-                self.attempt(config, ClientSslMode::Require)
+    fn connect(&self, config: &Config) -> Result<Client, ConnectError> {
+        // libpq makes a second attempt the other way when the first fails: a server that
+        // takes only TLS (allow), or a TLS setup that does not work out (prefer).
+        let (first, second) = match self.mode {
+            SslMode::Disable => {
+                return self
+                    .attempt(config, ClientSslMode::Disable)
+                    .map_err(connecting)
             }
-        }
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                return self
+                    .attempt(config, ClientSslMode::Require)
+                    .map_err(connecting)
+            }
+            SslMode::Allow => (
+                ("plaintext", ClientSslMode::Disable),
+                ("TLS", ClientSslMode::Require),
+            ),
+            SslMode::Prefer => (
+                ("TLS", ClientSslMode::Prefer),
+                ("plaintext", ClientSslMode::Disable),
+            ),
+        };
+        self.attempt(config, first.1).or_else(|first_err| {
+            self.attempt(config, second.1).map_err(|second_err| {
+                ConnectError::from_attempts(
+                    "connecting",
+                    (first.0, first_err),
+                    (second.0, second_err),
+                )
+            })
+        })
     }
 
     fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
@@ -215,10 +231,12 @@ impl Connector {
     /// Opens a session; `settings` says whether to apply the session settings now (not
     /// through a transaction pooler, where they would land on one server connection of
     /// many). Blocks: callers bound it (see [`bounded`](super::bounded)).
-    pub(crate) fn open(&self, settings: Option<&str>) -> Result<Client, postgres::Error> {
+    pub(crate) fn open(&self, settings: Option<&str>) -> Result<Client, ConnectError> {
         let mut client = self.connect.connect(&self.config)?;
         if let Some(settings) = settings {
-            client.batch_execute(settings)?;
+            client
+                .batch_execute(settings)
+                .map_err(|err| ConnectError::from_postgres("setting the session up", err))?;
         }
         Ok(client)
     }
@@ -296,9 +314,7 @@ pub fn connect_client(url: &str, options: &PgOptions) -> Result<Client, ConnectE
         .name("mdbatch-connect".to_owned())
         .spawn(move || {
             let settings = options_settings(&connector);
-            let result = connector
-                .open(Some(&settings))
-                .map_err(|err| ConnectError::from_postgres("connecting", err));
+            let result = connector.open(Some(&settings));
             // A caller that gave up has dropped the receiver; the client is dropped here.
             let _ = opened_tx.send(result);
         })

@@ -162,9 +162,43 @@ impl ConnectError {
     /// library said; `context` says what was being done.
     pub(crate) fn from_postgres(context: &str, err: postgres::Error) -> Self {
         let kind = connect_kind(&err);
-        let advice = match kind {
+        let advice = kind.advice();
+        ConnectError::new(kind, format!("{context}: {}{advice}", describe(&err))).with_source(err)
+    }
+
+    /// Both of libpq's attempts failed (`sslmode=prefer`: TLS, then plaintext; `allow`: the
+    /// other way round). The message gives each attempt's error, as libpq does, so that a
+    /// broken TLS set-up cannot hide what the server said to the plaintext attempt. The kind
+    /// (and the source) is that of the attempt the server answered, a refused login or a
+    /// missing database saying more than a failed handshake; else the first attempt's.
+    pub(crate) fn from_attempts(
+        context: &str,
+        (first_name, first): (&str, postgres::Error),
+        (second_name, second): (&str, postgres::Error),
+    ) -> Self {
+        let message = format!(
+            "{context}: the {first_name} attempt failed: {}; the {second_name} attempt failed \
+             too: {}",
+            describe(&first),
+            describe(&second)
+        );
+        let decisive = if second.code().is_some() {
+            second
+        } else {
+            first
+        };
+        let kind = connect_kind(&decisive);
+        ConnectError::new(kind, format!("{message}{}", kind.advice())).with_source(decisive)
+    }
+}
+
+impl ConnectErrorKind {
+    /// What to check, appended to a connect error's message.
+    fn advice(self) -> &'static str {
+        match self {
             ConnectErrorKind::Tls => {
-                "; check sslmode, sslrootcert and the host name the certificate names"
+                "; check sslmode, sslrootcert and the host name the certificate names, and that \
+                 the address is PostgreSQL's own rather than a proxy that does not speak TLS"
             }
             ConnectErrorKind::Authentication => "; check the user, password and pg_hba.conf",
             ConnectErrorKind::Schema => {
@@ -173,8 +207,7 @@ impl ConnectError {
             }
             ConnectErrorKind::Config => "",
             ConnectErrorKind::Unavailable => "; check that the server is up and reachable",
-        };
-        ConnectError::new(kind, format!("{context}: {}{advice}", describe(&err))).with_source(err)
+        }
     }
 }
 

@@ -308,9 +308,7 @@ const LISTEN_CHECKS: usize = 3;
 
 /// Connects, `LISTEN`s, and checks that the connection keeps its session.
 fn open(connector: &Connector, channel: &str) -> Result<Client, ConnectError> {
-    let mut client = connector
-        .open(connector.connect_settings(false).as_deref())
-        .map_err(|err| ConnectError::from_postgres("connecting", err))?;
+    let mut client = connector.open(connector.connect_settings(false).as_deref())?;
     client
         .batch_execute(&format!("LISTEN {}", quote_identifier(channel)))
         .map_err(|err| ConnectError::from_postgres(&format!("LISTEN on {channel:?}"), err))?;

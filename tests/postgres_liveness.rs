@@ -22,7 +22,10 @@ use std::time::{Duration, Instant, SystemTime};
 use metadata_batcher::postgres::{
     self as mbpg, PgOptions, PgPublisher, PgStore, PgSubscriber, SubscriberEvent,
 };
-use metadata_batcher::{Batcher, FlushReport, Metadata, MockClock, METADATA_BATCH_CHANNEL};
+use metadata_batcher::{
+    Batcher, FlushReport, Metadata, MetadataBatch, MockClock, Store, StoreError,
+    METADATA_BATCH_CHANNEL,
+};
 use pg::{background, micros, Cluster, ClusterOptions, Proxy, SilentServer, TestDb};
 use postgres::Client;
 use uuid::Uuid;
@@ -256,6 +259,70 @@ fn black_holed_store_connection_fails_fast_and_a_new_connection_takes_over() {
     });
     report("store connection black-holed", detected, healed.elapsed());
     r.assert_nothing_lost();
+}
+
+/// A session given up on keeps its thread (and socket) until the server answers, and a proxy
+/// that accepts and holds never does: a long silence must cost a few threads, not one per
+/// retry. Each call below gives one session up until four are held; from then on the store
+/// opens no new session, and says why at once, until the heal lets the held ones end.
+#[test]
+fn a_long_silence_holds_at_most_four_sessions_and_recovers_after_the_heal() {
+    const NAME: &str = "live-threads store";
+    let (db, ids, mut check) = main_db(15, 1);
+    let proxy = Proxy::in_front_of(&db.url);
+    let _heal = Heal(|| proxy.heal_all());
+    let store = Arc::new(parking_lot::Mutex::new(
+        PgStore::open(&proxy.url(&db.url), options(NAME)).expect("connects before the fault"),
+    ));
+    let write = |round: u64| {
+        let store = store.clone();
+        let mut batch = MetadataBatch::default();
+        batch.push(
+            ids[0],
+            Metadata::new("k", format!("v{round}"), "", at(round, 0)),
+        );
+        let call = background("liveness store call", move || {
+            store.lock().batch_update(&batch)
+        });
+        let result = call.expect_within(FLUSH_BOUND, "a store call");
+        (result, call.elapsed())
+    };
+    assert_eq!(write(0).0, Ok(1));
+
+    proxy.black_hole_all();
+    let mut held_back = Vec::new();
+    for round in 1..=8 {
+        let (result, took) = write(round);
+        let Err(StoreError::Unavailable(message)) = result else {
+            panic!("round {round}: {result:?}");
+        };
+        if message.contains("given up on") {
+            held_back.push(took);
+        }
+    }
+    // The session in use when the hole opened, and three more opened into it.
+    assert_eq!(proxy.open_connections(NAME).len(), 4);
+    // Every call after the fourth session was refused at once, without touching the network.
+    assert_eq!(held_back.len(), 4, "{held_back:?}");
+    assert!(
+        held_back.iter().all(|took| *took < CONNECT_TIMEOUT / 2),
+        "{held_back:?}"
+    );
+
+    proxy.heal_all();
+    let healed = Instant::now();
+    let mut round = 9;
+    while write(round).0 != Ok(1) {
+        assert!(healed.elapsed() < PROGRESS_LIMIT, "no write after the heal");
+        round += 1;
+    }
+    assert_eq!(stored(&mut check, round), 1);
+    eprintln!(
+        "liveness long silence: 4 sessions held, refused calls took {:.2?} at most; \
+         recovered {:.2?} after the fault healed",
+        held_back.iter().max().unwrap(),
+        healed.elapsed()
+    );
 }
 
 #[test]

@@ -14,12 +14,18 @@
 //!
 //! An abandoned session's thread stays blocked until the server answers or the kernel gives
 //! up (`tcp_user_timeout`, keepalives), then drops the client and ends; nothing waits for it.
+//! The kernel never gives up on a peer that acknowledges everything and answers nothing (a
+//! SIGSTOPped backend, a proxy or pooler that accepts and holds), so without a bound a fault
+//! of hours would collect a thread and a socket per retry: [`SessionThreads`] allows at most
+//! [`MAX_SESSION_THREADS`] alive at once per store or publisher, and refuses to open another
+//! (as unavailable, at once) until one of them ends.
 //! Why a thread rather than socket timeouts: the `postgres` crate owns its socket inside a
 //! private runtime and offers no per-call timeout, and a thread is the one way to stop
 //! waiting for a call without touching it. It costs two thread hand-offs per statement
 //! (tens of microseconds against milliseconds of statement).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -59,6 +65,55 @@ impl NoAnswer {
     }
 }
 
+/// How many session threads one store or publisher may have alive at once: the one in use
+/// and those given up on that still wait for an answer. Four, so that a few short faults in a
+/// row (each abandons one session) never refuse a new session, while a long one costs four
+/// threads, not one per retry.
+pub(crate) const MAX_SESSION_THREADS: usize = 4;
+
+/// The session threads alive of one store or publisher; see [`MAX_SESSION_THREADS`].
+#[derive(Debug, Default)]
+pub(crate) struct SessionThreads(Arc<AtomicUsize>);
+
+impl SessionThreads {
+    /// A place for one more thread, or, when all are taken, the error that says why no
+    /// session is opened.
+    fn claim(&self) -> Result<ThreadPlace, ConnectError> {
+        let mut alive = self.0.load(Ordering::Acquire);
+        loop {
+            if alive >= MAX_SESSION_THREADS {
+                return Err(ConnectError::new(
+                    super::ConnectErrorKind::Unavailable,
+                    format!(
+                        "{alive} earlier sessions were given up on and still wait for an \
+                         answer (the server or the network accepts and stays silent); no new \
+                         session until one of them ends"
+                    ),
+                ));
+            }
+            match self.0.compare_exchange_weak(
+                alive,
+                alive + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(ThreadPlace(self.0.clone())),
+                Err(now) => alive = now,
+            }
+        }
+    }
+}
+
+/// One session thread's place in its [`SessionThreads`], given back when the thread ends,
+/// however it ends.
+struct ThreadPlace(Arc<AtomicUsize>);
+
+impl Drop for ThreadPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One connection on its own thread.
 pub(crate) struct BoundedClient {
     jobs: Sender<Job>,
@@ -70,9 +125,11 @@ pub(crate) struct BoundedClient {
 
 impl BoundedClient {
     /// Connects on a new thread named `thread_name` and runs `setup` there (session
-    /// settings, preparing statements), all within `connect_timeout`.
+    /// settings, preparing statements), all within `connect_timeout`. Fails at once when
+    /// `threads` has no place left.
     pub(crate) fn open<S: Send + 'static>(
         connector: Arc<Connector>,
+        threads: &SessionThreads,
         thread_name: &str,
         setup: impl FnOnce(&Connector, &mut Client) -> Result<S, ConnectError> + Send + 'static,
     ) -> Result<(BoundedClient, S), ConnectError> {
@@ -80,9 +137,11 @@ impl BoundedClient {
         let (opened_tx, opened) = bounded(1);
         let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let on_thread = connector.clone();
+        let place = threads.claim()?;
         thread::Builder::new()
             .name(thread_name.to_owned())
             .spawn(move || {
+                let _place = place;
                 let result = catch_unwind(AssertUnwindSafe(|| {
                     let mut client = on_thread.open(None)?;
                     let state = setup(&on_thread, &mut client)?;

@@ -21,7 +21,7 @@ use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use postgres::Client;
 use tracing::{debug, warn};
 
-use super::bounded::{Abort, BoundedClient, NoAnswer};
+use super::bounded::{Abort, BoundedClient, NoAnswer, SessionThreads};
 use super::connector::Connector;
 use super::error::{classify, describe, Class, ConnectError};
 use super::StatementMode;
@@ -99,6 +99,7 @@ pub(crate) struct PreparedSession {
     statement: Arc<SessionStatement>,
     mode: StatementMode,
     session: Option<Open>,
+    threads: SessionThreads,
 }
 
 impl PreparedSession {
@@ -114,6 +115,7 @@ impl PreparedSession {
             statement: Arc::new(statement),
             mode,
             session: None,
+            threads: SessionThreads::default(),
         };
         // Logged here, at start-up, for services that only log: later reconnects fail into
         // a flush, which the batcher logs once.
@@ -210,6 +212,7 @@ impl PreparedSession {
         let mode = self.mode;
         let (client, set_up) = BoundedClient::open(
             self.connector.clone(),
+            &self.threads,
             statement.thread_name,
             move |connector, client| set_up(connector, client, &statement, mode),
         )?;

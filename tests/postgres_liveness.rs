@@ -502,6 +502,84 @@ fn subscriber_next_stays_bounded_while_reconnecting_into_a_black_hole() {
     );
 }
 
+/// A `LISTEN` session that goes silent (the proxy holds it: no error, no close, and the
+/// kernel's keepalives answered) is found by the heartbeat and replaced, and the watcher is
+/// told to re-read. The calls are shorter than `connect_timeout`, so the check that finds it
+/// spans several of them.
+#[test]
+fn a_silent_subscriber_session_is_found_by_the_heartbeat_and_replaced() {
+    const NAME: &str = "live-e subscriber";
+    let db = TestDb::new();
+    let proxy = Proxy::in_front_of(&db.url);
+    let _heal = Heal(|| proxy.heal_all());
+    let heartbeat = Duration::from_secs(1);
+    let mut subscriber = PgSubscriber::listen_with(
+        &proxy.url(&db.url),
+        METADATA_BATCH_CHANNEL,
+        PgOptions {
+            subscriber_heartbeat: heartbeat,
+            ..options(NAME)
+        },
+    )
+    .unwrap();
+    let notify = |client: &mut Client, agent: Uuid| {
+        let payload = metadata_batcher::agent_ids::encode_chunks(&[agent]).remove(0);
+        let payload = String::from_utf8(payload).unwrap();
+        client
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&METADATA_BATCH_CHANNEL, &payload],
+            )
+            .unwrap();
+    };
+    let mut admin = db.client("liveness notify");
+    notify(&mut admin, agent(16, 0));
+    let wait = Duration::from_millis(300);
+    assert_eq!(
+        subscriber.next(Duration::from_secs(2)).unwrap(),
+        Some(SubscriberEvent::Agents(vec![agent(16, 0)]))
+    );
+
+    assert_eq!(proxy.black_hole_named(NAME), 1);
+    let fault = Instant::now();
+    // Sent into the hole: lost with the session, which is what `Reconnected` says.
+    notify(&mut admin, agent(16, 1));
+    let bound = heartbeat + CONNECT_TIMEOUT + MARGIN + wait;
+    let mut subscriber = loop {
+        let next = background("subscriber next", move || {
+            let result = subscriber.next(wait);
+            (result, subscriber)
+        });
+        let result;
+        (result, subscriber) = next.expect_within(wait + MARGIN, "subscriber next");
+        match result {
+            Ok(Some(SubscriberEvent::Reconnected)) => break subscriber,
+            Ok(None) => {}
+            other => panic!("while the session is silent: {other:?}"),
+        }
+        assert!(
+            fault.elapsed() < bound,
+            "the silent session was not replaced within {bound:?}"
+        );
+    };
+    let detected = fault.elapsed();
+    // The new session listens.
+    notify(&mut admin, agent(16, 2));
+    assert_eq!(
+        subscriber.next(Duration::from_secs(2)).unwrap(),
+        Some(SubscriberEvent::Agents(vec![agent(16, 2)]))
+    );
+    assert_eq!(
+        proxy.open_connections(NAME).len(),
+        2,
+        "the silent one, still held, and the new one"
+    );
+    eprintln!(
+        "liveness subscriber session silent: replaced {detected:.2?} into the fault (heartbeat \
+         {heartbeat:?} + connect_timeout {CONNECT_TIMEOUT:?})"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // A throwaway cluster.
 

@@ -70,6 +70,14 @@ pub struct PgOptions {
     /// (`"coder.workspace_agent_metadata"`); each part is quoted as an identifier. Default
     /// `workspace_agent_metadata`.
     pub table: String,
+    /// How long [`PgSubscriber`](super::PgSubscriber) may hear nothing before it checks its
+    /// session with an empty query, which must be answered within `connect_timeout`. A
+    /// session that goes silent (a proxy or pooler that holds the connection, a stopped
+    /// backend, a network that drops packets) delivers no notifications and no error, and
+    /// keepalives do not notice a peer whose kernel still answers them; without the check a
+    /// watcher would miss every change without knowing. `Duration::ZERO` disables it.
+    /// Default 10 s.
+    pub subscriber_heartbeat: Duration,
 }
 
 /// How a session sends its statement.
@@ -106,6 +114,10 @@ pub const DEFAULT_DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 /// The `TCP_USER_TIMEOUT` [`PgOptions::default`] uses.
 pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The subscriber heartbeat [`PgOptions::default`] uses: a silent `LISTEN` session is found
+/// within this plus `connect_timeout` (15 s by default), for one empty query per 10 s of quiet.
+pub const DEFAULT_SUBSCRIBER_HEARTBEAT: Duration = Duration::from_secs(10);
+
 /// The keepalive idle time [`PgOptions::default`] uses.
 pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
 
@@ -126,6 +138,7 @@ impl Default for PgOptions {
             statement_mode: StatementMode::default(),
             synchronous_commit: true,
             table: DEFAULT_TABLE.to_owned(),
+            subscriber_heartbeat: DEFAULT_SUBSCRIBER_HEARTBEAT,
         }
     }
 }

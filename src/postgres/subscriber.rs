@@ -72,6 +72,12 @@ pub struct PgSubscriber {
     /// Why the last reconnect attempt failed, for the error of a `next` that waits out the
     /// backoff without an attempt of its own.
     last_failure: Option<SubscribeError>,
+    /// When the session last answered or delivered anything: the heartbeat's clock.
+    last_heard: Instant,
+    /// When the first heartbeat check still unanswered was sent. A check cut short by the
+    /// caller's timeout is inconclusive; the session is given up once checks have gone
+    /// unanswered for `connect_timeout` in all.
+    unanswered_since: Option<Instant>,
 }
 
 impl PgSubscriber {
@@ -135,6 +141,8 @@ impl PgSubscriber {
             backoff: RECONNECT_BACKOFF_MIN,
             next_attempt: Instant::now(),
             last_failure: None,
+            last_heard: Instant::now(),
+            unanswered_since: None,
         })
     }
 
@@ -145,12 +153,30 @@ impl PgSubscriber {
     /// [`SubscriberEvent::Reconnected`].
     pub fn next(&mut self, timeout: Duration) -> Result<Option<SubscriberEvent>, SubscribeError> {
         let deadline = Instant::now() + timeout;
+        let heartbeat = self.connector.options.subscriber_heartbeat;
         loop {
-            let Some(client) = self.client.as_mut() else {
+            if self.client.is_none() {
                 return self.reconnect(deadline);
+            }
+            let check_at = self.last_heard + heartbeat;
+            if !heartbeat.is_zero() && Instant::now() >= check_at {
+                match self.check(deadline) {
+                    Check::Answered => {}
+                    Check::Lost => continue,
+                    Check::CutShort => return Ok(None),
+                }
+            }
+            let Some(client) = self.client.as_mut() else {
+                continue;
             };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let received = client.notifications().timeout_iter(remaining).next();
+            let mut wait = deadline.saturating_duration_since(Instant::now());
+            if !heartbeat.is_zero() {
+                wait = wait.min(check_at.saturating_duration_since(Instant::now()));
+            }
+            let received = client.notifications().timeout_iter(wait).next();
+            if matches!(received, Ok(Some(_))) {
+                self.last_heard = Instant::now();
+            }
             match received {
                 // Go's decoder reads an empty payload as no agents: nothing to re-read, and
                 // nothing wrong with the publisher, so it is neither returned nor counted.
@@ -171,8 +197,13 @@ impl PgSubscriber {
                         }
                     }
                 }
-                // Timed out, or the server hung up: the client tells which.
-                Ok(None) if !client.is_closed() => return Ok(None),
+                // Timed out, or the server hung up: the client tells which. A wait cut short
+                // by a heartbeat due goes round again.
+                Ok(None) if !client.is_closed() => {
+                    if Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                }
                 Ok(None) => self.lost("the server closed the connection".to_owned()),
                 Err(err) => self.lost(describe(&err)),
             }
@@ -191,9 +222,46 @@ impl PgSubscriber {
 
     fn lost(&mut self, reason: String) {
         warn!(channel = %self.channel, reason, "metadata subscriber lost its connection; reconnecting");
-        self.client = None;
+        if let Some(client) = self.client.take() {
+            abandon(client);
+        }
+        self.unanswered_since = None;
         self.backoff = RECONNECT_BACKOFF_MIN;
         self.next_attempt = Instant::now();
+    }
+
+    /// The heartbeat: an empty query on the session, answered within `connect_timeout` (or
+    /// what is left of the caller's timeout, whichever is shorter).
+    fn check(&mut self, deadline: Instant) -> Check {
+        let Some(client) = self.client.as_mut() else {
+            return Check::Lost;
+        };
+        let bound = self.connector.options.connect_timeout;
+        let now = Instant::now();
+        let since = *self.unanswered_since.get_or_insert(now);
+        let wait = bound
+            .saturating_sub(now - since)
+            .min(deadline.saturating_duration_since(now));
+        match client.is_valid(wait) {
+            Ok(()) => {
+                self.last_heard = Instant::now();
+                self.unanswered_since = None;
+                Check::Answered
+            }
+            Err(err) if client.is_closed() => {
+                self.lost(describe(&err));
+                Check::Lost
+            }
+            Err(_) if since.elapsed() >= bound => {
+                self.lost(format!(
+                    "the session went silent: nothing heard for {:?}, and an empty query had \
+                     no answer within connect_timeout ({bound:?})",
+                    self.connector.options.subscriber_heartbeat
+                ));
+                Check::Lost
+            }
+            Err(_) => Check::CutShort,
+        }
     }
 
     /// Tries to reopen the subscription until `deadline`, sleeping out the backoff between
@@ -242,6 +310,7 @@ impl PgSubscriber {
                 Ok(client) => {
                     debug!(channel = %self.channel, "metadata subscriber reconnected");
                     self.client = Some(client);
+                    self.last_heard = Instant::now();
                     self.backoff = RECONNECT_BACKOFF_MIN;
                     self.last_failure = None;
                     return Ok(Some(SubscriberEvent::Reconnected));
@@ -256,6 +325,38 @@ impl PgSubscriber {
                 }
             }
         }
+    }
+}
+
+/// What a heartbeat check found.
+enum Check {
+    Answered,
+    /// The session is gone or silent, and was dropped.
+    Lost,
+    /// The caller's timeout ended the check before `connect_timeout` had passed.
+    CutShort,
+}
+
+impl Drop for PgSubscriber {
+    fn drop(&mut self) {
+        // A check still unanswered leaves a reply pending, and dropping a `postgres::Client`
+        // waits for its connection to finish: on a silent session, forever.
+        if self.unanswered_since.is_some() {
+            if let Some(client) = self.client.take() {
+                abandon(client);
+            }
+        }
+    }
+}
+
+/// Drops a client whose connection may be silent on a thread of its own: the drop waits for
+/// replies still pending, which a silent session never sends.
+fn abandon(client: Client) {
+    let spawned = thread::Builder::new()
+        .name("mdbatch-pgdrop".to_owned())
+        .spawn(move || drop(client));
+    if let Err(err) = spawned {
+        debug!(error = %err, "cannot start a thread to drop a lost subscriber session");
     }
 }
 

@@ -350,6 +350,41 @@ fn time_unnamed(client: &mut Client, n: usize, keys: &[String]) -> Duration {
     elapsed
 }
 
+/// One paired round on fresh connections: `WARM_UP` calls of each path (past a new session's
+/// first executions, planned afresh each time), then 10 alternations, in which every other
+/// call swaps which path goes first and which of two neighbouring batches each writes (a
+/// path that always went second, or always wrote the same half of the fleet, would see
+/// different pages and caches). Returns the median of each path.
+fn paired_round(
+    round: usize,
+    n: &mut usize,
+    mut a: impl FnMut(usize) -> Duration,
+    mut b: impl FnMut(usize) -> Duration,
+) -> (Duration, Duration) {
+    for _ in 0..WARM_UP {
+        *n += 1;
+        a(*n);
+        b(*n);
+    }
+    let (mut a_times, mut b_times) = (Vec::new(), Vec::new());
+    for i in 0..10 {
+        let flip = (round + i) % 2;
+        let (mine, theirs) = (*n + 1 + flip, *n + 2 - flip);
+        *n += 2;
+        if flip == 0 {
+            a_times.push(a(mine));
+            b_times.push(b(theirs));
+        } else {
+            b_times.push(b(theirs));
+            a_times.push(a(mine));
+        }
+    }
+    (median(a_times), median(b_times))
+}
+
+/// Calls of each path per paired round before the timed ones.
+const WARM_UP: usize = 10;
+
 fn median(mut xs: Vec<Duration>) -> Duration {
     xs.sort();
     xs[xs.len() / 2]
@@ -510,10 +545,7 @@ fn main() {
     // Paired: library and direct alternate, so both see the same server and machine state.
     // Each round opens fresh connections for both: two connections running the very same
     // statement differ by up to 15 % here for as long as they live (measured with two plain
-    // clients), so a comparison of one pair of connections measures the pair. In each round
-    // the paths write neighbouring batches, and every other round they swap both the
-    // batches and which goes first (a path that always wrote the same half of the fleet, or
-    // always ran second, would see different pages and caches).
+    // clients), so a comparison of one pair of connections measures the pair (`paired_round`).
     // `cargo test` runs this binary without `--bench` (an unoptimised build, where timing
     // means nothing): two rounds keep the code exercised.
     let rounds = if std::env::args().any(|arg| arg == "--bench") {
@@ -521,32 +553,18 @@ fn main() {
     } else {
         2
     };
-    const WARM_UP: usize = 10;
     let (mut library, mut plain) = (Vec::new(), Vec::new());
     for round in (0..rounds).filter(|_| paired_section("paired/library_store")) {
         let mut store = PgStore::connect(&fixture.url).expect("PgStore connects");
         let mut direct = Direct::connect(&fixture.url);
-        // Past a new session's first executions (planned afresh each time) on both.
-        for _ in 0..WARM_UP {
-            n += 1;
-            time_store(&mut store, n, &keys);
-            direct.time(n, &keys);
-        }
-        let (mut l, mut d) = (Vec::new(), Vec::new());
-        for i in 0..10 {
-            let flip = (round + i) % 2;
-            let (mine, theirs) = (n + 1 + flip, n + 2 - flip);
-            n += 2;
-            if flip == 0 {
-                l.push(time_store(&mut store, mine, &keys));
-                d.push(direct.time(theirs, &keys));
-            } else {
-                d.push(direct.time(theirs, &keys));
-                l.push(time_store(&mut store, mine, &keys));
-            }
-        }
-        library.push(median(l));
-        plain.push(median(d));
+        let (l, d) = paired_round(
+            round,
+            &mut n,
+            |m| time_store(&mut store, m, &keys),
+            |m| direct.time(m, &keys),
+        );
+        library.push(l);
+        plain.push(d);
     }
     if !library.is_empty() {
         print_paired("library_store", library, plain);
@@ -627,26 +645,14 @@ fn main() {
         for round in 0..rounds {
             let mut other = PgStore::open(&url, options.clone()).expect("variant connects");
             let mut store = PgStore::connect(&fixture.url).expect("PgStore connects");
-            for _ in 0..WARM_UP {
-                n += 1;
-                time_store(&mut other, n, &keys);
-                time_store(&mut store, n, &keys);
-            }
-            let (mut v, mut b) = (Vec::new(), Vec::new());
-            for i in 0..10 {
-                let flip = (round + i) % 2;
-                let (mine, theirs) = (n + 1 + flip, n + 2 - flip);
-                n += 2;
-                if flip == 0 {
-                    v.push(time_store(&mut other, mine, &keys));
-                    b.push(time_store(&mut store, theirs, &keys));
-                } else {
-                    b.push(time_store(&mut store, theirs, &keys));
-                    v.push(time_store(&mut other, mine, &keys));
-                }
-            }
-            variant.push(median(v));
-            baseline.push(median(b));
+            let (v, b) = paired_round(
+                round,
+                &mut n,
+                |m| time_store(&mut other, m, &keys),
+                |m| time_store(&mut store, m, &keys),
+            );
+            variant.push(v);
+            baseline.push(b);
         }
         print_pair(
             &format!("variant/{name}"),
@@ -668,26 +674,14 @@ fn main() {
             plain
                 .batch_execute("SET enable_hashjoin = off; SET enable_mergejoin = off")
                 .expect("plan settings");
-            for _ in 0..WARM_UP {
-                n += 1;
-                time_unnamed(&mut plain, n, &keys);
-                direct.time(n, &keys);
-            }
-            let (mut u, mut p) = (Vec::new(), Vec::new());
-            for i in 0..10 {
-                let flip = (round + i) % 2;
-                let (mine, theirs) = (n + 1 + flip, n + 2 - flip);
-                n += 2;
-                if flip == 0 {
-                    u.push(time_unnamed(&mut plain, mine, &keys));
-                    p.push(direct.time(theirs, &keys));
-                } else {
-                    p.push(direct.time(theirs, &keys));
-                    u.push(time_unnamed(&mut plain, mine, &keys));
-                }
-            }
-            unnamed.push(median(u));
-            prepared.push(median(p));
+            let (u, p) = paired_round(
+                round,
+                &mut n,
+                |m| time_unnamed(&mut plain, m, &keys),
+                |m| direct.time(m, &keys),
+            );
+            unnamed.push(u);
+            prepared.push(p);
         }
         print_pair(
             "floor/unnamed_direct",

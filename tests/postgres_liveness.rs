@@ -580,6 +580,50 @@ fn a_silent_subscriber_session_is_found_by_the_heartbeat_and_replaced() {
     );
 }
 
+/// A caller that polls with zero timeouts (an event loop's tick) leaves the heartbeat no
+/// time to hear an answer over a real network (here 10 ms a round trip, through the proxy):
+/// the check must wait for a longer call, never count the polls against a live session and
+/// replace it.
+#[test]
+fn zero_timeout_polls_never_mistake_a_live_subscriber_session_for_a_silent_one() {
+    let db = TestDb::new();
+    let proxy = Proxy::in_front_of(&db.url);
+    proxy.set_latency(Duration::from_millis(5));
+    let heartbeat = Duration::from_millis(200);
+    let mut subscriber = PgSubscriber::listen_with(
+        &proxy.url(&db.url),
+        METADATA_BATCH_CHANNEL,
+        PgOptions {
+            subscriber_heartbeat: heartbeat,
+            ..options("live-f subscriber")
+        },
+    )
+    .unwrap();
+    // Past several heartbeats and connect timeouts of polling.
+    let polling = heartbeat + 2 * CONNECT_TIMEOUT;
+    let started = Instant::now();
+    while started.elapsed() < polling {
+        assert_eq!(subscriber.next(Duration::ZERO).unwrap(), None);
+        // The caller's own tick, not a wait for the library.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let payload = metadata_batcher::agent_ids::encode_chunks(&[agent(17, 0)]).remove(0);
+    db.client("liveness notify")
+        .execute(
+            "SELECT pg_notify($1, $2)",
+            &[
+                &METADATA_BATCH_CHANNEL,
+                &String::from_utf8(payload).unwrap(),
+            ],
+        )
+        .unwrap();
+    // A longer call runs the check, which the live session answers, and then delivers.
+    assert_eq!(
+        subscriber.next(Duration::from_secs(2)).unwrap(),
+        Some(SubscriberEvent::Agents(vec![agent(17, 0)]))
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // A throwaway cluster.
 

@@ -75,8 +75,9 @@ pub struct PgOptions {
     /// session that goes silent (a proxy or pooler that holds the connection, a stopped
     /// backend, a network that drops packets) delivers no notifications and no error, and
     /// keepalives do not notice a peer whose kernel still answers them; without the check a
-    /// watcher would miss every change without knowing. `Duration::ZERO` disables it.
-    /// Default 10 s.
+    /// watcher would miss every change without knowing. The wait for the answer counts only
+    /// calls of `next` with at least 100 ms left (a zero-timeout poll does not check).
+    /// `Duration::ZERO` disables it. Default 10 s.
     pub subscriber_heartbeat: Duration,
 }
 

@@ -74,10 +74,10 @@ pub struct PgSubscriber {
     last_failure: Option<SubscribeError>,
     /// When the session last answered or delivered anything: the heartbeat's clock.
     last_heard: Instant,
-    /// When the first heartbeat check still unanswered was sent. A check cut short by the
-    /// caller's timeout is inconclusive; the session is given up once checks have gone
-    /// unanswered for `connect_timeout` in all.
-    unanswered_since: Option<Instant>,
+    /// How long heartbeat checks have waited in vain since the session last answered one. A
+    /// check cut short by the caller's timeout is inconclusive; the session is given up once
+    /// its checks have waited `connect_timeout` in all.
+    unanswered_for: Duration,
 }
 
 impl PgSubscriber {
@@ -142,7 +142,7 @@ impl PgSubscriber {
             next_attempt: Instant::now(),
             last_failure: None,
             last_heard: Instant::now(),
-            unanswered_since: None,
+            unanswered_for: Duration::ZERO,
         })
     }
 
@@ -158,20 +158,21 @@ impl PgSubscriber {
             if self.client.is_none() {
                 return self.reconnect(deadline);
             }
-            let check_at = self.last_heard + heartbeat;
-            if !heartbeat.is_zero() && Instant::now() >= check_at {
+            if !heartbeat.is_zero() && Instant::now() >= self.last_heard + heartbeat {
                 match self.check(deadline) {
-                    Check::Answered => {}
-                    Check::Lost => continue,
-                    Check::CutShort => return Ok(None),
+                    Check::Answered | Check::Skipped => {}
+                    Check::Lost | Check::CutShort => continue,
                 }
             }
             let Some(client) = self.client.as_mut() else {
                 continue;
             };
-            let mut wait = deadline.saturating_duration_since(Instant::now());
-            if !heartbeat.is_zero() {
-                wait = wait.min(check_at.saturating_duration_since(Instant::now()));
+            let now = Instant::now();
+            let mut wait = deadline.saturating_duration_since(now);
+            // Wake for the next check, unless one is due already (skipped: too little time).
+            let check_at = self.last_heard + heartbeat;
+            if !heartbeat.is_zero() && check_at > now {
+                wait = wait.min(check_at - now);
             }
             let received = client.notifications().timeout_iter(wait).next();
             if matches!(received, Ok(Some(_))) {
@@ -225,42 +226,46 @@ impl PgSubscriber {
         if let Some(client) = self.client.take() {
             abandon(client);
         }
-        self.unanswered_since = None;
+        self.unanswered_for = Duration::ZERO;
         self.backoff = RECONNECT_BACKOFF_MIN;
         self.next_attempt = Instant::now();
     }
 
-    /// The heartbeat: an empty query on the session, answered within `connect_timeout` (or
-    /// what is left of the caller's timeout, whichever is shorter).
+    /// The heartbeat: an empty query on the session, answered within `connect_timeout` of
+    /// waiting in all, spread over as many calls as the caller's timeouts make it take.
     fn check(&mut self, deadline: Instant) -> Check {
         let Some(client) = self.client.as_mut() else {
             return Check::Lost;
         };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining < CHECK_MIN_WAIT {
+            return Check::Skipped;
+        }
         let bound = self.connector.options.connect_timeout;
-        let now = Instant::now();
-        let since = *self.unanswered_since.get_or_insert(now);
-        let wait = bound
-            .saturating_sub(now - since)
-            .min(deadline.saturating_duration_since(now));
+        let wait = bound.saturating_sub(self.unanswered_for).min(remaining);
+        let started = Instant::now();
         match client.is_valid(wait) {
             Ok(()) => {
                 self.last_heard = Instant::now();
-                self.unanswered_since = None;
+                self.unanswered_for = Duration::ZERO;
                 Check::Answered
             }
             Err(err) if client.is_closed() => {
                 self.lost(describe(&err));
                 Check::Lost
             }
-            Err(_) if since.elapsed() >= bound => {
+            Err(_) => {
+                self.unanswered_for += started.elapsed();
+                if self.unanswered_for < bound {
+                    return Check::CutShort;
+                }
                 self.lost(format!(
-                    "the session went silent: nothing heard for {:?}, and an empty query had \
-                     no answer within connect_timeout ({bound:?})",
+                    "the session went silent: nothing heard for {:?}, and empty queries waited \
+                     connect_timeout ({bound:?}) for an answer",
                     self.connector.options.subscriber_heartbeat
                 ));
                 Check::Lost
             }
-            Err(_) => Check::CutShort,
         }
     }
 
@@ -328,20 +333,27 @@ impl PgSubscriber {
     }
 }
 
+/// The shortest wait a heartbeat check is worth. A check that cannot hear its answer would
+/// count against a live session, so a call with less time left (a zero-timeout poll) reads
+/// notifications instead and leaves the check to a longer call.
+const CHECK_MIN_WAIT: Duration = Duration::from_millis(100);
+
 /// What a heartbeat check found.
 enum Check {
     Answered,
     /// The session is gone or silent, and was dropped.
     Lost,
-    /// The caller's timeout ended the check before `connect_timeout` had passed.
+    /// The caller's timeout ended the check before it had waited `connect_timeout` in all.
     CutShort,
+    /// Too little time left to check; see [`CHECK_MIN_WAIT`].
+    Skipped,
 }
 
 impl Drop for PgSubscriber {
     fn drop(&mut self) {
         // A check still unanswered leaves a reply pending, and dropping a `postgres::Client`
         // waits for its connection to finish: on a silent session, forever.
-        if self.unanswered_since.is_some() {
+        if !self.unanswered_for.is_zero() {
             if let Some(client) = self.client.take() {
                 abandon(client);
             }

@@ -66,6 +66,8 @@ struct Shared {
     stop: AtomicBool,
     /// Every connection, existing and new, is black-holed.
     all_black_holed: AtomicBool,
+    /// Added before each chunk is forwarded, either way: a network's latency, in µs.
+    latency_micros: AtomicU64,
     next_id: AtomicU64,
     conns: Mutex<Vec<Arc<Conn>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -121,6 +123,7 @@ impl Proxy {
             target,
             stop: AtomicBool::new(false),
             all_black_holed: AtomicBool::new(false),
+            latency_micros: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             conns: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
@@ -230,6 +233,14 @@ impl Proxy {
         for conn in self.shared.conns.lock().unwrap().iter() {
             conn.black_holed.store(false, SeqCst);
         }
+    }
+
+    /// Holds every chunk `one_way` before forwarding it, in both directions, so a round trip
+    /// takes at least twice that: a network farther away than loopback.
+    pub fn set_latency(&self, one_way: Duration) {
+        self.shared
+            .latency_micros
+            .store(one_way.as_micros() as u64, SeqCst);
     }
 
     /// Closes connection `id` (both sockets), as a reset would.
@@ -362,6 +373,10 @@ fn pump(from: TcpStream, to: TcpStream, conn: Arc<Conn>, shared: Arc<Shared>) {
         match (&from).read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                let latency = shared.latency_micros.load(SeqCst);
+                if latency > 0 {
+                    thread::sleep(Duration::from_micros(latency));
+                }
                 // Read just before the hole opened: hold the bytes until the heal.
                 if !shared.wait_while_holed(&conn) || (&to).write_all(&buf[..n]).is_err() {
                     break;

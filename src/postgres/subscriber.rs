@@ -364,11 +364,31 @@ impl Drop for PgSubscriber {
 /// Drops a client whose connection may be silent on a thread of its own: the drop waits for
 /// replies still pending, which a silent session never sends.
 fn abandon(client: Client) {
+    let doomed = Doomed(Some(client));
     let spawned = thread::Builder::new()
         .name("mdbatch-pgdrop".to_owned())
-        .spawn(move || drop(client));
+        .spawn(move || {
+            let mut doomed = doomed;
+            drop(doomed.0.take());
+        });
     if let Err(err) = spawned {
-        debug!(error = %err, "cannot start a thread to drop a lost subscriber session");
+        warn!(
+            error = %err,
+            "cannot start a thread to drop a lost subscriber session; leaking its connection \
+             rather than waiting on it"
+        );
+    }
+}
+
+/// A client on its way to [`abandon`]'s thread. Dropped anywhere else (the thread could not
+/// be started), it leaks the client rather than wait on a connection that may never answer.
+struct Doomed(Option<Client>);
+
+impl Drop for Doomed {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            std::mem::forget(client);
+        }
     }
 }
 

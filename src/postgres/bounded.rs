@@ -18,7 +18,8 @@
 //! SIGSTOPped backend, a proxy or pooler that accepts and holds), so without a bound a fault
 //! of hours would collect a thread and a socket per retry: [`SessionThreads`] allows at most
 //! [`MAX_SESSION_THREADS`] alive at once per store or publisher, and refuses to open another
-//! (as unavailable, at once) until one of them ends.
+//! (as unavailable, at once) until one of them ends, but for one try per
+//! [`RELIEF_CONNECT_TIMEOUTS`] connect timeouts.
 //! Why a thread rather than socket timeouts: the `postgres` crate owns its socket inside a
 //! private runtime and offers no per-call timeout, and a thread is the one way to stop
 //! waiting for a call without touching it. It costs two thread wake-ups per statement: about
@@ -29,7 +30,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{after, bounded, never, select, Receiver, Sender};
 use postgres::{CancelToken, Client};
@@ -72,36 +73,47 @@ impl NoAnswer {
 /// threads, not one per retry.
 pub(crate) const MAX_SESSION_THREADS: usize = 4;
 
+/// Past the bound, one more session may still be tried once per this many connect timeouts.
+/// The sessions held may be stuck on a path that stays silent while a new connection would
+/// work (a frozen old primary after a failover moved the address): refusing for good would
+/// trade a few threads for an outage. So a long silence costs four threads plus one per
+/// `RELIEF_CONNECT_TIMEOUTS × connect_timeout` (50 s by default).
+pub(crate) const RELIEF_CONNECT_TIMEOUTS: u32 = 10;
+
 /// The session threads alive of one store or publisher; see [`MAX_SESSION_THREADS`].
 #[derive(Debug, Default)]
-pub(crate) struct SessionThreads(Arc<AtomicUsize>);
+pub(crate) struct SessionThreads {
+    alive: Arc<AtomicUsize>,
+    /// Since when new sessions are refused (or since the last one let through past the
+    /// bound).
+    refusing_since: Option<Instant>,
+}
 
 impl SessionThreads {
-    /// A place for one more thread, or, when all are taken, the error that says why no
-    /// session is opened.
-    fn claim(&self) -> Result<ThreadPlace, ConnectError> {
-        let mut alive = self.0.load(Ordering::Acquire);
-        loop {
-            if alive >= MAX_SESSION_THREADS {
+    /// A place for one more thread, or, when all are taken and no relief is due, the error
+    /// that says why no session is opened.
+    fn claim(&mut self, connect_timeout: Duration) -> Result<ThreadPlace, ConnectError> {
+        let alive = self.alive.load(Ordering::Acquire);
+        if alive >= MAX_SESSION_THREADS {
+            let now = Instant::now();
+            let since = *self.refusing_since.get_or_insert(now);
+            let relief = connect_timeout * RELIEF_CONNECT_TIMEOUTS;
+            if now.duration_since(since) < relief {
                 return Err(ConnectError::new(
                     super::ConnectErrorKind::Unavailable,
                     format!(
                         "{alive} earlier sessions were given up on and still wait for an \
                          answer (the server or the network accepts and stays silent); no new \
-                         session until one of them ends"
+                         session until one of them ends, or {relief:?} have passed"
                     ),
                 ));
             }
-            match self.0.compare_exchange_weak(
-                alive,
-                alive + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(ThreadPlace(self.0.clone())),
-                Err(now) => alive = now,
-            }
+            self.refusing_since = Some(now);
+        } else {
+            self.refusing_since = None;
         }
+        self.alive.fetch_add(1, Ordering::AcqRel);
+        Ok(ThreadPlace(self.alive.clone()))
     }
 }
 
@@ -130,7 +142,7 @@ impl BoundedClient {
     /// `threads` has no place left.
     pub(crate) fn open<S: Send + 'static>(
         connector: Arc<Connector>,
-        threads: &SessionThreads,
+        threads: &mut SessionThreads,
         thread_name: &str,
         setup: impl FnOnce(&Connector, &mut Client) -> Result<S, ConnectError> + Send + 'static,
     ) -> Result<(BoundedClient, S), ConnectError> {
@@ -138,7 +150,7 @@ impl BoundedClient {
         let (opened_tx, opened) = bounded(1);
         let (jobs, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let on_thread = connector.clone();
-        let place = threads.claim()?;
+        let place = threads.claim(timeout)?;
         thread::Builder::new()
             .name(thread_name.to_owned())
             .spawn(move || {

@@ -212,7 +212,7 @@ impl PreparedSession {
         let mode = self.mode;
         let (client, set_up) = BoundedClient::open(
             self.connector.clone(),
-            &self.threads,
+            &mut self.threads,
             statement.thread_name,
             move |connector, client| set_up(connector, client, &statement, mode),
         )?;

@@ -235,6 +235,16 @@ impl Proxy {
         }
     }
 
+    /// The connections open now stay black-holed; new ones go through again: a path that
+    /// froze while a new connection reaches a working server (a failover that moved the
+    /// address away from a frozen primary).
+    pub fn freeze_existing(&self) {
+        for conn in self.shared.conns.lock().unwrap().iter() {
+            conn.black_holed.store(true, SeqCst);
+        }
+        self.shared.all_black_holed.store(false, SeqCst);
+    }
+
     /// Holds every chunk `one_way` before forwarding it, in both directions, so a round trip
     /// takes at least twice that: a network farther away than loopback.
     pub fn set_latency(&self, one_way: Duration) {

@@ -19,11 +19,12 @@ mod pg;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use metadata_batcher::agent_ids::encode_chunks;
 use metadata_batcher::postgres::{
     self as mbpg, PgOptions, PgPublisher, PgStore, PgSubscriber, SubscriberEvent,
 };
 use metadata_batcher::{
-    Batcher, FlushReport, Metadata, MetadataBatch, MockClock, Store, StoreError,
+    Batcher, FlushReport, Metadata, MetadataBatch, MockClock, Publisher, Store, StoreError,
     METADATA_BATCH_CHANNEL,
 };
 use pg::{background, micros, Cluster, ClusterOptions, Proxy, SilentServer, TestDb};
@@ -208,6 +209,13 @@ fn report(test: &str, detected: Duration, recovered: Duration) {
     eprintln!("liveness {test}: detected in {detected:.2?}; recovered {recovered:.2?} after the fault healed");
 }
 
+/// Announces `agent` on the batch channel, as a replica's publisher does after a flush.
+fn announce(publisher: &mut PgPublisher, agent: Uuid) {
+    publisher
+        .publish(METADATA_BATCH_CHANNEL, &encode_chunks(&[agent])[0])
+        .unwrap();
+}
+
 /// A database on the main server with `n` agents registered (key `k`).
 fn main_db(test: u128, n: usize) -> (TestDb, Vec<Uuid>, Client) {
     let db = TestDb::new();
@@ -326,7 +334,9 @@ fn a_long_silence_holds_at_most_four_sessions_and_tries_a_new_one_now_and_then()
             first_refused.elapsed()
         );
         round += 1;
-        // A caller's retry pace (the batcher's backoff), not a wait for the library.
+        // A caller's retry pace (the batcher's backoff does the same): the relief is a span
+        // of wall-clock time, and a refused call returns at once, so without a pace this
+        // would spin. It does not wait for the library.
         std::thread::sleep(Duration::from_millis(100));
     }
     let recovered = first_refused.elapsed();
@@ -391,17 +401,15 @@ fn black_holed_notify_connection_does_not_hold_back_writes() {
     r.add_round(2);
     r.flush_within(FLUSH_BOUND, "publisher black-holed, next write");
     assert_eq!(stored(&mut check, 2), 50, "nor does the next one");
-    // The publisher's deadline runs on the wall clock (a socket deadline), not on the
-    // batcher's mock clock, and nothing signals when it fires: poll the counter, bounded.
-    let limit = FLUSH_BOUND;
-    while r.batcher.stats().publish_errors == 0 {
-        assert!(
-            fault.elapsed() < limit,
-            "a black-holed NOTIFY not counted in publish_errors within {limit:?}: {:?}",
-            r.batcher.stats()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // `sync` returns once every flush is announced, the failed publish included, which the
+    // publisher's deadline (on the wall clock, not the mock clock) ends.
+    let batcher = r.batcher.clone();
+    background("liveness sync", move || batcher.sync()).expect_within(FLUSH_BOUND, "sync");
+    assert!(
+        r.batcher.stats().publish_errors > 0,
+        "a black-holed NOTIFY not counted in publish_errors: {:?}",
+        r.batcher.stats()
+    );
     let detected = fault.elapsed();
 
     proxy.heal_all();
@@ -540,18 +548,8 @@ fn a_silent_subscriber_session_is_found_by_the_heartbeat_and_replaced() {
         },
     )
     .unwrap();
-    let notify = |client: &mut Client, agent: Uuid| {
-        let payload = metadata_batcher::agent_ids::encode_chunks(&[agent]).remove(0);
-        let payload = String::from_utf8(payload).unwrap();
-        client
-            .execute(
-                "SELECT pg_notify($1, $2)",
-                &[&METADATA_BATCH_CHANNEL, &payload],
-            )
-            .unwrap();
-    };
-    let mut admin = db.client("liveness notify");
-    notify(&mut admin, agent(16, 0));
+    let mut publisher = PgPublisher::connect(&db.url).unwrap();
+    announce(&mut publisher, agent(16, 0));
     let wait = Duration::from_millis(300);
     assert_eq!(
         subscriber.next(Duration::from_secs(2)).unwrap(),
@@ -561,7 +559,7 @@ fn a_silent_subscriber_session_is_found_by_the_heartbeat_and_replaced() {
     assert_eq!(proxy.black_hole_named(NAME), 1);
     let fault = Instant::now();
     // Sent into the hole: lost with the session, which is what `Reconnected` says.
-    notify(&mut admin, agent(16, 1));
+    announce(&mut publisher, agent(16, 1));
     let bound = heartbeat + CONNECT_TIMEOUT + MARGIN + wait;
     let mut subscriber = loop {
         let next = background("subscriber next", move || {
@@ -582,7 +580,7 @@ fn a_silent_subscriber_session_is_found_by_the_heartbeat_and_replaced() {
     };
     let detected = fault.elapsed();
     // The new session listens.
-    notify(&mut admin, agent(16, 2));
+    announce(&mut publisher, agent(16, 2));
     assert_eq!(
         subscriber.next(Duration::from_secs(2)).unwrap(),
         Some(SubscriberEvent::Agents(vec![agent(16, 2)]))
@@ -625,16 +623,7 @@ fn zero_timeout_polls_never_mistake_a_live_subscriber_session_for_a_silent_one()
         // The caller's own tick, not a wait for the library.
         std::thread::sleep(Duration::from_millis(5));
     }
-    let payload = metadata_batcher::agent_ids::encode_chunks(&[agent(17, 0)]).remove(0);
-    db.client("liveness notify")
-        .execute(
-            "SELECT pg_notify($1, $2)",
-            &[
-                &METADATA_BATCH_CHANNEL,
-                &String::from_utf8(payload).unwrap(),
-            ],
-        )
-        .unwrap();
+    announce(&mut PgPublisher::connect(&db.url).unwrap(), agent(17, 0));
     // A longer call runs the check, which the live session answers, and then delivers.
     assert_eq!(
         subscriber.next(Duration::from_secs(2)).unwrap(),

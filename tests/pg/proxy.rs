@@ -24,7 +24,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// How often a blocked thread looks at the stop and black-hole flags: the longest a heal or
-/// a drop waits for a thread to notice.
+/// a drop waits for a thread to notice. The proxy's own threads sleep this long between
+/// looks because flags and non-blocking sockets offer nothing to block on; they stand in for
+/// the network, and no test waits for the library through them.
 const POLL: Duration = Duration::from_millis(5);
 /// How long a proxy waits to connect upstream before giving the connection up.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -385,6 +387,7 @@ fn pump(from: TcpStream, to: TcpStream, conn: Arc<Conn>, shared: Arc<Shared>) {
             Ok(n) => {
                 let latency = shared.latency_micros.load(SeqCst);
                 if latency > 0 {
+                    // The simulated network's delay, not a wait for anything.
                     thread::sleep(Duration::from_micros(latency));
                 }
                 // Read just before the hole opened: hold the bytes until the heal.

@@ -201,14 +201,16 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>,
             }
             "--final-flush-timeout" => {
                 let value = value()?;
-                options.final_flush_timeout = match value.parse::<f64>() {
-                    Ok(seconds) if seconds > 0.0 && seconds.is_finite() => {
-                        Duration::from_secs_f64(seconds)
-                    }
-                    _ => return Err(format!(
+                let timeout = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|seconds| *seconds > 0.0)
+                    .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
+                options.final_flush_timeout = timeout.ok_or_else(|| {
+                    format!(
                         "--final-flush-timeout wants a positive number of seconds, got {value:?}"
-                    )),
-                };
+                    )
+                })?;
             }
             _ => return Err(format!("unknown flag {flag:?}")),
         }

@@ -303,13 +303,12 @@ fn signal_name(signal: Option<i32>) -> &'static str {
 /// line of a replica's log says whether it kept everything it accepted.
 fn log_close_report(batcher: &Batcher, report: &CloseReport, took: Duration) {
     let stats = batcher.stats();
-    let took_ms = took.as_secs_f64() * 1000.0;
     if report.unwritten == 0 {
         tracing::info!(
             written = report.written,
             unwritten = report.unwritten,
             deadline_hit = report.deadline_hit,
-            took_ms,
+            ?took,
             dropped = stats.dropped,
             retention_dropped = stats.retention_dropped,
             rejected = stats.rejected,
@@ -320,7 +319,7 @@ fn log_close_report(batcher: &Batcher, report: &CloseReport, took: Duration) {
             written = report.written,
             unwritten = report.unwritten,
             deadline_hit = report.deadline_hit,
-            took_ms,
+            ?took,
             dropped = stats.dropped,
             retention_dropped = stats.retention_dropped,
             rejected = stats.rejected,
@@ -529,6 +528,9 @@ fn install_metrics() -> Result<PrometheusHandle, Failure> {
         names::SUBSCRIBER_RECONNECTS_TOTAL,
         "Times the subscriber lost its session and listened on a new one."
     );
+    // Present from the start at 0, so a rate over them never misses the first increase.
+    counter!(names::ANNOUNCED_AGENTS_TOTAL).absolute(0);
+    counter!(names::SUBSCRIBER_RECONNECTS_TOTAL).absolute(0);
     Ok(handle)
 }
 

@@ -5,9 +5,10 @@
 //! else ever waits on the database. Its steps, each small:
 //!
 //! 1. [`Flusher::write`]: the batch is sorted by (agent, key), the lock order every
-//!    replica shares, and goes out in chunks of at most `batch_size` rows, so a backlog that
-//!    accrued during a slow flush or an outage drains at the database's pace instead of
-//!    timing out as one huge statement.
+//!    replica shares, and goes out in chunks of `batch_size` rows (more for a store that
+//!    takes them, sized by [`StatementSize`] so the round trip is a tenth of each), so a
+//!    backlog that accrued during a slow flush or an outage drains at the database's pace
+//!    instead of timing out as one huge statement.
 //! 2. [`Flusher::write_chunk`]: one `Store::batch_update` per chunk.
 //!    - `Rejected`: the chunk is split in halves and each written again, until the refused
 //!      rows stand alone; only they are dropped (about `2·log2(n)` extra statements per
@@ -44,6 +45,7 @@ use uuid::Uuid;
 
 use crate::batch::Taken;
 use crate::shared::Shared;
+use crate::statement_size::StatementSize;
 use crate::{
     agent_ids, notifier, FlushReason, FlushReport, Interrupt, MetadataBatch, Publisher, Store,
     StoreError,
@@ -202,8 +204,8 @@ pub(crate) struct Flusher {
     store: Box<dyn Store>,
     announcer: Announcer,
     shared: Arc<Shared>,
-    /// The most rows one statement carries.
-    batch_size: usize,
+    /// How many rows the next statement carries.
+    size: StatementSize,
     /// Keys per agent of the current flush; kept to reuse its allocation.
     keys_per_agent: HashMap<Uuid, u32, foldhash::fast::RandomState>,
 }
@@ -215,11 +217,12 @@ impl Flusher {
         shared: Arc<Shared>,
         batch_size: usize,
     ) -> Self {
+        let size = StatementSize::new(batch_size, store.max_batch_rows());
         Flusher {
             store,
             announcer,
             shared,
-            batch_size,
+            size,
             keys_per_agent: HashMap::default(),
         }
     }
@@ -283,14 +286,16 @@ impl Flusher {
         }
     }
 
-    /// Writes `batch` in chunks of at most `batch_size` rows, each in (agent, key) order.
+    /// Writes `batch` in chunks of `batch_size` rows, or as [`StatementSize`] grows them for
+    /// a store that takes more, each in (agent, key) order.
     fn write(&mut self, mut batch: MetadataBatch, written: &mut Written) {
         // One order for every statement of every replica: no two can deadlock. Sorted
         // whole, so every chunk, and every half of a split chunk, is in order too.
         batch.sort_by_agent_and_key();
         while !batch.is_empty() {
             // From the end, so each split moves only the chunk's rows.
-            let chunk = batch.split_off(batch.len().saturating_sub(self.batch_size));
+            let rows = self.size.next_rows(batch.len());
+            let chunk = batch.split_off(batch.len() - rows);
             self.write_chunk(chunk, written);
         }
     }
@@ -454,18 +459,30 @@ impl Flusher {
         let result = catch_unwind(AssertUnwindSafe(|| {
             let interrupt = store.interrupt_handle();
             if !self.shared.cancellation.arm(interrupt) {
-                return (Err(StoreCall::Abandoned), 0);
+                return (Err(StoreCall::Abandoned), 0, Duration::ZERO);
             }
             let conflicts_before = store.conflicts();
-            counters.set_store_call_started(Some(self.shared.clock.now()));
+            let started = self.shared.clock.now();
+            counters.set_store_call_started(Some(started));
             let result = store.batch_update(batch).map_err(StoreCall::Failed);
-            (result, store.conflicts().saturating_sub(conflicts_before))
+            let took = self.shared.clock.now().saturating_duration_since(started);
+            (
+                result,
+                store.conflicts().saturating_sub(conflicts_before),
+                took,
+            )
         }));
         counters.set_store_call_started(None);
         self.shared.cancellation.disarm();
         match result {
-            Ok((result, conflicts)) => {
+            Ok((result, conflicts, took)) => {
                 self.count_conflicts(batch.len(), conflicts, result.is_ok());
+                match &result {
+                    // A retried statement's time includes the wait for the conflict.
+                    Ok(_) if conflicts == 0 => self.size.observe(batch.len(), took),
+                    Err(StoreCall::Failed(StoreError::Canceled)) => self.size.reset(),
+                    _ => {}
+                }
                 result
             }
             Err(panic) => Err(StoreCall::Panicked(panic_message(&*panic))),

@@ -72,6 +72,7 @@ mod notifier;
 pub mod postgres;
 mod publish;
 mod shared;
+mod statement_size;
 mod stats;
 mod store;
 mod worker;

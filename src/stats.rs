@@ -72,7 +72,8 @@ pub struct FlushReport {
     /// statement was canceled (a statement or lock timeout) and could not be split further
     /// in this flush.
     pub retained: usize,
-    /// Store calls made: one per chunk of at most `batch_size` rows, plus the calls that
+    /// Store calls made: one per chunk (`batch_size` rows, or as sized for a store that
+    /// takes more; see [`Store::max_batch_rows`](crate::Store::max_batch_rows)), plus the calls that
     /// split refused or canceled chunks.
     pub statements: usize,
     /// Payloads whose publish failed. When announcements were merged behind a slow

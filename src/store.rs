@@ -1,7 +1,7 @@
 //! Where a flush writes: the [`Store`] trait and how a write can fail.
 //!
-//! A store gets one [`MetadataBatch`] of at most `batch_size` rows per call and writes it with
-//! one statement; a flush that carries more makes several calls. Its error tells the batcher
+//! A store gets one [`MetadataBatch`] of at most `batch_size` rows per call (more if it says
+//! so: [`Store::max_batch_rows`]) and writes it with one statement; a flush that carries more makes several calls. Its error tells the batcher
 //! what to do with the rows: keep them and retry ([`StoreError::Unavailable`]), split the
 //! batch to write what can be written and keep the rest ([`StoreError::Canceled`]: a
 //! timeout or a lock), or look for the rows the database refuses and drop only those
@@ -31,8 +31,9 @@ use crate::MetadataBatch;
 /// }
 /// ```
 pub trait Store: Send + 'static {
-    /// Writes one batch (at most the batcher's `batch_size` rows); returns how many stored
-    /// rows it updated. Failures are logged by the batcher, once each: a store need not
+    /// Writes one batch (at most the batcher's `batch_size` rows, or
+    /// [`max_batch_rows`](Self::max_batch_rows) when the store sets it); returns how many
+    /// stored rows it updated. Failures are logged by the batcher, once each: a store need not
     /// log them.
     ///
     /// A row whose (agent, key) is not stored, or whose stored `collected_at` is newer, is
@@ -64,6 +65,22 @@ pub trait Store: Send + 'static {
     /// rows are kept. The default, 0, suits a store that never conflicts or does not retry.
     fn conflicts(&self) -> u64 {
         0
+    }
+
+    /// The most rows one call may carry, when that is more than the batcher's `batch_size`.
+    ///
+    /// One statement is in flight at a time, so a store one network round trip away (or
+    /// three, behind a transaction pooler) spends a fixed cost per call whatever its size.
+    /// When a flush carries more than `batch_size` rows, the batcher then sizes each call
+    /// from the calls before it, so that the fixed cost is at most a tenth of a call's
+    /// time, between `batch_size` and this bound: a backlog drains at the database's pace,
+    /// not the network's. `batch_size` still triggers flushes.
+    ///
+    /// The default, `None`, keeps every call at `batch_size` rows or fewer.
+    /// [`PgStore`](crate::postgres::PgStore) returns
+    /// [`PgOptions::max_statement_rows`](crate::postgres::PgOptions::max_statement_rows).
+    fn max_batch_rows(&self) -> Option<usize> {
+        None
     }
 }
 

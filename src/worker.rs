@@ -18,7 +18,7 @@
 //! running. A flush runs on the flusher thread, so intake and dedup never wait on the
 //! database: what accrues while a flush is in flight is carried by the next one, which
 //! makes the batch grow with the database's latency instead of dropping updates (the
-//! flusher writes it in statements of at most `batch_size` rows). When the worker keeps
+//! flusher writes it in statements of `batch_size` rows, or sized to the path). When the worker keeps
 //! up, a capacity flush carries exactly `batch_size` entries.
 //!
 //! The worker answers `sync` and `flush` through the publisher thread

@@ -238,6 +238,50 @@ fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
     }
 }
 
+#[test]
+fn a_backlog_goes_out_in_statements_sized_to_the_round_trip() {
+    // A database 5 ms away that writes a row in 5 µs: 500-row statements would spend a
+    // third of their time on the round trip. Its time passes on the mock clock.
+    let clock = MockClock::new();
+    let store_clock = clock.clone();
+    let table = registered(20_000);
+    let mut writer = table.clone();
+    let store = ScriptedStore::new(move |batch| {
+        store_clock
+            .advance(Duration::from_millis(5) + Duration::from_micros(5) * batch.len() as u32);
+        writer.batch_update(batch)
+    })
+    .with_max_batch_rows(20_000);
+    let calls = store.calls.clone();
+    let b = Batcher::builder(store, MemoryPubsub::new())
+        .clock(clock.clone())
+        .batch_size(500)
+        .channel_capacity(40_000)
+        .build()
+        .unwrap();
+    // The backlog an outage leaves: the first capacity flush fails, the rest waits.
+    table.set_outage(Some(StoreError::Unavailable("down".into())));
+    for i in 0..20_000 {
+        b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
+    }
+    b.sync();
+    table.set_outage(None);
+    calls.lock().clear();
+    let report = b.flush().unwrap();
+    assert_eq!((report.stored, report.retained), (20_000, 0));
+    let sizes: Vec<usize> = calls.lock().iter().map(MetadataBatch::len).collect();
+    // It starts at batch_size, probes a smaller statement to tell the round trip from the
+    // cost per row, and grows to 9 × 5 ms / 5 µs = 9,000 rows, where the round trip is a
+    // tenth of a statement.
+    assert_eq!(sizes[0], 500, "{sizes:?}");
+    let largest = *sizes.iter().max().unwrap();
+    assert!((8_500..=9_000).contains(&largest), "{sizes:?}");
+    assert!(sizes.len() < 20, "{} statements: {sizes:?}", sizes.len());
+    for i in 0..20_000 {
+        assert_eq!(table.get(agent(i), "k").unwrap().value, "v");
+    }
+}
+
 /// A publisher that blocks until released, and records what it published.
 struct GatedPublisher {
     released: crossbeam_channel::Receiver<()>,

@@ -79,6 +79,13 @@ pub struct PgOptions {
     /// calls of `next` with at least 100 ms left (a zero-timeout poll does not check).
     /// `Duration::ZERO` disables it. Default 10 s.
     pub subscriber_heartbeat: Duration,
+    /// The most rows one statement of [`PgStore`](super::PgStore) carries. A flush that
+    /// carries more than the batcher's `batch_size` goes out in statements sized so that
+    /// the network's round trip is at most a tenth of each (see
+    /// [`Store::max_batch_rows`](crate::Store::max_batch_rows)), up to this bound: at most
+    /// a few hundred milliseconds of row locks at a few microseconds a row. Below the
+    /// batcher's `batch_size` it has no effect. Default 20,000.
+    pub max_statement_rows: usize,
 }
 
 /// How a session sends its statement.
@@ -119,6 +126,9 @@ pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 /// within this plus `connect_timeout` (15 s by default), for one empty query per 10 s of quiet.
 pub const DEFAULT_SUBSCRIBER_HEARTBEAT: Duration = Duration::from_secs(10);
 
+/// The bound on one statement's rows [`PgOptions::default`] uses.
+pub const DEFAULT_MAX_STATEMENT_ROWS: usize = 20_000;
+
 /// The keepalive idle time [`PgOptions::default`] uses.
 pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
 
@@ -140,6 +150,7 @@ impl Default for PgOptions {
             synchronous_commit: true,
             table: DEFAULT_TABLE.to_owned(),
             subscriber_heartbeat: DEFAULT_SUBSCRIBER_HEARTBEAT,
+            max_statement_rows: DEFAULT_MAX_STATEMENT_ROWS,
         }
     }
 }

@@ -238,6 +238,11 @@ impl Store for PgStore {
     fn conflicts(&self) -> u64 {
         self.conflicts
     }
+
+    /// [`PgOptions::max_statement_rows`].
+    fn max_batch_rows(&self) -> Option<usize> {
+        Some(self.session.connector().options.max_statement_rows)
+    }
 }
 
 /// A session's answer as the batcher reads it.

@@ -16,6 +16,7 @@ pub struct ScriptedStore {
     pub calls: Arc<Mutex<Vec<MetadataBatch>>>,
     behaviour: Box<Behaviour>,
     interrupt: Option<Box<dyn FnMut() -> Interrupt + Send>>,
+    max_batch_rows: Option<usize>,
 }
 
 impl ScriptedStore {
@@ -31,11 +32,18 @@ impl ScriptedStore {
             calls: Arc::default(),
             behaviour: Box::new(behaviour),
             interrupt: None,
+            max_batch_rows: None,
         }
     }
 
     pub fn with_interrupt(mut self, make: impl FnMut() -> Interrupt + Send + 'static) -> Self {
         self.interrupt = Some(Box::new(make));
+        self
+    }
+
+    /// A store that takes up to `rows` rows a call: the batcher sizes its statements.
+    pub fn with_max_batch_rows(mut self, rows: usize) -> Self {
+        self.max_batch_rows = Some(rows);
         self
     }
 }
@@ -48,6 +56,10 @@ impl Store for ScriptedStore {
 
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
         self.interrupt.as_mut().map(|make| make())
+    }
+
+    fn max_batch_rows(&self) -> Option<usize> {
+        self.max_batch_rows
     }
 }
 

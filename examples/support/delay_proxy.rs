@@ -2,8 +2,10 @@
 //! arrived, in each direction: a network one hop away, for measurements on one machine.
 //!
 //! A round trip through it costs at least twice the one-way delay on top of the path behind
-//! it; `loadgen --rtt-ms X` starts one with X/2 each way and prints what `SELECT 1` really
-//! takes through it. Throughput is not limited by the delay: per connection and direction,
+//! it, and a little more: a sleeping thread wakes late (timer slack, a busy CPU), by 0.2-0.3
+//! ms per direction on a busy 2-core machine. `loadgen --rtt-ms X` starts one with X/2 each
+//! way, times `SELECT 1` through it, shortens the delay by the excess
+//! ([`DelayProxy::set_one_way`]) and prints what `SELECT 1` then really takes. Throughput is not limited by the delay: per connection and direction,
 //! one thread reads and stamps each chunk with its due time and queues it, and another
 //! writes it when it is due. A reader never waits for a write, so chunks that arrive back to
 //! back leave back to back, in order, each `one_way` later, as they would over a long link.
@@ -25,7 +27,7 @@
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -50,7 +52,9 @@ pub struct DelayProxy {
 
 struct Shared {
     target: SocketAddr,
-    one_way: Duration,
+    /// The delay each chunk gets, in µs; read as each chunk arrives, so a change applies
+    /// from the next chunk on.
+    one_way_micros: AtomicU64,
     stop: AtomicBool,
     /// Clones of every socket, so a drop can shut them down from outside their threads.
     sockets: Mutex<Vec<TcpStream>>,
@@ -58,6 +62,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn due(&self) -> Instant {
+        Instant::now() + Duration::from_micros(self.one_way_micros.load(SeqCst))
+    }
+
     fn spawn(&self, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
         let handle = thread::Builder::new().name("delay-proxy".into()).spawn(f)?;
         lock(&self.threads).push(handle);
@@ -87,7 +95,7 @@ impl DelayProxy {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             target,
-            one_way,
+            one_way_micros: AtomicU64::new(one_way.as_micros() as u64),
             stop: AtomicBool::new(false),
             sockets: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
@@ -114,7 +122,16 @@ impl DelayProxy {
 
     /// The delay added to each chunk in each direction.
     pub fn one_way(&self) -> Duration {
-        self.shared.one_way
+        Duration::from_micros(self.shared.one_way_micros.load(SeqCst))
+    }
+
+    /// Changes the delay, from the next chunk on. A sleeping thread wakes a little late
+    /// (timer slack, a busy CPU), so a measured round trip comes out above twice the
+    /// delay: a caller that wants a given round trip measures it and sets a shorter delay.
+    pub fn set_one_way(&self, one_way: Duration) {
+        self.shared
+            .one_way_micros
+            .store(one_way.as_micros() as u64, SeqCst);
     }
 }
 
@@ -208,8 +225,8 @@ fn read_side(from: TcpStream, queue: SyncSender<Chunk>, shared: Arc<Shared>) {
     let mut buf = vec![0u8; CHUNK_BYTES];
     while !shared.stop.load(SeqCst) {
         let chunk = match (&from).read(&mut buf) {
-            Ok(0) => Chunk::End(Instant::now() + shared.one_way),
-            Ok(n) => Chunk::Data(Instant::now() + shared.one_way, buf[..n].to_vec()),
+            Ok(0) => Chunk::End(shared.due()),
+            Ok(n) => Chunk::Data(shared.due(), buf[..n].to_vec()),
             Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 continue
             }

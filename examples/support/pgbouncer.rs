@@ -146,9 +146,9 @@ impl Pooler {
             let last = match config.connect(postgres::NoTls) {
                 Ok(mut client) => match client.simple_query("SELECT 1") {
                     Ok(_) => return Ok(()),
-                    Err(err) => err.to_string(),
+                    Err(err) => server_words(&err),
                 },
-                Err(err) => err.to_string(),
+                Err(err) => server_words(&err),
             };
             if Instant::now() >= deadline {
                 return Err(format!("pgbouncer not ready in {READY_TIMEOUT:?}: {last}"));
@@ -163,6 +163,14 @@ impl Drop for Pooler {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The server's (or PgBouncer's) message: a `postgres::Error` alone displays "db error".
+fn server_words(err: &postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => err.to_string(),
     }
 }
 

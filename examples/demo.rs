@@ -314,12 +314,7 @@ fn run_postgres(
                 )
             },
         )?;
-    let mut tls = tls_summary(rows.client())?;
-    if listen_url != url {
-        tls.push_str(
-            "; through a pooler, the store's and publisher's are the pooler's server sessions",
-        );
-    }
+    let tls = tls_summary(rows.client())?;
     let announcements = Announcements::collect(move |timeout| match subscriber.next(timeout) {
         Ok(Some(SubscriberEvent::Agents(agents))) => Ok(Some(agents)),
         Ok(Some(SubscriberEvent::Reconnected)) => {
@@ -352,9 +347,11 @@ fn tls_summary(client: &mut postgres::Client) -> Result<String, String> {
     let read = |err: postgres::Error| format!("reading pg_stat_ssl: {err}");
     let mut sessions = Vec::new();
     let mut all_tls = true;
+    let mut unseen = vec!["publisher", "store", "subscriber"];
     for row in &rows {
         let name: String = row.try_get(0).map_err(read)?;
         let role = name.rsplit(' ').next().unwrap_or_default().to_owned();
+        unseen.retain(|expected| *expected != role);
         let ssl: bool = row.try_get(1).map_err(read)?;
         all_tls &= ssl;
         sessions.push(match ssl {
@@ -365,12 +362,17 @@ fn tls_summary(client: &mut postgres::Client) -> Result<String, String> {
             false => format!("{role} plaintext"),
         });
     }
+    // Behind a pooler the server sees the pooler's sessions, named after whichever client
+    // used them last: a role it does not see under its name cannot be vouched for.
+    for role in &unseen {
+        sessions.push(format!("{role} not seen by the server (behind a pooler?)"));
+    }
     Ok(format!(
         "sessions use TLS: {} ({})",
-        if all_tls && !rows.is_empty() {
-            "yes"
-        } else {
-            "no"
+        match (all_tls, unseen.is_empty()) {
+            (true, true) => "yes",
+            (true, false) => "unknown",
+            (false, _) => "no",
         },
         sessions.join(", ")
     ))

@@ -4,18 +4,24 @@
 //! in [`FlushMode::Inline`](crate::FlushMode::Inline)) and owns the user's store, so nothing
 //! else ever waits on the database. Its steps, each small:
 //!
-//! 1. [`Flusher::write`]: the batch goes out in chunks of at most `batch_size` rows, so a
-//!    backlog that accrued during a slow flush or an outage drains at the database's pace
-//!    instead of timing out as one huge statement.
+//! 1. [`Flusher::write`]: the batch is sorted by (agent, key), the lock order every
+//!    replica shares, and goes out in chunks of at most `batch_size` rows, so a backlog that
+//!    accrued during a slow flush or an outage drains at the database's pace instead of
+//!    timing out as one huge statement.
 //! 2. [`Flusher::write_chunk`]: one `Store::batch_update` per chunk.
 //!    - `Rejected`: the chunk is split in halves and each written again, until the refused
 //!      rows stand alone; only they are dropped (about `2·log2(n)` extra statements per
 //!      refused row).
 //!    - `Canceled` (a statement or lock timeout): split the same way, so the rows that can
 //!      be written are; a single row still canceled (a locked row) is kept for a retry,
-//!      never dropped. A flush spends at most `⌈log2 n⌉ + 2` canceled statements (enough
-//!      to isolate one locked row among `n`), then keeps the rest for the next flush.
-//!      After `close` has given up on the store, nothing is split.
+//!      never dropped. Both halves are tried before either is split again, and when both
+//!      are canceled too the table is locked as a whole: the flush stops there, three
+//!      timeouts in, instead of one per level. A flush spends at most `⌈log2 n⌉ + 1`
+//!      canceled statements (enough to isolate one locked row among `n`), then keeps the
+//!      rest for the next flush. After `close` has given up on the store, nothing is split.
+//!    - A statement that conflicted with another writer (a deadlock, a serialization
+//!      failure) was retried by the store ([`Store::conflicts`]); it is counted and logged
+//!      here, once per call.
 //!    - `Unavailable`, or `close` gave up: this chunk and the rest are kept for a retry.
 //! 3. [`Flusher::announce`]: the distinct agents of the stored rows go to the
 //!    `mdbatch-notify` thread ([`crate::notifier`]), so the next write never waits for a
@@ -93,15 +99,32 @@ impl FlushOutcome {
 }
 
 /// Lets `close` stop a store call that outlives the final flush timeout.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Cancellation {
     state: Mutex<CancelState>,
+    /// Disconnected when `close` gives up, which wakes a worker waiting to retry at
+    /// shutdown.
+    given_up: crossbeam_channel::Receiver<()>,
 }
 
 #[derive(Debug, Default)]
 struct CancelState {
     abandoned: bool,
     interrupt: Option<Interrupt>,
+    given_up: Option<crossbeam_channel::Sender<()>>,
+}
+
+impl Default for Cancellation {
+    fn default() -> Self {
+        let (sender, given_up) = crossbeam_channel::bounded(0);
+        Cancellation {
+            state: Mutex::new(CancelState {
+                given_up: Some(sender),
+                ..CancelState::default()
+            }),
+            given_up,
+        }
+    }
 }
 
 impl Cancellation {
@@ -122,7 +145,13 @@ impl Cancellation {
     pub(crate) fn abandon(&self) -> Option<Interrupt> {
         let mut state = self.state.lock();
         state.abandoned = true;
+        state.given_up = None;
         state.interrupt.take()
+    }
+
+    /// Ready (disconnected) once `close` has given up.
+    pub(crate) fn given_up(&self) -> &crossbeam_channel::Receiver<()> {
+        &self.given_up
     }
 
     /// Runs `record` unless `close` has given up on the store; says whether it ran.
@@ -254,8 +283,11 @@ impl Flusher {
         }
     }
 
-    /// Writes `batch` in chunks of at most `batch_size` rows.
+    /// Writes `batch` in chunks of at most `batch_size` rows, each in (agent, key) order.
     fn write(&mut self, mut batch: MetadataBatch, written: &mut Written) {
+        // One order for every statement of every replica: no two can deadlock. Sorted
+        // whole, so every chunk, and every half of a split chunk, is in order too.
+        batch.sort_by_agent_and_key();
         while !batch.is_empty() {
             // From the end, so each split moves only the chunk's rows.
             let chunk = batch.split_off(batch.len().saturating_sub(self.batch_size));
@@ -264,10 +296,22 @@ impl Flusher {
     }
 
     /// Writes one chunk, splitting it while the database refuses its data or cancels it.
-    fn write_chunk(&mut self, mut chunk: MetadataBatch, written: &mut Written) {
+    fn write_chunk(&mut self, chunk: MetadataBatch, written: &mut Written) {
+        if let Some(canceled) = self.try_chunk(chunk, written) {
+            self.canceled(canceled, written);
+        }
+    }
+
+    /// One statement for `chunk`, and whatever its outcome calls for, but for a cancel:
+    /// then the chunk comes back, for the caller to decide how to split it.
+    fn try_chunk(
+        &mut self,
+        mut chunk: MetadataBatch,
+        written: &mut Written,
+    ) -> Option<MetadataBatch> {
         if written.stopped {
             written.retained.append(&mut chunk);
-            return;
+            return None;
         }
         written.statements += 1;
         let rows = chunk.len();
@@ -289,13 +333,15 @@ impl Flusher {
                         error = %message,
                         "the database refused a chunk; splitting it to find the refused rows"
                     );
-                    self.split(chunk, written);
+                    let second_half = chunk.split_off(rows / 2);
+                    self.write_chunk(chunk, written);
+                    self.write_chunk(second_half, written);
                 }
             }
             Err(StoreCall::Failed(StoreError::Canceled)) => {
                 self.count_store_error();
                 written.error = Some(StoreError::Canceled);
-                self.canceled(chunk, written);
+                return Some(chunk);
             }
             Err(StoreCall::Failed(error)) => {
                 self.count_store_error();
@@ -332,10 +378,17 @@ impl Flusher {
                 )));
             }
         }
+        None
     }
 
     /// A canceled chunk (statement or lock timeout): split it so the writable rows are
     /// written, keep a lone canceled row for a retry, and stop once the budget is spent.
+    ///
+    /// Both halves are tried before either is split further. When both are canceled too,
+    /// no single row is to blame: the table is locked as a whole (a migration's `ALTER
+    /// TABLE`, a `LOCK TABLE`) or the server is too slow for any statement, and splitting
+    /// on would cost a timeout per level. The flush stops after three timeouts and keeps
+    /// the rest for the retry.
     fn canceled(&mut self, mut chunk: MetadataBatch, written: &mut Written) {
         let rows = chunk.len();
         if self.shared.cancellation.is_abandoned() {
@@ -370,14 +423,29 @@ impl Flusher {
                 rows,
                 "metadata store call canceled; splitting the chunk to write what can be written"
             );
-            self.split(chunk, written);
+            let second_half = chunk.split_off(rows / 2);
+            let first = self.try_chunk(chunk, written);
+            let second = self.try_chunk(second_half, written);
+            match (first, second) {
+                // Halves of one row each: two rows locked, each kept on its own.
+                (Some(mut first), Some(mut second)) if first.len() > 1 => {
+                    tracing::warn!(
+                        rows,
+                        "metadata store call canceled, and both its halves too: the table \
+                         is locked as a whole or the server is too slow, not one row; this \
+                         flush stops splitting and keeps the rest for the retry"
+                    );
+                    written.stopped = true;
+                    written.retained.append(&mut first);
+                    written.retained.append(&mut second);
+                }
+                (first, second) => {
+                    for half in [first, second].into_iter().flatten() {
+                        self.canceled(half, written);
+                    }
+                }
+            }
         }
-    }
-
-    fn split(&mut self, mut chunk: MetadataBatch, written: &mut Written) {
-        let second_half = chunk.split_off(chunk.len() / 2);
-        self.write_chunk(chunk, written);
-        self.write_chunk(second_half, written);
     }
 
     fn call_store(&mut self, batch: &MetadataBatch) -> Result<u64, StoreCall> {
@@ -386,14 +454,40 @@ impl Flusher {
         let result = catch_unwind(AssertUnwindSafe(|| {
             let interrupt = store.interrupt_handle();
             if !self.shared.cancellation.arm(interrupt) {
-                return Err(StoreCall::Abandoned);
+                return (Err(StoreCall::Abandoned), 0);
             }
+            let conflicts_before = store.conflicts();
             counters.set_store_call_started(Some(self.shared.clock.now()));
-            store.batch_update(batch).map_err(StoreCall::Failed)
+            let result = store.batch_update(batch).map_err(StoreCall::Failed);
+            (result, store.conflicts().saturating_sub(conflicts_before))
         }));
         counters.set_store_call_started(None);
         self.shared.cancellation.disarm();
-        result.unwrap_or_else(|panic| Err(StoreCall::Panicked(panic_message(&*panic))))
+        match result {
+            Ok((result, conflicts)) => {
+                self.count_conflicts(batch.len(), conflicts, result.is_ok());
+                result
+            }
+            Err(panic) => Err(StoreCall::Panicked(panic_message(&*panic))),
+        }
+    }
+
+    /// Statements the store ran again because another writer's transaction conflicted with
+    /// them: counted, and logged once per call.
+    fn count_conflicts(&self, rows: usize, conflicts: u64, written: bool) {
+        if conflicts == 0 {
+            return;
+        }
+        self.shared.counters.conflicts.fetch_add(conflicts, Relaxed);
+        self.shared.metrics.conflicts.increment(conflicts);
+        tracing::warn!(
+            rows,
+            conflicts,
+            written,
+            "a metadata statement conflicted with another writer's transaction (a deadlock \
+             or a serialization failure) and was retried; another writer is locking these \
+             rows in another order"
+        );
     }
 
     /// Counts a stored chunk at once, so `stats()` and `close` see a long flush progress.

@@ -50,6 +50,11 @@
 //! See `docs/design.md` for how it works and why, and `docs/operations.md` for failure modes.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// docs.rs (`--cfg docsrs`, nightly) marks feature-gated items with their feature. Current
+// nightlies derive the marks from the `cfg`s (`doc_auto_cfg` was merged into `doc_cfg`);
+// the explicit `doc(cfg(...))` below keeps the mark on older ones. Stable builds never
+// see either attribute.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod agent_ids;
 mod batch;
@@ -63,6 +68,7 @@ mod metadata_batch;
 pub mod metrics;
 mod notifier;
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
 mod publish;
 mod shared;

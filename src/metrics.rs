@@ -56,6 +56,9 @@ pub mod names {
     pub const REJECTED_TOTAL: &str = "coderd_agentapi_metadata_rejected_total";
     /// Counter (ours): failed store calls, including panics of the store.
     pub const STORE_ERRORS_TOTAL: &str = "coderd_agentapi_metadata_store_errors_total";
+    /// Counter (ours): statements run again because another writer's transaction
+    /// conflicted with them (deadlock, serialization failure).
+    pub const STORE_CONFLICTS_TOTAL: &str = "coderd_agentapi_metadata_store_conflicts_total";
 }
 
 /// Buckets of [`names::BATCH_UTILIZATION`], as in Go.
@@ -133,6 +136,7 @@ pub(crate) struct Metrics {
     pub(crate) retention_dropped: Counter,
     pub(crate) rejected: Counter,
     pub(crate) store_errors: Counter,
+    pub(crate) conflicts: Counter,
 }
 
 impl Metrics {
@@ -159,6 +163,7 @@ impl Metrics {
             retention_dropped: counter!(names::RETENTION_DROPPED_TOTAL, plain()),
             rejected: counter!(names::REJECTED_TOTAL, plain()),
             store_errors: counter!(names::STORE_ERRORS_TOTAL, plain()),
+            conflicts: counter!(names::STORE_CONFLICTS_TOTAL, plain()),
         }
     }
 
@@ -189,7 +194,7 @@ impl Metrics {
 }
 
 /// The HELP texts. The first seven are the seed's, word for word (`tests/metrics.rs`
-/// compares them with the seed's strings); the last three are ours.
+/// compares them with the seed's strings); the last four are ours.
 fn describe() {
     describe_histogram!(
         names::BATCH_UTILIZATION,
@@ -231,6 +236,10 @@ fn describe() {
     describe_counter!(
         names::STORE_ERRORS_TOTAL,
         "Metadata store calls that failed."
+    );
+    describe_counter!(
+        names::STORE_CONFLICTS_TOTAL,
+        "Metadata statements run again because another writer's transaction conflicted with them (deadlock or serialization failure)."
     );
 }
 

@@ -117,6 +117,11 @@ pub struct Stats {
     pub unmatched: u64,
     /// Failed store calls, panics included.
     pub store_errors: u64,
+    /// Statements the store ran again because another writer's transaction conflicted
+    /// with them (a deadlock or a serialization failure); see
+    /// [`Store::conflicts`](crate::Store::conflicts). Not counted in `store_errors` unless
+    /// the retries ran out.
+    pub conflicts: u64,
     /// Failed publishes, panics included.
     pub publish_errors: u64,
     /// Entries dropped, oldest `collected_at` first, because the batch reached its bound.
@@ -199,6 +204,7 @@ pub(crate) struct Counters {
     pub(crate) dropped: AtomicU64,
     pub(crate) unmatched: AtomicU64,
     pub(crate) store_errors: AtomicU64,
+    pub(crate) conflicts: AtomicU64,
     pub(crate) publish_errors: AtomicU64,
     pub(crate) retention_dropped: AtomicU64,
     pub(crate) rejected: AtomicU64,
@@ -233,6 +239,7 @@ impl Counters {
             dropped: AtomicU64::new(0),
             unmatched: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
             retention_dropped: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
@@ -323,6 +330,7 @@ impl Counters {
             dropped: self.dropped.load(Relaxed),
             unmatched: self.unmatched.load(Relaxed),
             store_errors: self.store_errors.load(Relaxed),
+            conflicts: self.conflicts.load(Relaxed),
             publish_errors: self.publish_errors.load(Relaxed),
             retention_dropped: self.retention_dropped.load(Relaxed),
             rejected: self.rejected.load(Relaxed),

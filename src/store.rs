@@ -51,6 +51,20 @@ pub trait Store: Send + 'static {
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
         None
     }
+
+    /// How many times, since it was made, this store ran a statement again because it
+    /// conflicted with another writer's transaction: a deadlock or a serialization failure,
+    /// which the database resolves by aborting one side, so that running the statement
+    /// again is the cure. The batcher reads it around each call and counts the difference
+    /// in [`Stats::conflicts`](crate::Stats::conflicts) and the conflicts metric, and logs
+    /// it once per call.
+    ///
+    /// [`PgStore`](crate::postgres::PgStore) retries such a statement itself, on the same
+    /// session and a bounded number of times, then reports [`StoreError::Canceled`] so the
+    /// rows are kept. The default, 0, suits a store that never conflicts or does not retry.
+    fn conflicts(&self) -> u64 {
+        0
+    }
 }
 
 /// Stops one store call in flight; see [`Store::interrupt_handle`].

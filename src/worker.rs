@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{never, Receiver, RecvError, Select, Sender};
+use crossbeam_channel::{never, select, Receiver, RecvError, Select, Sender};
 use uuid::Uuid;
 
 use crate::batch::Batch;
@@ -86,6 +86,10 @@ const INTAKE_BURST: usize = 256;
 /// short against any flush interval, long against a wake-up.
 const INTAKE_POLL: Duration = Duration::from_millis(1);
 
+/// The longest wait between two shutdown flushes: `close` has a deadline, and what the
+/// backoff saves the database matters less than writing before it passes.
+const SHUTDOWN_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// One thing for the loop to handle.
 #[allow(clippy::large_enum_variant)] // one lives at a time, on the stack: boxing would allocate
 enum Event {
@@ -128,6 +132,8 @@ pub(crate) struct Worker {
     sync_waiting: Vec<(u64, Sender<()>)>,
     /// When intake last collected updates, by the real clock: it paces polling only.
     collected: Instant,
+    /// When the last flush started, by the injected clock: paces retries at shutdown.
+    last_started: Instant,
 }
 
 impl Worker {
@@ -141,6 +147,7 @@ impl Worker {
         flushing: Flushing,
     ) -> Self {
         let byte_budget = config.max_pending_bytes;
+        let shared_now = shared.clock.now();
         Worker {
             config,
             shared,
@@ -162,6 +169,7 @@ impl Worker {
             manual_in_flight: Vec::new(),
             sync_waiting: Vec::new(),
             collected: Instant::now(),
+            last_started: shared_now,
         }
     }
 
@@ -371,6 +379,7 @@ impl Worker {
 
     /// Hands the whole batch to the flusher.
     fn start(&mut self, reason: FlushReason) {
+        self.last_started = self.shared.clock.now();
         self.trim();
         let bytes = self.batch.bytes();
         let batch = self.batch.take();
@@ -564,13 +573,18 @@ impl Worker {
         self.manual_waiting.push(reply);
     }
 
-    /// Drains what was accepted, waits for the running flush, makes the final flush.
+    /// Drains what was accepted, waits for the running flush, and makes the final flush;
+    /// while rows are left that a failed flush kept, flushes again, with a short backoff,
+    /// until they are written or `close` gives up on the store at its deadline.
     fn shut_down(mut self, reply: Option<Sender<()>>) {
         for update in self.updates.try_iter().collect::<Vec<_>>() {
             self.take_in(update);
         }
         self.wait_for_flush();
-        if !self.batch.is_empty() && !self.shared.cancellation.is_abandoned() {
+        let mut attempts = 0;
+        let close_waits = reply.is_some();
+        while !self.batch.is_empty() && self.wait_to_retry_at_shutdown(attempts, close_waits) {
+            attempts += 1;
             self.start(FlushReason::Shutdown);
             self.wait_for_flush();
         }
@@ -600,6 +614,39 @@ impl Worker {
         }
         if let Some(reply) = reply {
             let _ = reply.send(());
+        }
+    }
+
+    /// Before shutdown flush number `attempts` (0 for the final flush): waits out the
+    /// backoff after a failed one, measured from when that flush started, so a flush that
+    /// failed slowly (a deadlock found after a second) is retried at once. False once
+    /// `close` has given up on the store, and for retries when `close` is not waiting (the
+    /// handle is gone without it): then no deadline would bound them.
+    fn wait_to_retry_at_shutdown(&mut self, attempts: u32, close_waits: bool) -> bool {
+        let cancellation = &self.shared.cancellation;
+        if attempts == 0 {
+            return !cancellation.is_abandoned();
+        }
+        if self.consecutive_failures == 0 || !close_waits {
+            return false;
+        }
+        let backoff = self.next_delay().min(SHUTDOWN_RETRY_MAX);
+        let waited = self
+            .shared
+            .clock
+            .now()
+            .saturating_duration_since(self.last_started);
+        if attempts == 1 {
+            tracing::warn!(
+                rows = self.batch.len(),
+                "the final flush could not write everything; retrying until it does or the \
+                 final flush timeout passes"
+            );
+        }
+        let retry = self.shared.clock.after(backoff.saturating_sub(waited));
+        select! {
+            recv(retry) -> _ => !cancellation.is_abandoned(),
+            recv(cancellation.given_up()) -> _ => false,
         }
     }
 

@@ -170,9 +170,10 @@ fn a_locked_row_is_split_out_the_rest_written_and_it_is_retried_with_backoff() {
 }
 
 #[test]
-fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
-    // A table locked as a whole: every statement is canceled.
-    let store = ScriptedStore::new(|_| Err(StoreError::Canceled));
+fn a_table_locked_as_a_whole_costs_three_canceled_statements() {
+    // A migration's ALTER TABLE: every statement waits out its lock timeout.
+    let table = registered(1000);
+    let (store, locks) = locking(&table, &(0..1000).collect::<Vec<_>>());
     let b = Batcher::builder(store, MemoryPubsub::new())
         .clock(MockClock::new())
         .batch_size(500)
@@ -182,8 +183,9 @@ fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
     let report = b.flush().unwrap();
-    // ⌈log2 1000⌉ + 1 = 11 canceled statements are handled; the 12th stops the flush.
-    assert_eq!(report.statements, 12);
+    // The first chunk and both of its halves; then the flush stops, without trying the
+    // second chunk or splitting further.
+    assert_eq!(report.statements, 3);
     assert_eq!(
         (report.stored, report.retained, report.rejected),
         (0, 1000, 0)
@@ -193,6 +195,47 @@ fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
         0,
         "canceled rows are never dropped as refused"
     );
+    locks.lock().clear();
+    let report = b.flush().unwrap();
+    assert_eq!((report.stored, report.statements), (1000, 2));
+}
+
+#[test]
+fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
+    // Two rows locked, one in each chunk. Isolating the first spends 10 of the flush's
+    // ⌈log2 1000⌉ + 1 = 11 canceled statements (its chunk, then one half per level down to
+    // the row); the second chunk's cancel spends the 11th, and the next stops the flush.
+    let table = registered(1000);
+    let (store, locks) = locking(&table, &[]);
+    let b = Batcher::builder(store, MemoryPubsub::new())
+        .clock(MockClock::new())
+        .batch_size(500)
+        .build()
+        .unwrap();
+    // An outage first, so that the first 500 do not go out in a capacity flush of their
+    // own: the manual flush then carries all 1000, in two chunks.
+    table.set_outage(Some(StoreError::Unavailable("down".into())));
+    for i in 0..1000 {
+        b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
+    }
+    b.sync();
+    table.set_outage(None);
+    locks.lock().extend([agent(7), agent(777)]);
+    let errors_before = b.stats().store_errors;
+    let report = b.flush().unwrap();
+    assert_eq!(b.stats().store_errors - errors_before, 12);
+    assert_eq!(report.statements, 22);
+    assert_eq!(report.stored + report.retained, 1000);
+    // The first chunk written but for its locked row; the second chunk split once, one
+    // half written, the other (with the other locked row) kept.
+    assert_eq!(report.retained, 1 + 250);
+    assert_eq!(b.stats().rejected, 0);
+    locks.lock().clear();
+    let report = b.flush().unwrap();
+    assert_eq!(report.stored, 251);
+    for i in 0..1000 {
+        assert_eq!(table.get(agent(i), "k").unwrap().value, "v");
+    }
 }
 
 /// A publisher that blocks until released, and records what it published.

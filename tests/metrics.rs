@@ -168,7 +168,7 @@ fn flushed_total_counts_the_rows_a_failed_flush_did_store() {
     let counted = calls.clone();
     let store = ScriptedStore::new(move |batch| match counted.fetch_add(1, Ordering::Relaxed) {
         0 => Err(StoreError::Rejected("invalid input".into())),
-        1 => Ok(batch.len() as u64),
+        1 | 3.. => Ok(batch.len() as u64),
         _ => Err(StoreError::Unavailable("connection reset".into())),
     });
     let (batcher, handle) = with_recorder(store, |b| b);

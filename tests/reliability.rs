@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{agent, at, md, ScriptedStore};
 use metadata_batcher::{
-    Batcher, FlushReason, Interrupt, MemoryPubsub, MemoryStore, MockClock, StoreError,
+    Batcher, FlushReason, Interrupt, MemoryPubsub, MemoryStore, MockClock, Store, StoreError,
     METADATA_BATCH_CHANNEL,
 };
 use proptest::prelude::*;
@@ -236,22 +236,111 @@ fn a_refused_row_is_isolated_and_the_rest_written_in_the_same_flush() {
 }
 
 #[test]
-fn close_during_an_outage_returns_and_reports_what_it_could_not_write() {
+fn close_during_an_outage_retries_until_its_deadline_and_reports_what_it_could_not_write() {
     let clock = MockClock::new();
-    let store = registered(10, &["k"]);
-    let b = Batcher::builder(store.clone(), MemoryPubsub::new())
+    let store_clock = clock.clone();
+    // Each failed call takes a second of the outage's time.
+    let store = ScriptedStore::new(move |_| {
+        store_clock.advance(Duration::from_secs(1));
+        Err(StoreError::Unavailable("connection refused".into()))
+    });
+    let calls = store.calls.clone();
+    let b = Batcher::builder(store, MemoryPubsub::new())
         .clock(clock.clone())
+        .final_flush_timeout(Duration::from_secs(15))
         .build()
         .unwrap();
-    store.set_outage(down());
     for i in 0..10 {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
-    b.close();
+    let report = b.close();
+    assert!(report.deadline_hit);
+    assert_eq!((report.written, report.unwritten), (0, 10));
     let stats = b.stats();
     assert_eq!(stats.unwritten_at_shutdown, 10);
     assert_eq!(stats.flushes.shutdown, 0);
-    assert_eq!(store.statements(), 1);
+    // A call a second, each retried at once (its second is longer than the backoff):
+    // the final flush and 14 retries fill the 15 s.
+    assert_eq!(calls.lock().len(), 15);
+}
+
+#[test]
+fn close_retries_what_the_final_flush_could_not_write() {
+    // A deadlock, a failover, a pooler restart: the first calls at close fail, the next
+    // ones go through, well within the final flush timeout.
+    let clock = MockClock::new();
+    let store_clock = clock.clone();
+    let table = registered(10, &["k"]);
+    let mut writer = table.clone();
+    let mut failures = 3;
+    let store = ScriptedStore::new(move |batch| {
+        if failures > 0 {
+            failures -= 1;
+            store_clock.advance(Duration::from_secs(1));
+            return Err(StoreError::Unavailable("the server is restarting".into()));
+        }
+        writer.batch_update(batch)
+    });
+    let calls = store.calls.clone();
+    let b = Batcher::builder(store, MemoryPubsub::new())
+        .clock(clock.clone())
+        .final_flush_timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
+    }
+    let report = b.close();
+    assert!(!report.deadline_hit);
+    assert_eq!((report.written, report.unwritten), (10, 0));
+    assert_eq!(calls.lock().len(), 4, "the final flush and three retries");
+    assert_eq!(b.stats().flushes.shutdown, 1);
+    for i in 0..10 {
+        assert_eq!(table.get(agent(i), "k").unwrap().value, "v");
+    }
+}
+
+#[test]
+fn close_waits_out_the_retry_backoff_on_the_injected_clock() {
+    // A store that fails fast: the retry waits for the backoff (250 ms, then 500 ms), by
+    // the injected clock, so the test decides when it comes.
+    let clock = MockClock::new();
+    let (failed_tx, failed) = crossbeam_channel::unbounded();
+    let table = registered(1, &["k"]);
+    let mut writer = table.clone();
+    let mut failures = 2;
+    let store = ScriptedStore::new(move |batch| {
+        if failures > 0 {
+            failures -= 1;
+            failed_tx.send(()).unwrap();
+            return Err(StoreError::Unavailable("connection refused".into()));
+        }
+        writer.batch_update(batch)
+    });
+    let b = Batcher::builder(store, MemoryPubsub::new())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    b.add(agent(0), vec![md("k", "v", 1)]).unwrap();
+    std::thread::scope(|scope| {
+        let closing = scope.spawn(|| b.close());
+        for backoff in [250, 500] {
+            failed.recv().unwrap();
+            // The worker arms its retry timer after the failed call returns; advancing
+            // in steps until the next call shows that it is not retried early and that
+            // the advance reaches it whenever it was armed.
+            let mut advanced = 0;
+            while failed.is_empty() && !closing.is_finished() {
+                clock.advance(Duration::from_millis(1));
+                advanced += 1;
+                std::thread::yield_now();
+            }
+            assert!(advanced >= backoff, "retried after {advanced} ms");
+        }
+        let report = closing.join().unwrap();
+        assert_eq!((report.written, report.unwritten), (1, 0));
+    });
+    assert_eq!(table.get(agent(0), "k").unwrap().value, "v");
 }
 
 #[test]

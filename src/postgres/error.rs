@@ -19,6 +19,10 @@ pub(crate) enum Class {
     /// The statement was canceled (57014: a statement timeout or a cancel request) or gave
     /// up waiting for a lock (55P03); the session is fine, and a smaller batch may succeed.
     Canceled,
+    /// The server aborted the statement to resolve a conflict with another transaction: a
+    /// deadlock (40P01) or a serialization failure (40001). The session is fine, and the
+    /// same statement run again is the cure.
+    Conflict,
     /// Anything else. The connection is dropped and the next call opens a fresh one: a new
     /// session is the one state known to be good, whether the old one died (57P01, IO) or
     /// only holds something stale (a prepared statement after the table changed).
@@ -31,6 +35,12 @@ pub(crate) fn classify(err: &postgres::Error) -> Class {
             if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE =>
         {
             Class::Canceled
+        }
+        Some(code)
+            if *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE =>
+        {
+            Class::Conflict
         }
         Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => {
             Class::Rejected
@@ -72,7 +82,9 @@ pub(crate) fn describe(err: &postgres::Error) -> String {
 pub(crate) fn store_error(class: Class, message: String) -> StoreError {
     match class {
         Class::Rejected => StoreError::Rejected(message),
-        Class::Canceled => StoreError::Canceled,
+        // Retries ran out: the rows are kept, and a split makes smaller statements that
+        // conflict less.
+        Class::Canceled | Class::Conflict => StoreError::Canceled,
         Class::Unavailable => StoreError::Unavailable(message),
     }
 }

@@ -160,14 +160,20 @@ impl PgOptions {
             millis(self.lock_timeout)
         );
         if store {
-            // The update joins the batch to the table by its primary key. Planned with the
-            // batch's real size (every unnamed statement, and a prepared one's first five
-            // executions), PostgreSQL prefers hashing the whole table, which took twice as
-            // long at 20,000 rows and grows with the table; the generic plan, an index
-            // lookup per row, is what the prepared path settles on anyway.
-            if scope == "LOCAL" {
-                sql.push_str("; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off");
-            } else {
+            // The update joins the batch to the table by its primary key, and must take its
+            // row locks in the order the rows are sent (sorted by agent and key, the order
+            // every replica shares, so that no two statements deadlock): only a nested loop
+            // over the batch, with an index lookup per row, does. A hash or merge join
+            // locks in the table's own order, which moves as rows are rewritten; and
+            // planned with the batch's real size (every unnamed statement, and a prepared
+            // one's first five executions) PostgreSQL prefers hashing the whole table, which
+            // also took twice as long at 20,000 rows and grows with the table. Even the
+            // generic plan hashes a small table. So both joins are off for the store's
+            // session (or transaction), and the prepared statement keeps its generic plan.
+            sql.push_str(&format!(
+                "; SET {scope} enable_hashjoin = off; SET {scope} enable_mergejoin = off"
+            ));
+            if scope != "LOCAL" {
                 sql.push_str("; SET plan_cache_mode = force_generic_plan");
             }
             if !self.synchronous_commit {

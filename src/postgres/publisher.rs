@@ -1,6 +1,7 @@
 //! [`PgPublisher`]: announces changed agents with `pg_notify`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use postgres::types::Type;
 use postgres::Config;
@@ -102,7 +103,7 @@ impl Publisher for PgPublisher {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| PublishError::new(format!("encoding the notification: {err}")))?;
         // No log line here: the batcher logs each failed publish once.
-        match self.session.execute(params) {
+        match self.session.execute(&Arc::new(params)) {
             Ok(_) => Ok(()),
             Err(Failure::Open(err)) => Err(PublishError::new(err.to_string())),
             Err(Failure::Statement(err)) => Err(PublishError::new(describe(&err))),

@@ -132,10 +132,9 @@ impl PreparedSession {
     }
 
     /// Runs the statement, replacing a session the server ended while it sat idle.
-    pub(crate) fn execute(&mut self, params: Vec<Encoded>) -> Result<u64, Failure> {
-        let params = Arc::new(params);
+    pub(crate) fn execute(&mut self, params: &Arc<Vec<Encoded>>) -> Result<u64, Failure> {
         let reused = self.session.is_some();
-        match self.execute_once(&params) {
+        match self.execute_once(params) {
             Err(Failure::Statement(err)) if reused && ended_by_server(&err) => {
                 debug!(
                     application_name = self.connector.application_name(),
@@ -143,7 +142,7 @@ impl PreparedSession {
                     "metadata {} session was ended by the server; reconnecting once",
                     self.statement.role
                 );
-                self.execute_once(&params)
+                self.execute_once(params)
             }
             Err(Failure::Statement(err))
                 if self.mode == StatementMode::Prepared
@@ -151,7 +150,7 @@ impl PreparedSession {
             {
                 self.switch_to_unnamed("its prepared statement is gone: SQLSTATE 26000");
                 self.session = None;
-                self.execute_once(&params)
+                self.execute_once(params)
             }
             result => result,
         }

@@ -1,12 +1,13 @@
 //! [`PgStore`]: writes each batch with one `UPDATE ... FROM unnest(...)`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use postgres::types::{ToSql, Type};
 use postgres::Config;
 
 use super::connector::{Connector, TlsConnector};
-use super::error::{classify, describe, store_error, ConnectError};
+use super::error::{classify, describe, store_error, Class, ConnectError};
 use super::session::{Encoded, Failure, PreparedSession, SessionStatement};
 use super::{NoAnswer, PgOptions, DEFAULT_TABLE};
 use crate::{Interrupt, MetadataBatch, Store, StoreError};
@@ -109,7 +110,19 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
 /// ```
 pub struct PgStore {
     session: PreparedSession,
+    /// Statements run again after a conflict with another writer; see [`Store::conflicts`].
+    conflicts: u64,
 }
+
+/// How many times a statement that conflicted with another writer's transaction (a
+/// deadlock, a serialization failure) is run again, at once and on the same session, before
+/// its rows go back to the batcher as [`StoreError::Canceled`]. The batcher's own
+/// statements lock rows in one order and do not conflict with each other, so a conflict
+/// comes from another writer: its transaction has ended or moved on by the time the server
+/// reports it (a deadlock is found after `deadlock_timeout`, 1 s by default), and one run
+/// more nearly always goes through. Three bound the time a writer that keeps conflicting
+/// can take; after them, the batcher splits the rows into smaller statements.
+const CONFLICT_RETRIES: u32 = 3;
 
 impl PgStore {
     /// Connects with [`PgOptions::default`]; see [`connect_with`](Self::connect_with).
@@ -168,6 +181,7 @@ impl PgStore {
         };
         Ok(PgStore {
             session: PreparedSession::connect(connector, statement)?,
+            conflicts: 0,
         })
     }
 }
@@ -193,13 +207,20 @@ impl Store for PgStore {
         let params = encode(batch).map_err(|err| {
             StoreError::Rejected(format!("a value cannot be sent to PostgreSQL: {err}"))
         })?;
-        // No log line here: the batcher logs each failed call once, with the rows it held.
-        match self.session.execute(params) {
-            Ok(updated) => Ok(updated),
-            Err(Failure::Open(err)) => Err(StoreError::Unavailable(err.to_string())),
-            Err(Failure::Statement(err)) => Err(store_error(classify(&err), describe(&err))),
-            Err(Failure::NoAnswer(NoAnswer::Aborted)) => Err(StoreError::Canceled),
-            Err(Failure::NoAnswer(no_answer)) => Err(StoreError::Unavailable(no_answer.describe())),
+        let params = Arc::new(params);
+        let mut retries = 0;
+        // No log line here: the batcher logs each failed call once, with the rows it held,
+        // and the conflicts it reads from `conflicts`.
+        loop {
+            match self.session.execute(&params) {
+                Err(Failure::Statement(err))
+                    if classify(&err) == Class::Conflict && retries < CONFLICT_RETRIES =>
+                {
+                    retries += 1;
+                    self.conflicts += 1;
+                }
+                result => return result_to_store(result),
+            }
         }
     }
 
@@ -210,6 +231,23 @@ impl Store for PgStore {
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
         let abort = self.session.abort_handle()?;
         Some(Interrupt::new(move || abort.fire()))
+    }
+
+    /// Deadlocks (40P01) and serialization failures (40001) run again, on the same session,
+    /// up to three times per call.
+    fn conflicts(&self) -> u64 {
+        self.conflicts
+    }
+}
+
+/// A session's answer as the batcher reads it.
+fn result_to_store(result: Result<u64, Failure>) -> Result<u64, StoreError> {
+    match result {
+        Ok(updated) => Ok(updated),
+        Err(Failure::Open(err)) => Err(StoreError::Unavailable(err.to_string())),
+        Err(Failure::Statement(err)) => Err(store_error(classify(&err), describe(&err))),
+        Err(Failure::NoAnswer(NoAnswer::Aborted)) => Err(StoreError::Canceled),
+        Err(Failure::NoAnswer(no_answer)) => Err(StoreError::Unavailable(no_answer.describe())),
     }
 }
 

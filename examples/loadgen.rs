@@ -464,6 +464,11 @@ impl<S: Store> Store for Timed<S> {
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
         self.inner.interrupt_handle()
     }
+
+    // Forwarded, or the batcher would count no conflicts behind the wrapper.
+    fn conflicts(&self) -> u64 {
+        self.inner.conflicts()
+    }
 }
 
 /// A store that costs `latency + 5 µs × rows` (a sleep) and writes nothing.
@@ -758,12 +763,10 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// `Stats::conflicts` (statements retried after a deadlock, 40P01, or a serialization
-/// failure, 40001), once the library has it.
-// CONFLICTS: the lead adds `Stats::conflicts: u64` on main; when it has landed, return
-// `Some(stats.conflicts)` here. Until then loadgen prints `conflicts=na`.
-fn conflicts(_stats: &Stats) -> Option<u64> {
-    None
+/// `Stats::conflicts`: statements run again after a deadlock (40P01) or a serialization
+/// failure (40001). An `Option` so that a store that cannot tell could print `na`.
+fn conflicts(stats: &Stats) -> Option<u64> {
+    Some(stats.conflicts)
 }
 
 /// What one replica came to.

@@ -190,8 +190,25 @@ fn credentials(url: &str) -> Result<(String, Option<String>), String> {
     })
 }
 
-/// The binary scripts/ensure-pgbouncer names (it installs one where it may).
+/// `PGBOUNCER`, else the binary scripts/ensure-pgbouncer names (it installs one where it
+/// may), else `pgbouncer` where the distributions put it (a packaged crate has no scripts).
 fn binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("PGBOUNCER").filter(|path| !path.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    if !Path::new(ENSURE_PGBOUNCER).exists() {
+        return [
+            "/usr/sbin/pgbouncer",
+            "/usr/local/sbin/pgbouncer",
+            "/usr/local/bin/pgbouncer",
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.exists())
+        .ok_or_else(|| {
+            "pgbouncer not found; install it or set PGBOUNCER=/path/to/pgbouncer".into()
+        });
+    }
     let output = Command::new(ENSURE_PGBOUNCER)
         .stderr(Stdio::inherit())
         .output()

@@ -129,6 +129,10 @@ const SUBSCRIBER_QUIET: Duration = Duration::from_secs(1);
 const SUBSCRIBER_MAX_WAIT: Duration = Duration::from_secs(10);
 /// The generator's pacing step: it issues what is due, then sleeps this long.
 const PACING_STEP: Duration = Duration::from_micros(500);
+/// How often the progress line is printed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// After the generators' end, how often the progress loop looks whether they have stopped.
+const GENERATOR_END_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Clone, Debug)]
 enum StoreKind {
@@ -1149,8 +1153,20 @@ fn run(
     if progress {
         let start = Instant::now();
         let mut last = (0u64, 0u64);
+        let mut next_line = start + PROGRESS_EVERY;
         while !generators.iter().all(|g| g.is_finished()) {
-            thread::sleep(Duration::from_secs(1).min(duration));
+            // Wake for the next line, or soon after the generators are due to stop: a
+            // whole second's sleep past their end would delay the closes, and the written
+            // rate with them.
+            let wake = next_line.min(started + duration);
+            match wake.checked_duration_since(Instant::now()) {
+                Some(wait) => thread::sleep(wait),
+                None => thread::sleep(GENERATOR_END_POLL),
+            }
+            if Instant::now() < next_line {
+                continue;
+            }
+            next_line += PROGRESS_EVERY;
             let s = total_stats(&batchers);
             let o = offered.load(Relaxed);
             println!(

@@ -8,7 +8,17 @@
 //!     cargo run --release --example demo -- --duration 5   # against PostgreSQL
 //! cargo run --release --example demo -- --metrics          # and the Prometheus text
 //! cargo run --release --example demo -- --help
+//!
+//! # Through a transaction pooler (PgBouncer, pool_mode = transaction): the store and the
+//! # publisher go through it, the subscriber needs a session of its own on the server.
+//! DATABASE_URL=postgres://postgres@127.0.0.1:6432/postgres \
+//! LISTEN_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \
+//!     cargo run --release --example demo -- --statement-mode unnamed
 //! ```
+//!
+//! Every statement the demo sends itself is unnamed (`query_typed`, `execute_typed`), so it
+//! works through a transaction pooler, where a statement prepared by name on one server
+//! connection is missing on the next.
 //!
 //! Exits 0 when both checks pass, 1 when one fails or the set-up fails, 2 on bad flags.
 //! Against PostgreSQL, the rows it registers are removed on every exit path (a guard's
@@ -22,12 +32,15 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use metadata_batcher::postgres::SubscriberEvent;
-use metadata_batcher::postgres::{self as pg, PgOptions, PgPublisher, PgStore, PgSubscriber};
+use metadata_batcher::postgres::{
+    self as pg, PgOptions, PgPublisher, PgStore, PgSubscriber, StatementMode,
+};
 use metadata_batcher::{
     agent_ids, Batcher, MemoryPubsub, MemoryStore, Metadata, Publisher, Stats, Store,
     DEFAULT_BATCH_SIZE, DEFAULT_INTERVAL, METADATA_BATCH_CHANNEL,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
+use postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 /// How long, after `close`, the demo waits for the last announcements to arrive: NOTIFY is
@@ -51,11 +64,17 @@ FLAGS:
   --interval MS     the batcher's flush interval in milliseconds (default 5000)
   --max-pending N   an optional bound on the distinct entries held while flushes run
                     (default: none; the library's 64 MiB byte bound applies)
+  --listen-url URL  where the subscriber connects (default: LISTEN_DATABASE_URL, else
+                    DATABASE_URL); behind a transaction pooler, the server itself, since
+                    LISTEN needs a session of its own
+  --statement-mode M  prepared (default) | unnamed: how the store sends its statement;
+                    unnamed behind a transaction pooler
   --metrics         print the batcher's Prometheus metrics at the end
   --help            print this
 
 ENVIRONMENT:
-  DATABASE_URL      run against this PostgreSQL server instead of the in-memory store";
+  DATABASE_URL      run against this PostgreSQL server instead of the in-memory store
+  LISTEN_DATABASE_URL  the subscriber's URL, as --listen-url";
 
 /// The demo's settings, from the command line.
 #[derive(Debug, Clone)]
@@ -71,6 +90,9 @@ struct Options {
     max_pending: Option<usize>,
     /// Print the Prometheus text at the end; without it, one line says how to get it.
     metrics: bool,
+    /// The subscriber's URL, when it is not DATABASE_URL (which may be a pooler).
+    listen_url: Option<String>,
+    statement_mode: StatementMode,
 }
 
 impl Default for Options {
@@ -85,12 +107,16 @@ impl Default for Options {
             interval: DEFAULT_INTERVAL,
             max_pending: None,
             metrics: false,
+            listen_url: None,
+            statement_mode: StatementMode::Prepared,
         }
     }
 }
 
 /// The flags that take a value.
-const FLAGS: [&str; 8] = [
+const FLAGS: [&str; 10] = [
+    "--listen-url",
+    "--statement-mode",
     "--agents",
     "--keys",
     "--rate",
@@ -130,6 +156,14 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             "--batch-size" => options.batch_size = positive(&flag, &value)?,
             "--interval" => options.interval = Duration::from_millis(positive(&flag, &value)?),
             "--max-pending" => options.max_pending = Some(positive(&flag, &value)?),
+            "--listen-url" => options.listen_url = Some(value),
+            "--statement-mode" => {
+                options.statement_mode = match value.as_str() {
+                    "prepared" => StatementMode::Prepared,
+                    "unnamed" => StatementMode::Unnamed,
+                    _ => return Err(format!("{flag} wants prepared or unnamed, got {value:?}")),
+                }
+            }
             "--duration" => {
                 let seconds: f64 = value
                     .parse()
@@ -141,6 +175,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Command, String>
             }
             _ => unreachable!("every flag of FLAGS is handled"),
         }
+    }
+    if options.listen_url.is_none() {
+        options.listen_url = std::env::var("LISTEN_DATABASE_URL")
+            .ok()
+            .filter(|url| !url.is_empty());
     }
     Ok(Command::Run(options))
 }
@@ -228,7 +267,11 @@ fn run_postgres(
     agents: &[Uuid],
     keys: &[String],
 ) -> Result<bool, String> {
+    let listen_url = options.listen_url.as_deref().unwrap_or(url);
     println!("backend: PostgreSQL ({})", redact(url));
+    if listen_url != url {
+        println!("subscriber: {}", redact(listen_url));
+    }
     // The crate's own client: the URL may say sslmode=verify-full, which the postgres
     // crate's parser refuses.
     let client = pg::connect_client(url, &PgOptions::default())
@@ -248,6 +291,7 @@ fn run_postgres(
     // Named for this run, so the TLS line below finds exactly these sessions.
     let named = |role: &str| PgOptions {
         application_name: Some(format!("mb-demo-{} {role}", std::process::id())),
+        statement_mode: options.statement_mode,
         ..PgOptions::default()
     };
     let store =
@@ -256,8 +300,20 @@ fn run_postgres(
         .map_err(|err| format!("PgPublisher::open: {err}"))?;
     // Listening before the batcher starts, on a connection of its own, as a watching
     // replica would.
-    let mut subscriber = PgSubscriber::open(url, METADATA_BATCH_CHANNEL, named("subscriber"))
-        .map_err(|err| format!("PgSubscriber::open: {err}"))?;
+    let mut subscriber =
+        PgSubscriber::open(listen_url, METADATA_BATCH_CHANNEL, named("subscriber")).map_err(
+            |err| {
+                format!(
+                    "PgSubscriber::open: {err}{}",
+                    if listen_url == url {
+                        " (behind a transaction pooler, point --listen-url or \
+                         LISTEN_DATABASE_URL at the server itself)"
+                    } else {
+                        ""
+                    }
+                )
+            },
+        )?;
     let tls = tls_summary(rows.client())?;
     let announcements = Announcements::collect(move |timeout| match subscriber.next(timeout) {
         Ok(Some(SubscriberEvent::Agents(agents))) => Ok(Some(agents)),
@@ -279,32 +335,44 @@ fn run_postgres(
 /// Whether this run's store, publisher and subscriber sessions use TLS, as the server sees
 /// them (`pg_stat_ssl`).
 fn tls_summary(client: &mut postgres::Client) -> Result<String, String> {
+    let pattern = format!("mb-demo-{} %", std::process::id());
     let rows = client
-        .query(
+        .query_typed(
             "SELECT a.application_name, s.ssl, coalesce(s.version, '') \
              FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
              WHERE a.application_name LIKE $1 ORDER BY 1",
-            &[&format!("mb-demo-{} %", std::process::id())],
+            &[(&pattern as &(dyn ToSql + Sync), Type::TEXT)],
         )
         .map_err(|err| format!("reading pg_stat_ssl: {}", describe(&err)))?;
-    let sessions: Vec<String> = rows
-        .iter()
-        .map(|row| {
-            let name: String = row.get(0);
-            let role = name.rsplit(' ').next().unwrap_or_default().to_owned();
-            match row.get::<_, bool>(1) {
-                true => format!("{role} TLS ({})", row.get::<_, String>(2)),
-                false => format!("{role} plaintext"),
-            }
-        })
-        .collect();
-    let all_tls = rows.iter().all(|row| row.get::<_, bool>(1));
+    let read = |err: postgres::Error| format!("reading pg_stat_ssl: {err}");
+    let mut sessions = Vec::new();
+    let mut all_tls = true;
+    let mut unseen = vec!["publisher", "store", "subscriber"];
+    for row in &rows {
+        let name: String = row.try_get(0).map_err(read)?;
+        let role = name.rsplit(' ').next().unwrap_or_default().to_owned();
+        unseen.retain(|expected| *expected != role);
+        let ssl: bool = row.try_get(1).map_err(read)?;
+        all_tls &= ssl;
+        sessions.push(match ssl {
+            true => format!(
+                "{role} TLS ({})",
+                row.try_get::<_, String>(2).map_err(read)?
+            ),
+            false => format!("{role} plaintext"),
+        });
+    }
+    // Behind a pooler the server sees the pooler's sessions, named after whichever client
+    // used them last: a role it does not see under its name cannot be vouched for.
+    for role in &unseen {
+        sessions.push(format!("{role} not seen by the server (behind a pooler?)"));
+    }
     Ok(format!(
         "sessions use TLS: {} ({})",
-        if all_tls && !rows.is_empty() {
-            "yes"
-        } else {
-            "no"
+        match (all_tls, unseen.is_empty()) {
+            (true, true) => "yes",
+            (true, false) => "unknown",
+            (false, _) => "no",
         },
         sessions.join(", ")
     ))
@@ -337,9 +405,9 @@ impl<'a> RegisteredRows<'a> {
     fn remove(&mut self) -> Result<u64, String> {
         self.removed = true;
         self.client
-            .execute(
+            .execute_typed(
                 "DELETE FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1)",
-                &[&self.agents],
+                &[(&self.agents as &(dyn ToSql + Sync), Type::UUID_ARRAY)],
             )
             .map_err(|err| format!("removing this run's rows: {}", describe(&err)))
     }
@@ -362,16 +430,21 @@ impl Drop for RegisteredRows<'_> {
 /// Reads every row of this run's agents with one SELECT.
 fn read_back(client: &mut postgres::Client, agents: &[Uuid]) -> Result<Stored, String> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT workspace_agent_id, key, value FROM workspace_agent_metadata \
              WHERE workspace_agent_id = ANY($1)",
-            &[&agents],
+            &[(&agents as &(dyn ToSql + Sync), Type::UUID_ARRAY)],
         )
         .map_err(|err| format!("reading the table back: {}", describe(&err)))?;
-    Ok(rows
-        .iter()
-        .map(|row| ((row.get(0), row.get(1)), row.get(2)))
-        .collect())
+    let read = |err: postgres::Error| format!("reading the table back: {err}");
+    rows.iter()
+        .map(|row| {
+            Ok((
+                (row.try_get(0).map_err(read)?, row.try_get(1).map_err(read)?),
+                row.try_get(2).map_err(read)?,
+            ))
+        })
+        .collect()
 }
 
 /// The newest value the demo had accepted for each (agent, key).

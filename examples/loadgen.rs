@@ -1,12 +1,14 @@
-//! Load generator: offers a steady rate of metadata updates to a batcher and reports what
-//! became of them (targets 4, 5 and 6 of docs/performance.md).
+//! Load generator: offers a steady rate of metadata updates to one batcher, or to several
+//! replicas' batchers on one table, and reports what became of them (targets 4, 5 and 6 of
+//! docs/performance.md; issues 15 and 16).
 //!
 //! ```text
 //! cargo run --release --example loadgen -- [flags]
 //!   --agents N            agents (default 10000)
 //!   --keys N              keys per agent; one `add` call carries all of an agent's keys (10)
-//!   --rate R              offered updates per second (100000); agents are visited
-//!                         round-robin, so at R = agents × keys every key is updated once a second
+//!   --rate R              offered updates per second, per replica (100000); each replica
+//!                         visits every agent once per round, so at R = agents × keys every
+//!                         key is updated once a second by each replica
 //!   --duration S          seconds of load (10)
 //!   --store KIND          memory | sim:L_MS (costs L ms + 5 µs per row, a sleep) | postgres
 //!                         (DATABASE_URL, default postgres://postgres@127.0.0.1:5432/postgres;
@@ -17,42 +19,120 @@
 //!   --channel-capacity N  (library default: 5 × batch size)
 //!   --interval-ms N       flush interval (library default: 5000)
 //!   --mode M              pipelined (default) | inline (the Go behaviour)
-//!   --subscribe           postgres only: LISTEN and check every updated agent is announced
-//!   --verify              postgres only: SELECT every row at the end and check its value
+//!   --subscribe           postgres only: LISTEN (one subscriber per replica) and check that
+//!                         every subscriber heard every updated agent
+//!   --verify              postgres only: SELECT every row at the end and check that it holds
+//!                         the newest update any replica accepted
 //!   --quiet               no progress line each second
 //!   --find-ceiling        search the highest offered rate with zero drops instead:
 //!     --lo R --hi R         search range (defaults 5000 and 200000)
 //!     --steps N             bisection steps after the bounds (6)
 //!     --trial S             seconds per trial (3)
+//!
+//! PostgreSQL only:
+//!   --replicas N          N batchers, each with its own PgStore, PgPublisher and (with
+//!                         --subscribe) PgSubscriber, on one table, all updating the same
+//!                         agents, each in an order of its own (1)
+//!   --listen-url URL      where the subscribers and loadgen's own admin session connect,
+//!                         when DATABASE_URL is a transaction pooler: the server itself
+//!                         (default: $LISTEN_DATABASE_URL, else DATABASE_URL)
+//!   --statement-mode M    prepared | unnamed: how the stores send their statement
+//!                         (default prepared; unnamed with --pooler). Behind a transaction
+//!                         pooler, unnamed
+//!   --pooler              start a throwaway PgBouncer in transaction mode in front of
+//!                         DATABASE_URL (which must then name the server) and send the
+//!                         stores', publishers' and --verify's statements through it
+//!     --pool-size N         its server connections per database (8)
+//!   --rtt-ms X            put a TCP proxy on 127.0.0.1 in front of the data path's host and
+//!                         port (the server, or the pooler) that delays every chunk about
+//!                         X/2 ms each way (shortened once or twice until SELECT 1 through
+//!                         it takes X ms); loadgen prints the round trip it measured
 //! ```
+//!
+//! Where each session connects:
+//!
+//! | session | connects to |
+//! |---|---|
+//! | store and publisher of each replica, `--verify` | the data path: DATABASE_URL, or the `--pooler`; through the `--rtt-ms` proxy when given |
+//! | subscriber of each replica | `--listen-url`, else `LISTEN_DATABASE_URL`, else DATABASE_URL (never through the proxy) |
+//! | admin (CREATE/DROP DATABASE, `pg_stat_database`) and set-up (migrate, register, VACUUM) | the same as the subscribers |
+//!
+//! Every statement loadgen sends itself is unnamed (`query_typed`, or the simple query
+//! protocol), so it works through a transaction pooler.
 //!
 //! Freshness is measured per committed row: every update carries `collected_at` = the
 //! wall-clock instant just before its `add`, and the store wrapper, right after the store's
 //! `batch_update` returned (for PostgreSQL: the statement committed), records
 //! `now - collected_at` for each row it wrote. An update that a newer one replaced in the
 //! batch is never written, so it has no sample of its own; its key's newer value has.
-//! A summary ends with a line `RESULT key=value ...` for scripts.
+//! `collected_at` comes from one clock shared by the replicas, in whole microseconds (what
+//! `timestamptz` keeps) and strictly increasing across all of them, so per key "the newest
+//! update any replica accepted" is well defined: it is what `--verify` expects to find.
+//!
+//! With PostgreSQL, deadlocks are the database's `pg_stat_database.deadlocks`, read on the
+//! admin session before the run and after it, once the run's sessions have ended (a backend
+//! reports its counts when it exits at the latest). A summary ends with a line
+//! `RESULT key=value ...` for scripts. The exit status is 1 when `--verify` found a row not at
+//! its newest value or `--subscribe` an updated agent that a subscriber never heard, or when
+//! the run could not be set up; 2 on bad flags.
+
+#[path = "support/delay_proxy.rs"]
+mod delay_proxy;
+#[path = "support/pg_url.rs"]
+mod pg_url;
+#[path = "support/pgbouncer.rs"]
+mod pgbouncer;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use metadata_batcher::postgres::{self as pg, PgPublisher, PgStore, PgSubscriber, SubscriberEvent};
-use metadata_batcher::{
-    Batcher, FlushMode, Interrupt, Metadata, MetadataBatch, PublishError, Publisher, Store,
-    StoreError, METADATA_BATCH_CHANNEL,
+use metadata_batcher::postgres::{
+    self as pg, PgOptions, PgPublisher, PgStore, PgSubscriber, StatementMode, SubscriberEvent,
 };
+use metadata_batcher::{
+    Batcher, CloseReport, FlushMode, Interrupt, Metadata, MetadataBatch, PublishError, Publisher,
+    Stats, Store, StoreError, METADATA_BATCH_CHANNEL,
+};
+use postgres::types::{ToSql, Type};
 use uuid::Uuid;
+
+use delay_proxy::DelayProxy;
+use pgbouncer::Pooler;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// The simulated store's cost per row, as PostgreSQL's batched update costs here.
 const SIM_PER_ROW: Duration = Duration::from_micros(5);
 /// A trial passes only if the generator offered at least this share of the asked rate.
 const OFFERED_SHARE_REQUIRED: f64 = 0.97;
+/// The `--pooler`'s server connections: one per store and publisher of four replicas, so
+/// that waiting for a pooled connection is not what a run measures.
+const DEFAULT_POOL_SIZE: u32 = 8;
+/// `SELECT 1`s timed to report the data path's round trip; the median is printed.
+const RTT_SAMPLES: usize = 20;
+/// How many times `--rtt-ms` corrects the proxy's delay after measuring.
+const RTT_CALIBRATIONS: usize = 2;
+/// How long loadgen waits for its database's sessions to end after a run, before it reads
+/// `pg_stat_database` (a backend reports its deadlocks when it exits, at the latest).
+const SESSIONS_END_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often that wait looks: PostgreSQL offers nothing to block on for another backend's
+/// exit.
+const SESSIONS_END_POLL: Duration = Duration::from_millis(20);
+/// After the run, a subscriber stops once it heard nothing for this long (NOTIFY arrives
+/// after the final flush's commit)...
+const SUBSCRIBER_QUIET: Duration = Duration::from_secs(1);
+/// ...and at the latest this long after the run, whatever it still hears.
+const SUBSCRIBER_MAX_WAIT: Duration = Duration::from_secs(10);
+/// The generator's pacing step: it issues what is due, then sleeps this long.
+const PACING_STEP: Duration = Duration::from_micros(500);
+/// How often the progress line is printed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// After the generators' end, how often the progress loop looks whether they have stopped.
+const GENERATOR_END_POLL: Duration = Duration::from_millis(5);
 
 #[derive(Clone, Debug)]
 enum StoreKind {
@@ -82,6 +162,12 @@ struct Config {
     hi: f64,
     steps: u32,
     trial: Duration,
+    replicas: usize,
+    listen_url: Option<String>,
+    statement_mode: Option<StatementMode>,
+    pooler: bool,
+    pool_size: u32,
+    rtt_ms: Option<f64>,
 }
 
 fn parse_args() -> Result<Config, String> {
@@ -105,13 +191,21 @@ fn parse_args() -> Result<Config, String> {
         hi: 200_000.0,
         steps: 6,
         trial: Duration::from_secs(3),
+        replicas: 1,
+        listen_url: None,
+        statement_mode: None,
+        pooler: false,
+        pool_size: DEFAULT_POOL_SIZE,
+        rtt_ms: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or(format!("{flag} needs a value"));
         let number = |text: String| -> Result<f64, String> {
-            text.parse::<f64>()
-                .map_err(|_| format!("{flag}: {text:?} is not a number"))
+            match text.parse::<f64>() {
+                Ok(n) if n.is_finite() && n >= 0.0 => Ok(n),
+                _ => Err(format!("{flag}: {text:?} is not a non-negative number")),
+            }
         };
         match flag.as_str() {
             "--agents" => config.agents = number(value()?)? as usize,
@@ -155,12 +249,45 @@ fn parse_args() -> Result<Config, String> {
             "--hi" => config.hi = number(value()?)?,
             "--steps" => config.steps = number(value()?)? as u32,
             "--trial" => config.trial = Duration::from_secs_f64(number(value()?)?),
+            "--replicas" => config.replicas = number(value()?)? as usize,
+            "--listen-url" => config.listen_url = Some(value()?),
+            "--statement-mode" => {
+                config.statement_mode = Some(match value()?.as_str() {
+                    "prepared" => StatementMode::Prepared,
+                    "unnamed" => StatementMode::Unnamed,
+                    other => return Err(format!("--statement-mode {other:?}: prepared | unnamed")),
+                })
+            }
+            "--pooler" => config.pooler = true,
+            "--pool-size" => config.pool_size = number(value()?)? as u32,
+            "--rtt-ms" => config.rtt_ms = Some(number(value()?)?),
             "--help" | "-h" => return Err("see the flags at the top of examples/loadgen.rs".into()),
             other => return Err(format!("unknown flag {other}")),
         }
     }
-    if (config.subscribe || config.verify) && !matches!(config.store, StoreKind::Postgres) {
-        return Err("--subscribe and --verify need --store postgres".into());
+    if config.listen_url.is_none() {
+        config.listen_url = std::env::var("LISTEN_DATABASE_URL")
+            .ok()
+            .filter(|url| !url.is_empty());
+    }
+    if config.agents == 0 || config.keys == 0 || config.replicas == 0 || config.pool_size == 0 {
+        return Err("--agents, --keys, --replicas and --pool-size must be at least 1".into());
+    }
+    if config.rate <= 0.0 || config.batch_size == 0 {
+        return Err("--rate and --batch-size must be positive".into());
+    }
+    let postgres_only = [
+        (config.subscribe, "--subscribe"),
+        (config.verify, "--verify"),
+        (config.replicas > 1, "--replicas"),
+        (config.pooler, "--pooler"),
+        (config.rtt_ms.is_some(), "--rtt-ms"),
+        (config.statement_mode.is_some(), "--statement-mode"),
+    ];
+    if !matches!(config.store, StoreKind::Postgres) {
+        if let Some((_, flag)) = postgres_only.iter().find(|(set, _)| *set) {
+            return Err(format!("{flag} needs --store postgres"));
+        }
     }
     Ok(config)
 }
@@ -171,10 +298,121 @@ fn agent(i: usize) -> Uuid {
 }
 fn agent_index(id: Uuid) -> Option<usize> {
     let n = id.as_u128();
-    (n >> 112 == 0x6c67).then(|| (n & 0xffff_ffff) as usize - 1)
+    (n >> 112 == 0x6c67)
+        .then_some((n & 0xffff_ffff) as usize)
+        .and_then(|i| i.checked_sub(1))
 }
 
-/// What the store wrapper saw: one entry per successful store call.
+/// A lock whose holder panicked still guards plain counters: keep using them.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A `postgres::Error` in the server's words: its `Display` alone says only "db error".
+fn db_error(err: &postgres::Error) -> String {
+    let Some(db) = err.as_db_error() else {
+        return err.to_string();
+    };
+    let mut text = format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
+    if let Some(detail) = db.detail() {
+        text.push_str(&format!("; detail: {detail}"));
+    }
+    if let Some(hint) = db.hint() {
+        text.push_str(&format!("; hint: {hint}"));
+    }
+    text
+}
+
+/// Options for one of loadgen's sessions, named so `pg_stat_activity` tells them apart.
+fn session_options(role: &str, statement_mode: StatementMode) -> PgOptions {
+    PgOptions {
+        application_name: Some(format!("mb-loadgen-{} {role}", std::process::id())),
+        statement_mode,
+        ..PgOptions::default()
+    }
+}
+
+/// One clock for every replica's `collected_at`: whole microseconds (what `timestamptz`
+/// keeps), strictly increasing across all replicas, so that per key the newest update any
+/// replica accepted is well defined and is the one the table must end with.
+#[derive(Default)]
+struct Clock(AtomicU64);
+
+impl Clock {
+    /// The next instant, in microseconds since the epoch: now, or one more than the last.
+    fn next_micros(&self) -> u64 {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_micros() as u64);
+        // The closure never refuses, so both arms hold the previous value.
+        let (Ok(previous) | Err(previous)) = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |last| Some(now.max(last + 1)));
+        now.max(previous + 1)
+    }
+}
+
+fn micros_to_time(micros: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(micros)
+}
+
+/// The value a call writes: its `collected_at` and its replica, so the check can tell which
+/// update a row holds.
+fn value_of(micros: u64, replica: usize) -> String {
+    format!("{micros}/r{replica}")
+}
+
+/// The order replica `r` visits the agents in: call `i` goes to agent
+/// `(offset + (i mod agents) × stride) mod agents`. Replica 0 goes 0, 1, 2, ... (what
+/// loadgen did before it had replicas); the others start elsewhere and stride by a number
+/// coprime with the fleet size, so each still visits every agent once per round, but next
+/// to other neighbours than any other replica: their flushes hold different mixes of the
+/// same rows.
+#[derive(Clone, Copy, Debug)]
+struct VisitOrder {
+    offset: usize,
+    stride: usize,
+}
+
+impl VisitOrder {
+    fn of(replica: usize, replicas: usize, agents: usize) -> VisitOrder {
+        if replica == 0 || agents < 2 {
+            return VisitOrder {
+                offset: 0,
+                stride: 1,
+            };
+        }
+        let start = 1 + replica * agents / (replicas + 1);
+        // Among any `agents` consecutive numbers one is ≡ 1 (mod agents), so coprime: this
+        // finds a stride within `agents` steps.
+        let stride = (start..start + agents)
+            .map(|candidate| candidate % agents)
+            .find(|&candidate| candidate > 0 && gcd(candidate, agents) == 1)
+            .unwrap_or(1);
+        VisitOrder {
+            offset: replica * agents / replicas,
+            stride,
+        }
+    }
+
+    fn agent(&self, call: u64, agents: usize) -> usize {
+        let i = (call % agents as u64) as usize;
+        // i < agents and stride < agents: the product fits in a u64 for any fleet that fits
+        // in memory.
+        ((self.offset as u64 + i as u64 * self.stride as u64) % agents as u64) as usize
+    }
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// What the store wrappers saw: one entry per successful store call, all replicas together.
 struct Recorder {
     freshness_us: Histogram<u64>,
     calls: u64,
@@ -211,7 +449,8 @@ impl<S: Store> Store for Timed<S> {
         let committed = SystemTime::now();
         let elapsed = start.elapsed();
         if result.is_ok() {
-            let mut r = self.recorder.lock().unwrap();
+            // Shared by the replicas' flusher threads: a lock per statement, not per row.
+            let mut r = lock(&self.recorder);
             for &collected_at in &batch.collected_at {
                 let age = committed.duration_since(collected_at).unwrap_or_default();
                 r.freshness_us
@@ -228,6 +467,11 @@ impl<S: Store> Store for Timed<S> {
 
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
         self.inner.interrupt_handle()
+    }
+
+    // Forwarded, or the batcher would count no conflicts behind the wrapper.
+    fn conflicts(&self) -> u64 {
+        self.inner.conflicts()
     }
 }
 
@@ -253,58 +497,261 @@ impl Publisher for CountingPublisher {
     }
 }
 
+/// Where a postgres run's sessions connect (the table at the top), and what keeps that path
+/// up for as long as loadgen runs: the pooler and the proxy, if any.
+struct Paths {
+    /// The stores', publishers' and `--verify`'s URL (its database is replaced per run).
+    data: String,
+    /// The subscribers', the admin session's and the set-up's URL.
+    direct: String,
+    statement_mode: StatementMode,
+    /// The `--rtt-ms` proxy's measured round trip: (through it, without it).
+    round_trip: Option<(Duration, Duration)>,
+    // Held, not read: dropping them stops the proxy's threads and the pooler's process.
+    _proxy: Option<DelayProxy>,
+    _pooler: Option<Pooler>,
+}
+
+impl Paths {
+    fn set_up(config: &Config) -> Result<Paths, String> {
+        let server = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
+        let pooler = match config.pooler {
+            true => Some(Pooler::start(&server, config.pool_size)?),
+            false => None,
+        };
+        let data = match &pooler {
+            Some(pooler) => pooler.url("postgres"),
+            None => server.clone(),
+        };
+        let direct = config.listen_url.clone().unwrap_or_else(|| server.clone());
+        let statement_mode = config.statement_mode.unwrap_or(match pooler {
+            Some(_) => StatementMode::Unnamed,
+            None => StatementMode::Prepared,
+        });
+        let mut described = match &pooler {
+            Some(_) => format!(
+                "{} (PgBouncer in transaction mode started by loadgen, pool {}, in front of {})",
+                pg_url::redact(&data),
+                config.pool_size,
+                pg_url::redact(&server)
+            ),
+            None => pg_url::redact(&data),
+        };
+        let (data, proxy, round_trip) = match config.rtt_ms {
+            Some(rtt_ms) => {
+                let target = pg_url::socket_addr(&data)?;
+                let one_way = Duration::from_secs_f64(rtt_ms / 2e3);
+                let proxy = DelayProxy::start(target, one_way).map_err(|err| {
+                    format!("starting the delay proxy in front of {target}: {err}")
+                })?;
+                let through = pg_url::with_host_port(&data, "127.0.0.1", proxy.port())?;
+                let without = select1_round_trip(&data, statement_mode)?;
+                let mut measured = select1_round_trip(&through, statement_mode)?;
+                // Sleeps wake late, so the first round trip comes out long: shorten the
+                // delay by half the excess (once or twice) until it is within 2 % of asked.
+                for _ in 0..RTT_CALIBRATIONS {
+                    let excess = measured.as_secs_f64() * 1e3 - rtt_ms;
+                    if excess.abs() <= rtt_ms * 0.02 {
+                        break;
+                    }
+                    let one_way_ms = (proxy.one_way().as_secs_f64() * 1e3 - excess / 2.0).max(0.0);
+                    proxy.set_one_way(Duration::from_secs_f64(one_way_ms / 1e3));
+                    measured = select1_round_trip(&through, statement_mode)?;
+                }
+                described = format!(
+                    "{} (a delay proxy in front of {described}; asked round trip {rtt_ms:.2} ms, \
+                     delay {:.3} ms each way after calibrating)",
+                    pg_url::redact(&through),
+                    proxy.one_way().as_secs_f64() * 1e3
+                );
+                let measured = (measured, without);
+                (through, Some(proxy), Some(measured))
+            }
+            None => (data, None, None),
+        };
+        println!("data path          {described}");
+        if let Some((through, without)) = round_trip {
+            println!(
+                "round trip         SELECT 1, median of {RTT_SAMPLES}: {:.2} ms through the proxy, {:.2} ms without",
+                through.as_secs_f64() * 1e3,
+                without.as_secs_f64() * 1e3
+            );
+        }
+        println!(
+            "direct             {} (subscribers, admin, set-up)",
+            pg_url::redact(&direct)
+        );
+        println!(
+            "statement mode     {}",
+            match statement_mode {
+                StatementMode::Unnamed => "unnamed",
+                _ => "prepared",
+            }
+        );
+        Ok(Paths {
+            data,
+            direct,
+            statement_mode,
+            round_trip,
+            _proxy: proxy,
+            _pooler: pooler,
+        })
+    }
+}
+
+/// The median time of `SELECT 1` on a fresh session to `url` (simple query protocol: one
+/// round trip, nothing prepared).
+fn select1_round_trip(url: &str, statement_mode: StatementMode) -> Result<Duration, String> {
+    let mut client =
+        pg::connect_client(url, &session_options("rtt", statement_mode)).map_err(|err| {
+            format!(
+                "connecting to {} to time SELECT 1: {err}",
+                pg_url::redact(url)
+            )
+        })?;
+    let mut samples = Vec::with_capacity(RTT_SAMPLES);
+    // Three unmeasured first: the session's first statements also warm caches.
+    for i in 0..RTT_SAMPLES + 3 {
+        let start = Instant::now();
+        client
+            .simple_query("SELECT 1")
+            .map_err(|err| format!("timing SELECT 1: {}", db_error(&err)))?;
+        if i >= 3 {
+            samples.push(start.elapsed());
+        }
+    }
+    samples.sort();
+    Ok(samples[samples.len() / 2])
+}
+
 /// The database a postgres run works in, dropped at the end.
 struct Database {
     admin: postgres::Client,
     name: String,
-    url: String,
+    /// The run's database on the data path and on the direct one.
+    data_url: String,
+    direct_url: String,
 }
 
 impl Database {
-    fn create(agents: usize, keys: &[String]) -> Result<Database, String> {
-        let admin_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.into());
-        let mut admin = postgres::Client::connect(&admin_url, postgres::NoTls)
-            .map_err(|e| format!("cannot connect to {admin_url} (set DATABASE_URL): {e}"))?;
+    fn create(paths: &Paths, agents: usize, keys: &[String]) -> Result<Database, String> {
+        let mut admin = pg::connect_client(
+            &paths.direct,
+            &session_options("admin", paths.statement_mode),
+        )
+        .map_err(|err| {
+            format!(
+                "connecting to {} (set DATABASE_URL, and LISTEN_DATABASE_URL or --listen-url \
+                 when DATABASE_URL is a pooler): {err}",
+                pg_url::redact(&paths.direct)
+            )
+        })?;
         let name = format!("mb_loadgen_{}", std::process::id());
         for sql in [
-            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
             format!("CREATE DATABASE {name}"),
         ] {
-            admin.batch_execute(&sql).map_err(|e| e.to_string())?;
+            admin
+                .batch_execute(&sql)
+                .map_err(|err| format!("{sql}: {}", db_error(&err)))?;
         }
-        let url = with_database(&admin_url, &name);
-        let mut client =
-            postgres::Client::connect(&url, postgres::NoTls).map_err(|e| e.to_string())?;
-        pg::migrate(&mut client).map_err(|e| e.to_string())?;
+        // From here on, dropping `database` drops the database, whatever fails next.
+        let database = Database {
+            admin,
+            data_url: pg_url::with_database(&paths.data, &name)?,
+            direct_url: pg_url::with_database(&paths.direct, &name)?,
+            name,
+        };
+        let mut client = pg::connect_client(
+            &database.direct_url,
+            &session_options("set-up", paths.statement_mode),
+        )
+        .map_err(|err| format!("connecting to {}: {err}", database.name))?;
+        pg::migrate(&mut client).map_err(|err| err.to_string())?;
         let ids: Vec<Uuid> = (0..agents).map(agent).collect();
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        pg::register_keys_for_agents(&mut client, &ids, &keys).map_err(|e| e.to_string())?;
+        pg::register_keys_for_agents(&mut client, &ids, &keys).map_err(|err| err.to_string())?;
         client
             .batch_execute("VACUUM ANALYZE workspace_agent_metadata")
-            .map_err(|e| e.to_string())?;
-        Ok(Database { admin, name, url })
+            .map_err(|err| format!("VACUUM ANALYZE: {}", db_error(&err)))?;
+        Ok(database)
+    }
+
+    /// `pg_stat_database.deadlocks` of this database, as far as backends have reported.
+    fn deadlocks(&mut self) -> Result<i64, String> {
+        let rows = self
+            .admin
+            .query_typed(
+                "SELECT deadlocks FROM pg_stat_database WHERE datname = $1",
+                &[(&self.name as &(dyn ToSql + Sync), Type::TEXT)],
+            )
+            .map_err(|err| format!("reading pg_stat_database: {}", db_error(&err)))?;
+        match rows.first() {
+            Some(row) => row
+                .try_get::<_, i64>(0)
+                .map_err(|err| format!("reading pg_stat_database: {err}")),
+            None => Err(format!("pg_stat_database has no row for {}", self.name)),
+        }
+    }
+
+    /// Ends every session still on this database (a pooler's server connections, a store
+    /// session given up on) and waits until they are gone: an exiting backend reports its
+    /// statistics, deadlocks included, so `deadlocks` is complete afterwards.
+    fn end_sessions(&mut self) -> Result<(), String> {
+        let failed =
+            |err: postgres::Error| format!("ending the run's sessions: {}", db_error(&err));
+        // Two statements: in one, PostgreSQL may call pg_terminate_backend before it checks
+        // the database, and end the admin session itself.
+        let pids: Vec<i32> = self
+            .admin
+            .query_typed(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1",
+                &[(&self.name as &(dyn ToSql + Sync), Type::TEXT)],
+            )
+            .map_err(failed)?
+            .iter()
+            .filter_map(|row| row.try_get(0).ok())
+            .collect();
+        self.admin
+            .query_typed(
+                "SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid",
+                &[(&pids as &(dyn ToSql + Sync), Type::INT4_ARRAY)],
+            )
+            .map_err(failed)?;
+        let deadline = Instant::now() + SESSIONS_END_TIMEOUT;
+        loop {
+            // Only the terminated ones: a pooler with `min_pool_size` opens new sessions at
+            // once, and those have nothing to report.
+            let left: i64 = self
+                .admin
+                .query_typed(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                    &[(&pids as &(dyn ToSql + Sync), Type::INT4_ARRAY)],
+                )
+                .map_err(|err| format!("waiting for the run's sessions: {}", db_error(&err)))?
+                .first()
+                .and_then(|row| row.try_get(0).ok())
+                .unwrap_or(0);
+            if left == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{left} of the run's sessions had not ended {SESSIONS_END_TIMEOUT:?} after pg_terminate_backend"
+                ));
+            }
+            thread::sleep(SESSIONS_END_POLL);
+        }
     }
 }
 
 impl Drop for Database {
     fn drop(&mut self) {
-        let _ = self.admin.batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        ));
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(err) = self.admin.batch_execute(&sql) {
+            eprintln!("loadgen: {sql}: {} (drop it by hand)", db_error(&err));
+        }
     }
-}
-
-fn with_database(url: &str, database: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, format!("?{query}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    format!("{}/{database}{query}", &base[..host_end])
 }
 
 /// Peak resident set size of this process, from `VmHWM` in /proc/self/status.
@@ -320,11 +767,34 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// `Stats::conflicts`: statements run again after a deadlock (40P01) or a serialization
+/// failure (40001). An `Option` so that a store that cannot tell could print `na`.
+fn conflicts(stats: &Stats) -> Option<u64> {
+    Some(stats.conflicts)
+}
+
+/// What one replica came to.
+#[derive(Debug, Default)]
+struct ReplicaSummary {
+    accepted: u64,
+    dropped: u64,
+    flushed: u64,
+    store_errors: u64,
+    conflicts: Option<u64>,
+    close: CloseReport,
+    close_seconds: f64,
+    /// Updated agents its subscriber never heard (with `--subscribe`).
+    unheard: Option<u64>,
+    subscriber_problems: u64,
+}
+
 /// What one run came to.
 #[derive(Debug, Default)]
 struct Summary {
     rate: f64,
     seconds: f64,
+    /// From the first `add` until the last replica's `close()` returned.
+    written_seconds: f64,
     offered: u64,
     accepted: u64,
     dropped: u64,
@@ -332,6 +802,9 @@ struct Summary {
     flushed: u64,
     unmatched: u64,
     store_errors: u64,
+    conflicts: Option<u64>,
+    deadlocks: Option<i64>,
+    unwritten: u64,
     flushes: [u64; 4],
     store_calls: u64,
     mean_rows: f64,
@@ -346,7 +819,10 @@ struct Summary {
     add_max_ns: u64,
     peak_rss_kib: u64,
     verified_rows: Option<(u64, u64)>,
+    /// Updated agents, and (agent, subscriber) pairs where the subscriber never heard it.
     announced: Option<(u64, u64)>,
+    replicas: Vec<ReplicaSummary>,
+    round_trip_ms: Option<f64>,
 }
 
 impl Summary {
@@ -357,17 +833,181 @@ impl Summary {
     fn offered_rate(&self) -> f64 {
         self.offered as f64 / self.seconds
     }
+
+    fn written_rate(&self) -> f64 {
+        self.flushed as f64 / self.written_seconds
+    }
+
+    /// The checks that decide the exit status, each with what failed.
+    fn failed_checks(&self) -> Vec<String> {
+        let mut failed = Vec::new();
+        if let Some((checked, wrong)) = self.verified_rows.filter(|&(_, wrong)| wrong > 0) {
+            failed.push(format!(
+                "{wrong} of {checked} rows not at their newest value"
+            ));
+        }
+        if let Some((updated, unheard)) = self.announced.filter(|&(_, unheard)| unheard > 0) {
+            failed.push(format!(
+                "{unheard} (agent, subscriber) pairs never heard, of {updated} updated agents × {} subscribers",
+                self.replicas.len()
+            ));
+        }
+        failed
+    }
 }
 
-fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result<Summary, String> {
-    let key_names: Vec<String> = (0..config.keys).map(|k| format!("key{k}")).collect();
-    let recorder = Arc::new(Mutex::new(Recorder::new()));
-    let published = Arc::new(AtomicU64::new(0));
-    let database = match config.store {
-        StoreKind::Postgres => Some(Database::create(config.agents, &key_names)?),
-        _ => None,
-    };
-    let mut builder = match (&config.store, &database) {
+/// What one replica's generator offered and how its `add` calls went.
+struct Offered {
+    accepted: u64,
+    dropped: u64,
+    /// Per (agent, key): the `collected_at` (µs) of the newest update this replica's batcher
+    /// accepted; 0 for none.
+    newest: Vec<u64>,
+    elapsed: Duration,
+    add_ns: Histogram<u64>,
+}
+
+/// One replica's generator: its agents in its own order, paced to `rate`.
+struct Generator {
+    replica: usize,
+    batcher: Arc<Batcher>,
+    clock: Arc<Clock>,
+    order: VisitOrder,
+    agents: usize,
+    key_names: Vec<String>,
+    rate: f64,
+    duration: Duration,
+    offered: Arc<AtomicU64>,
+}
+
+impl Generator {
+    fn run(self) -> Result<Offered, String> {
+        let keys = self.key_names.len();
+        let mut newest = vec![0u64; self.agents * keys];
+        let (mut accepted, mut dropped) = (0u64, 0u64);
+        // How long each `add` call takes, waking the worker included (two clock reads of
+        // ~20 ns each are in it too).
+        let mut add_ns =
+            Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds");
+        let calls_per_second = self.rate / keys as f64;
+        let start = Instant::now();
+        let mut issued = 0u64;
+        loop {
+            let elapsed = start.elapsed();
+            if elapsed >= self.duration {
+                break;
+            }
+            let due = (elapsed.as_secs_f64() * calls_per_second) as u64;
+            while issued < due {
+                let a = self.order.agent(issued, self.agents);
+                let micros = self.clock.next_micros();
+                let value = value_of(micros, self.replica);
+                let collected_at = micros_to_time(micros);
+                let metadata: Vec<Metadata> = self
+                    .key_names
+                    .iter()
+                    .map(|key| Metadata {
+                        key: key.clone(),
+                        value: value.clone(),
+                        error: String::new(),
+                        collected_at,
+                    })
+                    .collect();
+                let called = Instant::now();
+                let added = self.batcher.add(agent(a), metadata);
+                add_ns.saturating_record(called.elapsed().as_nanos() as u64);
+                let report =
+                    added.map_err(|err| format!("replica {}: add failed: {err}", self.replica))?;
+                accepted += report.accepted as u64;
+                dropped += report.dropped as u64;
+                // The call's first `accepted` entries are the kept ones.
+                for slot in &mut newest[a * keys..a * keys + report.accepted] {
+                    *slot = micros;
+                }
+                issued += 1;
+                self.offered.fetch_add(keys as u64, Relaxed);
+            }
+            thread::sleep(PACING_STEP);
+        }
+        Ok(Offered {
+            accepted,
+            dropped,
+            newest,
+            elapsed: start.elapsed(),
+            add_ns,
+        })
+    }
+}
+
+/// What one subscriber heard.
+struct Heard {
+    announced: Vec<bool>,
+    problems: u64,
+}
+
+/// A subscriber's thread: collects the announced agents until `stop` is set and then
+/// nothing arrived for `SUBSCRIBER_QUIET` (at most `SUBSCRIBER_MAX_WAIT` after `stop`).
+fn listen(
+    replica: usize,
+    mut subscriber: PgSubscriber,
+    agents: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<JoinHandle<Heard>, String> {
+    thread::Builder::new()
+        .name(format!("loadgen-listen-r{replica}"))
+        .spawn(move || {
+            let mut heard = Heard {
+                announced: vec![false; agents],
+                problems: 0,
+            };
+            let mut stopped_at = None;
+            let mut quiet_since = None;
+            loop {
+                match subscriber.next(Duration::from_millis(100)) {
+                    Ok(Some(SubscriberEvent::Agents(ids))) => {
+                        quiet_since = None;
+                        for id in ids {
+                            if let Some(i) = agent_index(id).filter(|&i| i < agents) {
+                                heard.announced[i] = true;
+                            }
+                        }
+                    }
+                    Ok(Some(SubscriberEvent::Reconnected)) => {
+                        heard.problems += 1;
+                        eprintln!("replica {replica}: subscriber reconnected: announcements may be missing");
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        heard.problems += 1;
+                        eprintln!("replica {replica}: subscriber: {err}");
+                    }
+                }
+                if stop.load(Relaxed) {
+                    let stopped = *stopped_at.get_or_insert_with(Instant::now);
+                    let quiet = *quiet_since.get_or_insert_with(Instant::now);
+                    if quiet.elapsed() >= SUBSCRIBER_QUIET
+                        || stopped.elapsed() >= SUBSCRIBER_MAX_WAIT
+                    {
+                        return heard;
+                    }
+                }
+            }
+        })
+        .map_err(|err| format!("starting replica {replica}'s subscriber thread: {err}"))
+}
+
+/// One replica's batcher over the configured store.
+fn build_batcher(
+    config: &Config,
+    replica: usize,
+    database: Option<&Database>,
+    statement_mode: StatementMode,
+    key_names: &[String],
+    recorder: &Arc<Mutex<Recorder>>,
+    published: &Arc<AtomicU64>,
+) -> Result<Batcher, String> {
+    let role = |what: &str| format!("r{replica} {what}");
+    let mut builder = match (&config.store, database) {
         (StoreKind::Memory, _) => {
             let store = metadata_batcher::MemoryStore::new();
             for a in 0..config.agents {
@@ -390,12 +1030,20 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
         ),
         (StoreKind::Postgres, Some(db)) => Batcher::builder(
             Timed {
-                inner: PgStore::connect(&db.url).map_err(|e| e.to_string())?,
+                inner: PgStore::open(
+                    &db.data_url,
+                    session_options(&role("store"), statement_mode),
+                )
+                .map_err(|err| format!("replica {replica}: PgStore::open: {err}"))?,
                 recorder: recorder.clone(),
             },
-            PgPublisher::connect(&db.url).map_err(|e| e.to_string())?,
+            PgPublisher::open(
+                &db.data_url,
+                session_options(&role("publisher"), statement_mode),
+            )
+            .map_err(|err| format!("replica {replica}: PgPublisher::open: {err}"))?,
         ),
-        (StoreKind::Postgres, None) => unreachable!("created above"),
+        (StoreKind::Postgres, None) => return Err("postgres needs a database".into()),
     };
     builder = builder
         .batch_size(config.batch_size)
@@ -412,118 +1060,117 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
     if let Some(interval) = config.interval {
         builder = builder.interval(interval);
     }
-    let batcher = Arc::new(builder.build().map_err(|e| e.to_string())?);
+    builder
+        .build()
+        .map_err(|err| format!("replica {replica}: building the batcher: {err}"))
+}
 
-    // The LISTEN side: which agents were announced.
+fn run(
+    config: &Config,
+    paths: Option<&Paths>,
+    rate: f64,
+    duration: Duration,
+    progress: bool,
+) -> Result<Summary, String> {
+    let key_names: Vec<String> = (0..config.keys).map(|k| format!("key{k}")).collect();
+    let recorder = Arc::new(Mutex::new(Recorder::new()));
+    let published = Arc::new(AtomicU64::new(0));
+    let (mut database, statement_mode) = match (&config.store, paths) {
+        (StoreKind::Postgres, Some(paths)) => (
+            Some(Database::create(paths, config.agents, &key_names)?),
+            paths.statement_mode,
+        ),
+        (StoreKind::Postgres, None) => return Err("postgres needs its paths set up".into()),
+        _ => (None, StatementMode::Prepared),
+    };
+    let deadlocks_before = match &mut database {
+        Some(db) => Some(db.deadlocks()?),
+        None => None,
+    };
+
+    // The LISTEN side first, so no announcement is missed: one subscriber per replica.
     let stop_listening = Arc::new(AtomicBool::new(false));
-    let subscriber = match (&database, config.subscribe) {
-        (Some(db), true) => {
-            let mut subscriber =
-                PgSubscriber::listen(&db.url, METADATA_BATCH_CHANNEL).map_err(|e| e.to_string())?;
-            let stop = stop_listening.clone();
-            let agents = config.agents;
-            Some(thread::spawn(move || {
-                let mut announced = vec![false; agents];
-                let mut quiet_since = None;
-                loop {
-                    match subscriber.next(Duration::from_millis(100)) {
-                        Ok(Some(SubscriberEvent::Agents(ids))) => {
-                            quiet_since = None;
-                            for id in ids {
-                                if let Some(i) = agent_index(id).filter(|&i| i < agents) {
-                                    announced[i] = true;
-                                }
-                            }
-                        }
-                        Ok(Some(SubscriberEvent::Reconnected)) => {
-                            eprintln!("subscriber reconnected: announcements may be missing")
-                        }
-                        Ok(None) | Err(_) => {
-                            // After the run, stop once nothing arrived for a second.
-                            if stop.load(Relaxed) {
-                                let since = *quiet_since.get_or_insert_with(Instant::now);
-                                if since.elapsed() > Duration::from_secs(1) {
-                                    return announced;
-                                }
-                            }
-                        }
-                    }
-                }
-            }))
+    let mut subscribers = Vec::new();
+    if let (Some(db), true) = (&database, config.subscribe) {
+        for replica in 0..config.replicas {
+            let subscriber = PgSubscriber::open(
+                &db.direct_url,
+                METADATA_BATCH_CHANNEL,
+                session_options(&format!("r{replica} subscriber"), statement_mode),
+            )
+            .map_err(|err| {
+                format!(
+                    "replica {replica}: PgSubscriber::open: {err} (behind a transaction pooler, \
+                     point --listen-url or LISTEN_DATABASE_URL at the server itself)"
+                )
+            })?;
+            subscribers.push(listen(
+                replica,
+                subscriber,
+                config.agents,
+                stop_listening.clone(),
+            )?);
         }
-        _ => None,
-    };
+    }
+    let mut batchers = Vec::new();
+    for replica in 0..config.replicas {
+        batchers.push(Arc::new(build_batcher(
+            config,
+            replica,
+            database.as_ref(),
+            statement_mode,
+            &key_names,
+            &recorder,
+            &published,
+        )?));
+    }
 
-    // The generator: one thread, round-robin over the agents, paced to `rate`.
+    // The generators: one thread per replica, each in its own order, each paced to `rate`.
     let offered = Arc::new(AtomicU64::new(0));
-    let generator = {
-        let batcher = batcher.clone();
-        let offered = offered.clone();
-        let (agents, keys) = (config.agents, config.keys);
-        let key_names = key_names.clone();
-        thread::spawn(move || {
-            // Per agent, the round its accepted keys last carried (u32::MAX: never).
-            let mut last_round = vec![u32::MAX; agents * keys];
-            let (mut accepted, mut dropped) = (0u64, 0u64);
-            // How long each `add` call takes, waking the worker included (two clock reads
-            // of ~20 ns each are in it too).
-            let mut add_ns =
-                Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds");
-            let calls_per_second = rate / keys as f64;
-            let start = Instant::now();
-            let mut issued = 0u64;
-            loop {
-                let elapsed = start.elapsed();
-                if elapsed >= duration {
-                    break;
-                }
-                let due = (elapsed.as_secs_f64() * calls_per_second) as u64;
-                while issued < due {
-                    let a = (issued % agents as u64) as usize;
-                    let round = (issued / agents as u64) as u32;
-                    let value = round.to_string();
-                    let now = SystemTime::now();
-                    let metadata: Vec<Metadata> = key_names
-                        .iter()
-                        .map(|key| Metadata {
-                            key: key.clone(),
-                            value: value.clone(),
-                            error: String::new(),
-                            collected_at: now,
-                        })
-                        .collect();
-                    let called = Instant::now();
-                    let added = batcher.add(agent(a), metadata);
-                    add_ns.saturating_record(called.elapsed().as_nanos() as u64);
-                    match added {
-                        Ok(report) => {
-                            accepted += report.accepted as u64;
-                            dropped += report.dropped as u64;
-                            // The call's first `accepted` entries are the kept ones.
-                            for slot in &mut last_round[a * keys..a * keys + report.accepted] {
-                                *slot = round;
-                            }
-                        }
-                        Err(error) => panic!("add failed: {error}"),
-                    }
-                    issued += 1;
-                    offered.fetch_add(keys as u64, Relaxed);
-                }
-                thread::sleep(Duration::from_micros(500));
-            }
-            (accepted, dropped, last_round, start.elapsed(), add_ns)
-        })
-    };
+    let clock = Arc::new(Clock::default());
+    let started = Instant::now();
+    let mut generators = Vec::new();
+    for (replica, batcher) in batchers.iter().enumerate() {
+        let generator = Generator {
+            replica,
+            batcher: batcher.clone(),
+            clock: clock.clone(),
+            order: VisitOrder::of(replica, config.replicas, config.agents),
+            agents: config.agents,
+            key_names: key_names.clone(),
+            rate,
+            duration,
+            offered: offered.clone(),
+        };
+        generators.push(
+            thread::Builder::new()
+                .name(format!("loadgen-r{replica}"))
+                .spawn(move || generator.run())
+                .map_err(|err| format!("starting replica {replica}'s generator: {err}"))?,
+        );
+    }
 
     if progress {
         let start = Instant::now();
         let mut last = (0u64, 0u64);
-        while !generator.is_finished() {
-            thread::sleep(Duration::from_secs(1).min(duration));
-            let s = batcher.stats();
+        let mut next_line = start + PROGRESS_EVERY;
+        while !generators.iter().all(|g| g.is_finished()) {
+            // Wake for the next line, or soon after the generators are due to stop: a
+            // whole second's sleep past their end would delay the closes, and the written
+            // rate with them.
+            let wake = next_line.min(started + duration);
+            match wake.checked_duration_since(Instant::now()) {
+                Some(wait) => thread::sleep(wait),
+                None => thread::sleep(GENERATOR_END_POLL),
+            }
+            if Instant::now() < next_line {
+                continue;
+            }
+            next_line += PROGRESS_EVERY;
+            let s = total_stats(&batchers);
             let o = offered.load(Relaxed);
             println!(
-                "{:5.1} s  offered {:>9} ({:>7}/s)  accepted {:>9}  dropped {:>7}  retention_dropped {:>7}  flushed {:>9} ({:>7}/s)  flushes cap {} sched {}  batched {:>6}  in_flight {:>6}",
+                "{:5.1} s  offered {:>9} ({:>7}/s)  accepted {:>9}  dropped {:>7}  retention_dropped {:>7}  flushed {:>9} ({:>7}/s)  flushes cap {} sched {}  batched {:>6}  in_flight {:>6}  store errors {}",
                 start.elapsed().as_secs_f64(),
                 o,
                 o - last.0,
@@ -535,38 +1182,92 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
                 s.flushes.capacity,
                 s.flushes.scheduled,
                 s.batched,
-                s.in_flight
+                s.in_flight,
+                s.store_errors
             );
             last = (o, s.flushed);
         }
     }
-    let (accepted, dropped, last_round, elapsed, add_ns) = generator.join().expect("generator");
-    batcher.close();
-    let stats = batcher.stats();
+    let mut offers = Vec::new();
+    for (replica, generator) in generators.into_iter().enumerate() {
+        offers.push(
+            generator
+                .join()
+                .map_err(|_| format!("replica {replica}'s generator panicked"))??,
+        );
+    }
+    // Closed together, as replicas shut down independently; each close is timed.
+    let closes: Vec<(CloseReport, Duration)> = thread::scope(|scope| -> Result<_, String> {
+        let closing: Vec<_> = batchers
+            .iter()
+            .map(|batcher| {
+                scope.spawn(move || {
+                    let start = Instant::now();
+                    (batcher.close(), start.elapsed())
+                })
+            })
+            .collect();
+        closing
+            .into_iter()
+            .enumerate()
+            .map(|(replica, handle)| {
+                handle
+                    .join()
+                    .map_err(|_| format!("replica {replica}'s close() panicked"))
+            })
+            .collect()
+    })?;
+    let written_seconds = started.elapsed().as_secs_f64();
 
     let mut summary = Summary {
         rate,
-        seconds: elapsed.as_secs_f64(),
+        seconds: offers
+            .iter()
+            .map(|o| o.elapsed.as_secs_f64())
+            .fold(0.0, f64::max),
+        written_seconds,
         offered: offered.load(Relaxed),
-        accepted,
-        dropped,
-        retention_dropped: stats.retention_dropped,
-        flushed: stats.flushed,
-        unmatched: stats.unmatched,
-        store_errors: stats.store_errors,
-        flushes: [
+        round_trip_ms: paths
+            .and_then(|p| p.round_trip)
+            .map(|(through, _)| through.as_secs_f64() * 1e3),
+        ..Summary::default()
+    };
+    let mut add_ns = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds");
+    for ((batcher, offer), (close, close_time)) in batchers.iter().zip(&offers).zip(&closes) {
+        let stats = batcher.stats();
+        summary.accepted += offer.accepted;
+        summary.dropped += offer.dropped;
+        summary.retention_dropped += stats.retention_dropped;
+        summary.flushed += stats.flushed;
+        summary.unmatched += stats.unmatched;
+        summary.store_errors += stats.store_errors;
+        summary.unwritten += close.unwritten;
+        for (total, count) in summary.flushes.iter_mut().zip([
             stats.flushes.capacity,
             stats.flushes.scheduled,
             stats.flushes.manual,
             stats.flushes.shutdown,
-        ],
-        add_p50_ns: add_ns.value_at_quantile(0.50),
-        add_p99_ns: add_ns.value_at_quantile(0.99),
-        add_max_ns: add_ns.max(),
-        ..Summary::default()
-    };
+        ]) {
+            *total += count;
+        }
+        let _ = add_ns.add(&offer.add_ns);
+        summary.replicas.push(ReplicaSummary {
+            accepted: offer.accepted,
+            dropped: offer.dropped,
+            flushed: stats.flushed,
+            store_errors: stats.store_errors,
+            conflicts: conflicts(&stats),
+            close: *close,
+            close_seconds: close_time.as_secs_f64(),
+            ..ReplicaSummary::default()
+        });
+    }
+    summary.conflicts = summary.replicas.iter().map(|r| r.conflicts).sum();
+    summary.add_p50_ns = add_ns.value_at_quantile(0.50);
+    summary.add_p99_ns = add_ns.value_at_quantile(0.99);
+    summary.add_max_ns = add_ns.max();
     {
-        let r = recorder.lock().unwrap();
+        let r = lock(&recorder);
         summary.store_calls = r.calls;
         summary.mean_rows = r.rows as f64 / r.calls.max(1) as f64;
         summary.max_rows = r.max_rows;
@@ -577,61 +1278,114 @@ fn run(config: &Config, rate: f64, duration: Duration, progress: bool) -> Result
         summary.fresh_max_ms = r.freshness_us.max() as f64 / 1e3;
     }
 
-    if let Some(subscriber) = subscriber {
-        stop_listening.store(true, Relaxed);
-        let announced = subscriber.join().expect("subscriber");
-        let updated: Vec<bool> = (0..config.agents)
-            .map(|a| {
-                last_round[a * config.keys..(a + 1) * config.keys]
-                    .iter()
-                    .any(|&r| r != u32::MAX)
-            })
-            .collect();
-        let missing = (0..config.agents)
-            .filter(|&a| updated[a] && !announced[a])
-            .count();
-        summary.announced = Some((
-            updated.iter().filter(|&&u| u).count() as u64,
-            missing as u64,
-        ));
-    }
-    if let (Some(db), true) = (&database, config.verify) {
-        let mut client =
-            postgres::Client::connect(&db.url, postgres::NoTls).map_err(|e| e.to_string())?;
-        let key_index: HashMap<&str, usize> = key_names
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.as_str(), i))
-            .collect();
-        let (mut checked, mut wrong) = (0u64, 0u64);
-        for row in client
-            .query(
-                "SELECT workspace_agent_id, key, value FROM workspace_agent_metadata",
-                &[],
-            )
-            .map_err(|e| e.to_string())?
-        {
-            let (id, key, value): (Uuid, String, String) = (row.get(0), row.get(1), row.get(2));
-            let (Some(a), Some(&k)) = (agent_index(id), key_index.get(key.as_str())) else {
-                continue;
-            };
-            let expected = last_round[a * config.keys + k];
-            let expected = if expected == u32::MAX {
-                String::new()
-            } else {
-                expected.to_string()
-            };
-            checked += 1;
-            if value != expected {
-                wrong += 1;
+    // Per (agent, key): the newest update any replica's batcher accepted, as
+    // (collected_at µs, replica); (0, 0) for none. The clock makes the maximum unique.
+    let keys = config.keys;
+    let mut newest = vec![(0u64, 0usize); config.agents * keys];
+    for (replica, offer) in offers.iter().enumerate() {
+        for (slot, &micros) in newest.iter_mut().zip(&offer.newest) {
+            if micros > slot.0 {
+                *slot = (micros, replica);
             }
         }
-        summary.verified_rows = Some((checked, wrong));
     }
-    drop(batcher);
+    let updated: Vec<bool> = newest
+        .chunks(keys)
+        .map(|agent_keys| agent_keys.iter().any(|&(micros, _)| micros > 0))
+        .collect();
+
+    if !subscribers.is_empty() {
+        stop_listening.store(true, Relaxed);
+        let mut unheard_total = 0;
+        for (replica, subscriber) in subscribers.into_iter().enumerate() {
+            let heard = subscriber
+                .join()
+                .map_err(|_| format!("replica {replica}'s subscriber thread panicked"))?;
+            let unheard = (0..config.agents)
+                .filter(|&a| updated[a] && !heard.announced[a])
+                .count() as u64;
+            unheard_total += unheard;
+            summary.replicas[replica].unheard = Some(unheard);
+            summary.replicas[replica].subscriber_problems = heard.problems;
+        }
+        summary.announced = Some((updated.iter().filter(|&&u| u).count() as u64, unheard_total));
+    }
+    if let (Some(db), true) = (&database, config.verify) {
+        summary.verified_rows = Some(verify(db, statement_mode, &key_names, &newest)?);
+    }
+    drop(batchers);
+    if let Some(db) = &mut database {
+        db.end_sessions()?;
+        if let Some(before) = deadlocks_before {
+            summary.deadlocks = Some(db.deadlocks()? - before);
+        }
+    }
     drop(database);
     summary.peak_rss_kib = peak_rss_kib();
     Ok(summary)
+}
+
+/// Stats summed over the replicas, for the progress line.
+fn total_stats(batchers: &[Arc<Batcher>]) -> Stats {
+    let mut total = Stats::default();
+    for stats in batchers.iter().map(|batcher| batcher.stats()) {
+        total.accepted += stats.accepted;
+        total.dropped += stats.dropped;
+        total.retention_dropped += stats.retention_dropped;
+        total.flushed += stats.flushed;
+        total.flushes.capacity += stats.flushes.capacity;
+        total.flushes.scheduled += stats.flushes.scheduled;
+        total.batched += stats.batched;
+        total.in_flight += stats.in_flight;
+        total.store_errors += stats.store_errors;
+    }
+    total
+}
+
+/// Reads every row back on the data path (unnamed, so it works through a transaction
+/// pooler) and counts the rows checked and those not at their newest value.
+fn verify(
+    db: &Database,
+    statement_mode: StatementMode,
+    key_names: &[String],
+    newest: &[(u64, usize)],
+) -> Result<(u64, u64), String> {
+    let mut client = pg::connect_client(&db.data_url, &session_options("verify", statement_mode))
+        .map_err(|err| format!("--verify: connecting: {err}"))?;
+    let key_index: HashMap<&str, usize> = key_names
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_str(), i))
+        .collect();
+    let keys = key_names.len();
+    let rows = client
+        .query_typed(
+            "SELECT workspace_agent_id, key, value FROM workspace_agent_metadata",
+            &[],
+        )
+        .map_err(|err| format!("--verify: reading the table: {}", db_error(&err)))?;
+    let (mut checked, mut wrong) = (0u64, 0u64);
+    for row in rows {
+        let read = |err: postgres::Error| format!("--verify: reading a row: {err}");
+        let id: Uuid = row.try_get(0).map_err(read)?;
+        let key: String = row.try_get(1).map_err(read)?;
+        let value: String = row.try_get(2).map_err(read)?;
+        let (Some(a), Some(&k)) = (agent_index(id), key_index.get(key.as_str())) else {
+            continue;
+        };
+        let Some(&(micros, replica)) = newest.get(a * keys + k) else {
+            continue;
+        };
+        let expected = match micros {
+            0 => String::new(),
+            _ => value_of(micros, replica),
+        };
+        checked += 1;
+        if value != expected {
+            wrong += 1;
+        }
+    }
+    Ok((checked, wrong))
 }
 
 fn mode_name(mode: FlushMode) -> &'static str {
@@ -649,9 +1403,13 @@ fn store_name(store: &StoreKind) -> String {
     }
 }
 
+fn or_na<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "na".to_owned(), |v| v.to_string())
+}
+
 fn print_summary(config: &Config, s: &Summary) {
     println!(
-        "--- summary ({} s, store {}, mode {}, batch {}, max_pending {}, agents {} × keys {})",
+        "--- summary ({} s, store {}, mode {}, batch {}, max_pending {}, agents {} × keys {}, replicas {})",
         s.seconds.round(),
         store_name(&config.store),
         mode_name(config.mode),
@@ -660,13 +1418,19 @@ fn print_summary(config: &Config, s: &Summary) {
             .max_pending
             .map_or("default".into(), |m| m.to_string()),
         config.agents,
-        config.keys
+        config.keys,
+        config.replicas
     );
     println!(
-        "offered            {} ({:.0}/s; asked {:.0}/s)",
+        "offered            {} ({:.0}/s; asked {:.0}/s{})",
         s.offered,
         s.offered_rate(),
-        s.rate
+        s.rate * config.replicas as f64,
+        if config.replicas > 1 {
+            format!(" = {} replicas × {:.0}/s", config.replicas, s.rate)
+        } else {
+            String::new()
+        }
     );
     println!("accepted           {}", s.accepted);
     println!("dropped            {} (channel full at add)", s.dropped);
@@ -675,8 +1439,17 @@ fn print_summary(config: &Config, s: &Summary) {
         s.retention_dropped
     );
     println!(
-        "flushed            {} (unmatched {}, store errors {})",
-        s.flushed, s.unmatched, s.store_errors
+        "flushed            {} (unmatched {}, store errors {}, conflicts {})",
+        s.flushed,
+        s.unmatched,
+        s.store_errors,
+        or_na(s.conflicts)
+    );
+    println!(
+        "written            {:.0} rows/s ({} rows from the first add until the last close returned, {:.2} s)",
+        s.written_rate(),
+        s.flushed,
+        s.written_seconds
     );
     println!(
         "flushes            capacity {} scheduled {} manual {} shutdown {}",
@@ -693,33 +1466,77 @@ fn print_summary(config: &Config, s: &Summary) {
         s.add_max_ns as f64 / 1e3,
         config.keys
     );
-    if let Some((checked, wrong)) = s.verified_rows {
-        println!("verified rows      {checked} checked, {wrong} not at their newest value");
+    if let Some(deadlocks) = s.deadlocks {
+        println!("deadlocks          {deadlocks} (pg_stat_database, this run's database)");
     }
-    if let Some((updated, missing)) = s.announced {
-        println!("announced agents   {updated} updated, {missing} never announced");
+    println!(
+        "unwritten at close {} ({})",
+        s.unwritten,
+        s.replicas
+            .iter()
+            .map(|r| format!(
+                "{} in {:.2} s{}",
+                r.close.unwritten,
+                r.close_seconds,
+                if r.close.deadline_hit {
+                    ", deadline hit"
+                } else {
+                    ""
+                }
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if config.replicas > 1 {
+        for (i, r) in s.replicas.iter().enumerate() {
+            println!(
+                "replica {i}          accepted {} dropped {} flushed {} store errors {} conflicts {} unwritten {}{}",
+                r.accepted,
+                r.dropped,
+                r.flushed,
+                r.store_errors,
+                or_na(r.conflicts),
+                r.close.unwritten,
+                r.unheard.map_or(String::new(), |unheard| format!(
+                    " never heard {unheard} (subscriber problems {})",
+                    r.subscriber_problems
+                ))
+            );
+        }
+    }
+    if let Some((checked, wrong)) = s.verified_rows {
+        println!("verified rows      {checked} checked, {wrong} not at the newest value any replica offered");
+    }
+    if let Some((updated, unheard)) = s.announced {
+        println!(
+            "announced agents   {updated} updated, {unheard} never heard ({} subscribers; summed)",
+            s.replicas.len()
+        );
     }
     println!(
         "peak RSS           {:.1} MiB (VmHWM)",
         s.peak_rss_kib as f64 / 1024.0
     );
     println!(
-        "RESULT store={} mode={} rate={:.0} offered_rate={:.0} offered={} accepted={} dropped={} retention_dropped={} flushed={} capacity={} scheduled={} shutdown={} mean_rows={:.0} max_rows={} mean_store_ms={:.2} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} rss_mib={:.1}{}{}",
+        "RESULT store={} mode={} rate={:.0} offered_rate={:.0} offered={} accepted={} dropped={} retention_dropped={} flushed={} capacity={} scheduled={} shutdown={} mean_rows={:.0} max_rows={} mean_store_ms={:.2} p50_ms={:.1} p99_ms={:.1} max_ms={:.1} rss_mib={:.1}{}{} replicas={} rows_per_s={:.0} store_errors={} conflicts={} deadlocks={} unwritten={}{}",
         store_name(&config.store), mode_name(config.mode), s.rate, s.offered_rate(), s.offered, s.accepted,
         s.dropped, s.retention_dropped, s.flushed, s.flushes[0], s.flushes[1], s.flushes[3],
         s.mean_rows, s.max_rows, s.mean_store_ms, s.fresh_p50_ms, s.fresh_p99_ms, s.fresh_max_ms,
         s.peak_rss_kib as f64 / 1024.0,
         s.verified_rows.map_or(String::new(), |(c, w)| format!(" verified={c} wrong={w}")),
         s.announced.map_or(String::new(), |(u, m)| format!(" announced_agents={u} unannounced={m}")),
+        config.replicas, s.written_rate(), s.store_errors, or_na(s.conflicts), or_na(s.deadlocks), s.unwritten,
+        s.round_trip_ms.map_or(String::new(), |ms| format!(" rtt_ms={ms:.2}")),
     );
 }
 
 /// Bisects (geometrically) for the highest rate whose trial has zero drops of either kind
 /// and at which the generator offered what was asked.
-fn find_ceiling(config: &Config) -> Result<(), String> {
+fn find_ceiling(config: &Config, paths: Option<&Paths>) -> Result<(), String> {
     let trial = |rate: f64| -> Result<(bool, Summary), String> {
-        let s = run(config, rate, config.trial, false)?;
-        let pass = s.zero_drops() && s.offered_rate() >= OFFERED_SHARE_REQUIRED * rate;
+        let s = run(config, paths, rate, config.trial, false)?;
+        let asked = rate * config.replicas as f64;
+        let pass = s.zero_drops() && s.offered_rate() >= OFFERED_SHARE_REQUIRED * asked;
         println!(
             "trial rate {:>8.0}/s: offered {:>8.0}/s dropped {:>7} retention_dropped {:>7} mean rows/flush {:>6.0} max {:>6} p99 {:>7.1} ms -> {}",
             rate, s.offered_rate(), s.dropped, s.retention_dropped, s.mean_rows, s.max_rows,
@@ -772,14 +1589,37 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let paths = match config.store {
+        StoreKind::Postgres => match Paths::set_up(&config) {
+            Ok(paths) => Some(paths),
+            Err(message) => {
+                eprintln!("loadgen: {message}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
     let result = if config.find_ceiling {
-        find_ceiling(&config)
+        find_ceiling(&config, paths.as_ref()).map(|()| Vec::new())
     } else {
-        run(&config, config.rate, config.duration, !config.quiet)
-            .map(|s| print_summary(&config, &s))
+        run(
+            &config,
+            paths.as_ref(),
+            config.rate,
+            config.duration,
+            !config.quiet,
+        )
+        .map(|s| {
+            print_summary(&config, &s);
+            s.failed_checks()
+        })
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(failed) if failed.is_empty() => ExitCode::SUCCESS,
+        Ok(failed) => {
+            eprintln!("loadgen: FAILED: {}", failed.join("; "));
+            ExitCode::FAILURE
+        }
         Err(message) => {
             eprintln!("loadgen: {message}");
             ExitCode::FAILURE

@@ -259,6 +259,14 @@ impl Store for Announcing {
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
         self.store.interrupt_handle()
     }
+
+    fn conflicts(&self) -> u64 {
+        self.store.conflicts()
+    }
+
+    fn max_batch_rows(&self) -> Option<usize> {
+        self.store.max_batch_rows()
+    }
 }
 
 struct Fixture {

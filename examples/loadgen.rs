@@ -107,6 +107,9 @@ use pgbouncer::Pooler;
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// The simulated store's cost per row, as PostgreSQL's batched update costs here.
 const SIM_PER_ROW: Duration = Duration::from_micros(5);
+/// The most rows the simulated store takes in one call: a backlog's worth, as nothing
+/// bounds it but the batcher's own sizing.
+const SIM_MAX_ROWS: usize = 100_000;
 /// A trial passes only if the generator offered at least this share of the asked rate.
 const OFFERED_SHARE_REQUIRED: f64 = 0.97;
 /// The `--pooler`'s server connections: one per store and publisher of four replicas, so
@@ -473,6 +476,11 @@ impl<S: Store> Store for Timed<S> {
     fn conflicts(&self) -> u64 {
         self.inner.conflicts()
     }
+
+    // Forwarded, or the batcher would keep every statement at batch_size.
+    fn max_batch_rows(&self) -> Option<usize> {
+        self.inner.max_batch_rows()
+    }
 }
 
 /// A store that costs `latency + 5 µs × rows` (a sleep) and writes nothing.
@@ -484,6 +492,12 @@ impl Store for SimStore {
     fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
         thread::sleep(self.latency + SIM_PER_ROW * batch.len() as u32);
         Ok(batch.len() as u64)
+    }
+
+    /// As a database far away takes big statements (`PgStore` up to
+    /// `PgOptions::max_statement_rows`): the batcher sizes them to the latency.
+    fn max_batch_rows(&self) -> Option<usize> {
+        Some(SIM_MAX_ROWS)
     }
 }
 

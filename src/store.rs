@@ -17,6 +17,11 @@ use crate::MetadataBatch;
 ///
 /// The batcher calls it from its flusher thread only, one call at a time.
 ///
+/// A store that wraps another (to time or count its calls) forwards every method the inner
+/// store implements, not only `batch_update`: without `interrupt_handle`, `close` cannot stop
+/// a hung call; without `conflicts`, none are counted; without `max_batch_rows`, statements
+/// stay at `batch_size`.
+///
 /// ```
 /// use metadata_batcher::{MetadataBatch, Store, StoreError};
 ///
@@ -61,8 +66,8 @@ pub trait Store: Send + 'static {
     /// it once per call.
     ///
     /// [`PgStore`](crate::postgres::PgStore) retries such a statement itself, on the same
-    /// session and a bounded number of times, then reports [`StoreError::Canceled`] so the
-    /// rows are kept. The default, 0, suits a store that never conflicts or does not retry.
+    /// session, after a short pause and a bounded number of times, then reports
+    /// [`StoreError::Canceled`] so the rows are kept. The default, 0, suits a store that never conflicts or does not retry.
     fn conflicts(&self) -> u64 {
         0
     }

@@ -231,7 +231,7 @@ fn a_deadlock_with_another_writer_is_retried_counted_and_loses_nothing() {
     // also keep the other writer from looking first. A loaded machine can still miss the
     // second, so the test tries again, with new values, until the batcher is the victim.
     let _ = other.batch_execute("SET deadlock_timeout = '30s'");
-    let (mut other_aborted, mut round) = (0, 0);
+    let (mut other_aborted, mut round) = (0u64, 0);
     while batcher.stats().conflicts == 0 {
         round += 1;
         assert!(
@@ -275,7 +275,11 @@ fn a_deadlock_with_another_writer_is_retried_counted_and_loses_nothing() {
         });
     }
     let stats = batcher.stats();
-    assert_eq!(stats.conflicts, 1, "{stats:?}");
+    // Usually one; a run again that takes row 0 before the other writer wakes closes the
+    // cycle again (the store pauses to prevent it, but a loaded machine can outwait the
+    // pause), within the store's three.
+    assert!((1..=3).contains(&stats.conflicts), "{stats:?}");
+    assert_eq!(stats.store_errors, 0, "{stats:?}");
     // The retry went through: the round that conflicted wrote every row.
     let report = stats.last_flush.expect("a flush");
     assert_eq!((report.stored, report.retained), (10, 0), "{report:?}");
@@ -293,7 +297,7 @@ fn a_deadlock_with_another_writer_is_retried_counted_and_loses_nothing() {
     });
     assert_eq!(
         deadlocks(&db) - deadlocks_before,
-        1 + other_aborted,
-        "one deadlock per round that the batcher did not lose"
+        (stats.conflicts + other_aborted) as i64,
+        "one deadlock per conflict the batcher ran again, and per round it did not lose"
     );
 }

@@ -2,6 +2,8 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
 
 use postgres::types::{ToSql, Type};
 use postgres::Config;
@@ -115,7 +117,7 @@ pub struct PgStore {
 }
 
 /// How many times a statement that conflicted with another writer's transaction (a
-/// deadlock, a serialization failure) is run again, at once and on the same session, before
+/// deadlock, a serialization failure) is run again, after a short pause, on the same session, before
 /// its rows go back to the batcher as [`StoreError::Canceled`]. The batcher's own
 /// statements lock rows in one order and do not conflict with each other, so a conflict
 /// comes from another writer: its transaction has ended or moved on by the time the server
@@ -123,6 +125,11 @@ pub struct PgStore {
 /// more nearly always goes through. Three bound the time a writer that keeps conflicting
 /// can take; after them, the batcher splits the rows into smaller statements.
 const CONFLICT_RETRIES: u32 = 3;
+
+/// The pause before the first run again, doubling for each further one (10, 20, 40 ms): long
+/// enough for the other transaction to take the locks this one gave up, short against the
+/// `deadlock_timeout` (1 s) the conflict has already cost.
+const CONFLICT_PAUSE: Duration = Duration::from_millis(10);
 
 impl PgStore {
     /// Connects with [`PgOptions::default`]; see [`connect_with`](Self::connect_with).
@@ -216,6 +223,10 @@ impl Store for PgStore {
                 Err(Failure::Statement(err))
                     if classify(&err) == Class::Conflict && retries < CONFLICT_RETRIES =>
                 {
+                    // The transaction that won still has to take the lock this statement
+                    // released; run again at once, the statement can take it back first
+                    // and close the same cycle again.
+                    thread::sleep(CONFLICT_PAUSE * (1 << retries));
                     retries += 1;
                     self.conflicts += 1;
                 }

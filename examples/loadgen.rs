@@ -43,6 +43,14 @@
 //!                         DATABASE_URL (which must then name the server) and send the
 //!                         stores', publishers' and --verify's statements through it
 //!     --pool-size N         its server connections per database (8)
+//!   --max-statement-rows N  the stores' PgOptions::max_statement_rows (20000); the batch
+//!                         size keeps every statement at batch_size rows, as before
+//!                         statements were sized to the path
+//!   --server-limit N      instead of a batcher: N sessions on the data path, each sending
+//!                         the crate's statement (BATCH_UPDATE_SQL, --batch-size rows in
+//!                         (agent, key) order, prepared, or unnamed in unnamed mode) one after
+//!                         the other for --duration; prints the rows/s the server took, the
+//!                         ceiling a batcher on that path is measured against
 //!   --rtt-ms X            put a TCP proxy on 127.0.0.1 in front of the data path's host and
 //!                         port (the server, or the pooler) that delays every chunk about
 //!                         X/2 ms each way (shortened once or twice until SELECT 1 through
@@ -171,6 +179,8 @@ struct Config {
     pooler: bool,
     pool_size: u32,
     rtt_ms: Option<f64>,
+    max_statement_rows: Option<usize>,
+    server_limit: Option<usize>,
 }
 
 fn parse_args() -> Result<Config, String> {
@@ -200,6 +210,8 @@ fn parse_args() -> Result<Config, String> {
         pooler: false,
         pool_size: DEFAULT_POOL_SIZE,
         rtt_ms: None,
+        max_statement_rows: None,
+        server_limit: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -264,6 +276,8 @@ fn parse_args() -> Result<Config, String> {
             "--pooler" => config.pooler = true,
             "--pool-size" => config.pool_size = number(value()?)? as u32,
             "--rtt-ms" => config.rtt_ms = Some(number(value()?)?),
+            "--server-limit" => config.server_limit = Some(number(value()?)? as usize),
+            "--max-statement-rows" => config.max_statement_rows = Some(number(value()?)? as usize),
             "--help" | "-h" => return Err("see the flags at the top of examples/loadgen.rs".into()),
             other => return Err(format!("unknown flag {other}")),
         }
@@ -286,6 +300,8 @@ fn parse_args() -> Result<Config, String> {
         (config.pooler, "--pooler"),
         (config.rtt_ms.is_some(), "--rtt-ms"),
         (config.statement_mode.is_some(), "--statement-mode"),
+        (config.max_statement_rows.is_some(), "--max-statement-rows"),
+        (config.server_limit.is_some(), "--server-limit"),
     ];
     if !matches!(config.store, StoreKind::Postgres) {
         if let Some((_, flag)) = postgres_only.iter().find(|(set, _)| *set) {
@@ -1046,7 +1062,12 @@ fn build_batcher(
             Timed {
                 inner: PgStore::open(
                     &db.data_url,
-                    session_options(&role("store"), statement_mode),
+                    PgOptions {
+                        max_statement_rows: config
+                            .max_statement_rows
+                            .unwrap_or(pg::DEFAULT_MAX_STATEMENT_ROWS),
+                        ..session_options(&role("store"), statement_mode)
+                    },
                 )
                 .map_err(|err| format!("replica {replica}: PgStore::open: {err}"))?,
                 recorder: recorder.clone(),
@@ -1595,6 +1616,104 @@ fn find_ceiling(config: &Config, paths: Option<&Paths>) -> Result<(), String> {
     Ok(())
 }
 
+/// `--server-limit`: what the server takes on this path from `sessions` sessions sending
+/// the crate's own statement back to back, with no batcher in between.
+fn server_limit(config: &Config, paths: &Paths, sessions: usize) -> Result<(), String> {
+    let key_names: Vec<String> = (0..config.keys).map(|k| format!("key{k}")).collect();
+    let database = Database::create(paths, config.agents, &key_names)?;
+    let clock = Clock::default();
+    let started = Instant::now();
+    let results: Vec<Result<(u64, u64), String>> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..sessions)
+            .map(|session| {
+                let (data_url, clock, key_names) = (&database.data_url, &clock, &key_names);
+                scope.spawn(move || {
+                    let options =
+                        session_options(&format!("limit {session}"), paths.statement_mode);
+                    let mut client = pg::connect_client(data_url, &options)
+                        .map_err(|err| format!("session {session}: {err}"))?;
+                    let prepared = match paths.statement_mode {
+                        StatementMode::Unnamed => None,
+                        _ => Some(
+                            client
+                                .prepare_typed(pg::BATCH_UPDATE_SQL, &BATCH_UPDATE_TYPES)
+                                .map_err(|err| format!("preparing: {}", db_error(&err)))?,
+                        ),
+                    };
+                    let (mut rows, mut statements) = (0u64, 0u64);
+                    // Each session its own stretch of the fleet, so the sessions measure
+                    // the server's pace, not waits for each other's row locks.
+                    let mut next = session * config.agents / sessions;
+                    while started.elapsed() < config.duration {
+                        let mut batch = MetadataBatch::with_capacity(config.batch_size);
+                        while batch.len() < config.batch_size {
+                            let (agent_index, key) = (next / config.keys, next % config.keys);
+                            next = (next + 1) % (config.agents * config.keys);
+                            let at = micros_to_time(clock.next_micros());
+                            let metadata = Metadata::new(key_names[key].clone(), "v", "", at);
+                            batch.push(agent(agent_index % config.agents), metadata);
+                        }
+                        let params: [&(dyn ToSql + Sync); 5] = [
+                            &batch.agent_ids,
+                            &batch.keys,
+                            &batch.values,
+                            &batch.errors,
+                            &batch.collected_at,
+                        ];
+                        let updated = match &prepared {
+                            Some(statement) => client.execute(statement, &params),
+                            None => {
+                                let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+                                    .iter()
+                                    .zip(BATCH_UPDATE_TYPES.iter())
+                                    .map(|(param, ty)| (*param, ty.clone()))
+                                    .collect();
+                                client.execute_typed(pg::BATCH_UPDATE_SQL, &typed)
+                            }
+                        }
+                        .map_err(|err| format!("session {session}: {}", db_error(&err)))?;
+                        rows += updated;
+                        statements += 1;
+                    }
+                    Ok((rows, statements))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| {
+                worker
+                    .join()
+                    .unwrap_or_else(|_| Err("a session panicked".into()))
+            })
+            .collect()
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let (mut rows, mut statements) = (0, 0);
+    for result in results {
+        let (r, s) = result?;
+        rows += r;
+        statements += s;
+    }
+    let statement_ms = elapsed * 1e3 * sessions as f64 / statements.max(1) as f64;
+    println!(
+        "SERVER_LIMIT sessions={sessions} batch={} rows_per_s={:.0} statement_ms={statement_ms:.2} rtt_ms={}",
+        config.batch_size,
+        rows as f64 / elapsed,
+        or_na(paths.round_trip.map(|(through, _)| format!("{:.2}", through.as_secs_f64() * 1e3)))
+    );
+    Ok(())
+}
+
+/// The parameter types of `BATCH_UPDATE_SQL`, in order.
+const BATCH_UPDATE_TYPES: [Type; 5] = [
+    Type::UUID_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TIMESTAMPTZ_ARRAY,
+];
+
 fn main() -> ExitCode {
     let config = match parse_args() {
         Ok(config) => config,
@@ -1613,7 +1732,9 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    let result = if config.find_ceiling {
+    let result = if let (Some(sessions), Some(paths)) = (config.server_limit, paths.as_ref()) {
+        server_limit(&config, paths, sessions).map(|()| Vec::new())
+    } else if config.find_ceiling {
         find_ceiling(&config, paths.as_ref()).map(|()| Vec::new())
     } else {
         run(

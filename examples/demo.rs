@@ -24,6 +24,9 @@
 //! Against PostgreSQL, the rows it registers are removed on every exit path (a guard's
 //! `Drop`), also when the set-up fails half-way.
 
+#[path = "support/pg_url.rs"]
+mod pg_url;
+
 use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -268,9 +271,9 @@ fn run_postgres(
     keys: &[String],
 ) -> Result<bool, String> {
     let listen_url = options.listen_url.as_deref().unwrap_or(url);
-    println!("backend: PostgreSQL ({})", redact(url));
+    println!("backend: PostgreSQL ({})", pg_url::redact(url));
     if listen_url != url {
-        println!("subscriber: {}", redact(listen_url));
+        println!("subscriber: {}", pg_url::redact(listen_url));
     }
     // The crate's own client: the URL may say sslmode=verify-full, which the postgres
     // crate's parser refuses.
@@ -851,21 +854,5 @@ fn describe(err: &postgres::Error) -> String {
     match err.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => err.to_string(),
-    }
-}
-
-/// The URL without its password, for printing.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _password)) => {
-                    format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-                }
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }

@@ -90,6 +90,8 @@ mod delay_proxy;
 mod pg_url;
 #[path = "support/pgbouncer.rs"]
 mod pgbouncer;
+#[path = "support/pgbouncer_ini.rs"]
+mod pgbouncer_ini;
 
 use std::collections::HashMap;
 use std::process::ExitCode;

@@ -30,6 +30,9 @@
 //! Exit codes: 0 after a clean close; 3 when `close()` left entries unwritten; 1 when the
 //! service could not start; 2 on bad flags or environment.
 
+#[path = "support/pg_url.rs"]
+mod pg_url;
+
 use std::io::{IsTerminal as _, Read as _};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -369,8 +372,8 @@ fn start_batcher(options: &Options) -> Result<(Batcher, Registry), Failure> {
     };
 
     tracing::info!(
-        database = %redact(&url),
-        listen_database = %redact(&listen_url),
+        database = %pg_url::redact(&url),
+        listen_database = %pg_url::redact(&listen_url),
         "backend: PostgreSQL"
     );
     // Named sessions, so an operator can tell them apart in pg_stat_activity.
@@ -892,21 +895,5 @@ fn readiness_problem(health: &Health, closing: bool) -> Option<String> {
         ))
     } else {
         None
-    }
-}
-
-/// The URL without its password, for the log.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _password)) => {
-                    format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-                }
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }

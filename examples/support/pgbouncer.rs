@@ -52,26 +52,13 @@ impl Pooler {
             let password = password
                 .as_deref()
                 .map_or(String::new(), |password| format!(" password={password}"));
-            let ini = format!(
-                "[databases]\n\
-                 * = host={host} port={port} user={user}{password}\n\
-                 [pgbouncer]\n\
-                 listen_addr = 127.0.0.1\n\
-                 listen_port = {listen_port}\n\
-                 unix_socket_dir =\n\
-                 auth_type = trust\n\
-                 auth_file = {dir}/userlist.txt\n\
-                 admin_users = {user}\n\
-                 pool_mode = transaction\n\
-                 default_pool_size = {pool_size}\n\
-                 min_pool_size = {pool_size}\n\
-                 server_round_robin = 1\n\
-                 max_client_conn = 200\n\
-                 server_reset_query =\n\
-                 ignore_startup_parameters = extra_float_digits,options\n\
-                 logfile = {dir}/pgbouncer.log\n\
-                 pidfile = {dir}/pgbouncer.pid\n",
-                dir = dir.display()
+            let ini = super::pgbouncer_ini::pgbouncer_ini(
+                (&host, port),
+                &user,
+                &password,
+                listen_port,
+                pool_size,
+                &dir,
             );
             write(
                 &dir.join("userlist.txt"),

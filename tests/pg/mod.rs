@@ -15,6 +15,8 @@ pub mod broken_tls;
 pub mod certs;
 pub mod cluster;
 pub mod pgbouncer;
+#[path = "../../examples/support/pgbouncer_ini.rs"]
+mod pgbouncer_ini;
 pub mod proxy;
 pub mod scratch;
 

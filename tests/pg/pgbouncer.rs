@@ -59,26 +59,13 @@ impl PgBouncer {
         let mut last_failure = String::new();
         for _ in 0..START_ATTEMPTS {
             let listen_port = free_port();
-            let ini = format!(
-                "[databases]\n\
-                 * = host={host} port={port} user={user}{password}\n\
-                 [pgbouncer]\n\
-                 listen_addr = 127.0.0.1\n\
-                 listen_port = {listen_port}\n\
-                 unix_socket_dir =\n\
-                 auth_type = trust\n\
-                 auth_file = {dir}/userlist.txt\n\
-                 admin_users = {user}\n\
-                 pool_mode = transaction\n\
-                 default_pool_size = {pool_size}\n\
-                 min_pool_size = {pool_size}\n\
-                 server_round_robin = 1\n\
-                 max_client_conn = 200\n\
-                 server_reset_query =\n\
-                 ignore_startup_parameters = extra_float_digits,options\n\
-                 logfile = {dir}/pgbouncer.log\n\
-                 pidfile = {dir}/pgbouncer.pid\n",
-                dir = dir.path().display()
+            let ini = super::pgbouncer_ini::pgbouncer_ini(
+                (&host, port),
+                &user,
+                &password,
+                listen_port,
+                pool_size,
+                dir.path(),
             );
             let ini_path = dir.write("pgbouncer.ini", ini, 0o600);
             let child = server_command(&binary)

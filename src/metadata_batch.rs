@@ -104,7 +104,6 @@ impl MetadataBatch {
     /// key's bytes order the rows; a batch never holds the same (agent, key) twice, so the
     /// order is total. Sorts an index and then moves each column once: no string is copied.
     pub(crate) fn sort_by_agent_and_key(&mut self) {
-        let rows = self.len();
         if self
             .agent_ids
             .windows(2)

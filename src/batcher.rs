@@ -362,6 +362,11 @@ impl Batcher {
     /// Stops intake, drains everything already accepted, makes the final flush and joins
     /// the threads; returns what it wrote and what it could not.
     ///
+    /// Rows a failed final flush kept (a deadlock, a failover, a pooler restart) are flushed
+    /// again, with a backoff of 250 ms doubling to at most 1 s (counted from the start of the
+    /// flush that failed), until they are written or the final flush timeout passes: the
+    /// report's `unwritten` is non-zero only when the deadline passed.
+    ///
     /// Returns within the final flush timeout (by the injected clock) whatever the store
     /// does: then it counts what is unwritten in `Stats::unwritten_at_shutdown`, refuses
     /// further store calls, fires the store call's interrupt (see
@@ -370,9 +375,10 @@ impl Batcher {
     /// threads to finish on their own. Never panics. Idempotent: later calls return the
     /// first call's report. Dropping the batcher calls it.
     ///
-    /// With a [`MockClock`](crate::MockClock) the timeout passes only when the clock is
-    /// advanced, so a test whose store never returns must advance it (the store itself may,
-    /// as a hung database's time passes); otherwise `close` waits for the store.
+    /// With a [`MockClock`](crate::MockClock) the timeout and the backoff pass only when the
+    /// clock is advanced, so a test whose store never returns, or keeps failing, must
+    /// advance it (the store itself may, as a failing or hung database's time passes);
+    /// otherwise `close` waits for the store.
     ///
     /// ```
     /// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore};

@@ -117,12 +117,12 @@ pub struct PgStore {
 }
 
 /// How many times a statement that conflicted with another writer's transaction (a
-/// deadlock, a serialization failure) is run again, after a short pause, on the same session, before
-/// its rows go back to the batcher as [`StoreError::Canceled`]. The batcher's own
-/// statements lock rows in one order and do not conflict with each other, so a conflict
-/// comes from another writer: its transaction has ended or moved on by the time the server
-/// reports it (a deadlock is found after `deadlock_timeout`, 1 s by default), and one run
-/// more nearly always goes through. Three bound the time a writer that keeps conflicting
+/// deadlock, a serialization failure) is run again, after a short pause, on the same
+/// session, before its rows go back to the batcher as [`StoreError::Canceled`]. The
+/// batcher's own statements lock rows in one order and do not conflict with each other, so
+/// a conflict comes from another writer: its transaction has moved on once the server has
+/// aborted this one (a deadlock is found after `deadlock_timeout`, 1 s by default), and
+/// one run more nearly always goes through. Three bound the time a writer that keeps conflicting
 /// can take; after them, the batcher splits the rows into smaller statements.
 const CONFLICT_RETRIES: u32 = 3;
 

@@ -424,15 +424,18 @@ impl Batcher {
 
     /// The final flush timed out: record what is unwritten, then interrupt the store call.
     fn give_up(&self) {
-        // Refuse further calls first, then count: the worker records no more after this,
-        // and the interrupt (user code) runs only once the count is safe.
-        let interrupt = self.shared.cancellation.abandon();
-        let stats = self.shared.counters.snapshot();
-        let unwritten = stats.queued + stats.batched + stats.in_flight;
-        self.shared
-            .counters
-            .unwritten_at_shutdown
-            .store(unwritten as u64, Relaxed);
+        // Count and refuse further calls under one lock: the worker records no more after
+        // this, its rows are in the batch or in flight (never neither, never both) while
+        // they are counted, and the interrupt (user code) runs only once the count is safe.
+        let counters = &self.shared.counters;
+        let mut unwritten = 0;
+        let interrupt = self.shared.cancellation.abandon(|| {
+            let stats = counters.snapshot();
+            unwritten = stats.queued + stats.batched + stats.in_flight;
+            counters
+                .unwritten_at_shutdown
+                .store(unwritten as u64, Relaxed);
+        });
         self.shared.notifier.close();
         tracing::error!(
             unwritten,

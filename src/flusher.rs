@@ -142,13 +142,24 @@ impl Cancellation {
         self.state.lock().interrupt = None;
     }
 
-    /// Gives up on the store: refuses further calls and returns the interrupt of the call
-    /// in flight, for the caller to fire off its own thread (user code may block or panic).
-    pub(crate) fn abandon(&self) -> Option<Interrupt> {
+    /// Gives up on the store: refuses further calls, runs `count_unwritten` while no rows
+    /// can move between the batch and the flush in flight (see
+    /// [`moving_rows`](Self::moving_rows)), and returns the interrupt of the call in flight,
+    /// for the caller to fire off its own thread (user code may block or panic).
+    pub(crate) fn abandon(&self, count_unwritten: impl FnOnce()) -> Option<Interrupt> {
         let mut state = self.state.lock();
+        count_unwritten();
         state.abandoned = true;
         state.given_up = None;
         state.interrupt.take()
+    }
+
+    /// Moves rows between the batch and the flush in flight in `counters`: under the lock
+    /// [`abandon`](Self::abandon) counts under, so that count never sees the rows in
+    /// neither place (zero unwritten while they are) or in both (twice). Once per flush.
+    pub(crate) fn moving_rows(&self, update: impl FnOnce()) {
+        let _state = self.state.lock();
+        update();
     }
 
     /// Ready (disconnected) once `close` has given up.

@@ -392,10 +392,13 @@ impl Worker {
         }
         let since = self.batch_since.take();
         self.in_flight = Some((seq, since));
-        self.shared.counters.in_flight.store(batch.len(), Relaxed);
+        let counters = &self.shared.counters;
+        self.shared.cancellation.moving_rows(|| {
+            counters.in_flight.store(batch.len(), Relaxed);
+            counters.batched.store(0, Relaxed);
+        });
         self.shared.counters.in_flight_bytes.store(bytes, Relaxed);
         self.byte_budget = self.config.max_pending_bytes.saturating_sub(bytes);
-        self.shared.counters.batched.store(0, Relaxed);
         self.shared.counters.set_oldest_in_flight(since);
         self.shared.counters.set_oldest_batched(None);
         let job = FlushJob { seq, reason, batch };
@@ -419,7 +422,6 @@ impl Worker {
     fn complete(&mut self, outcome: FlushOutcome) {
         let since = self.in_flight.take().and_then(|(_, since)| since);
         self.last_completed = outcome.seq;
-        self.shared.counters.in_flight.store(0, Relaxed);
         self.shared.counters.in_flight_bytes.store(0, Relaxed);
         self.byte_budget = self.config.max_pending_bytes;
         self.shared.counters.set_oldest_in_flight(None);
@@ -433,11 +435,12 @@ impl Worker {
             };
             self.shared.counters.set_oldest_batched(self.batch_since);
             self.trim();
-            self.shared
-                .counters
-                .batched
-                .store(self.batch.len(), Relaxed);
         }
+        let (counters, batched) = (&self.shared.counters, self.batch.len());
+        self.shared.cancellation.moving_rows(|| {
+            counters.in_flight.store(0, Relaxed);
+            counters.batched.store(batched, Relaxed);
+        });
         let notifier = &self.shared.notifier;
         for reply in self.manual_in_flight.drain(..) {
             notifier.when_published(outcome.seq, Waiter::Flush(reply, outcome.report.clone()));

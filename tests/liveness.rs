@@ -121,6 +121,7 @@ fn a_locked_row_is_split_out_the_rest_written_and_it_is_retried_with_backoff() {
         .clock(clock.clone())
         .build()
         .unwrap();
+    let _unlock = Unlock(locks.clone());
     for i in 0..500 {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
@@ -179,6 +180,7 @@ fn a_table_locked_as_a_whole_costs_three_canceled_statements() {
         .batch_size(500)
         .build()
         .unwrap();
+    let _unlock = Unlock(locks.clone());
     for i in 0..1000 {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
@@ -202,16 +204,27 @@ fn a_table_locked_as_a_whole_costs_three_canceled_statements() {
 
 #[test]
 fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
-    // Two rows locked, one in each chunk. Isolating the first spends 10 of the flush's
-    // ⌈log2 1000⌉ + 1 = 11 canceled statements (its chunk, then one half per level down to
-    // the row); the second chunk's cancel spends the 11th, and the next stops the flush.
+    // Each 500-row chunk arrives with one row locked: its first, whichever rows the chunk
+    // holds. Isolating it in the first chunk spends 9 of the flush's ⌈log2 1000⌉ + 1 = 11
+    // canceled statements (the chunk, then the first half of each half, down to the row);
+    // the second chunk's cancel and its first half's spend the other two, and the next
+    // canceled statement stops the flush.
     let table = registered(1000);
-    let (store, locks) = locking(&table, &[]);
+    let (mut inner, locks) = locking(&table, &[]);
+    let first_rows = locks.clone();
+    let store = ScriptedStore::new(move |batch: &MetadataBatch| {
+        if batch.len() == 500 {
+            first_rows.lock().insert(batch.agent_ids[0]);
+        }
+        inner.batch_update(batch)
+    });
     let b = Batcher::builder(store, MemoryPubsub::new())
         .clock(MockClock::new())
         .batch_size(500)
         .build()
         .unwrap();
+    // Whatever fails below, the locks go before the batcher closes (it would retry them).
+    let _unlock = Unlock(locks.clone());
     // An outage first, so that the first 500 do not go out in a capacity flush of their
     // own: the manual flush then carries all 1000, in two chunks.
     table.set_outage(Some(StoreError::Unavailable("down".into())));
@@ -220,21 +233,31 @@ fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
     }
     b.sync();
     table.set_outage(None);
-    locks.lock().extend([agent(7), agent(777)]);
+    locks.lock().clear();
     let errors_before = b.stats().store_errors;
     let report = b.flush().unwrap();
     assert_eq!(b.stats().store_errors - errors_before, 12);
-    assert_eq!(report.statements, 22);
-    assert_eq!(report.stored + report.retained, 1000);
-    // The first chunk written but for its locked row; the second chunk split once, one
-    // half written, the other (with the other locked row) kept.
-    assert_eq!(report.retained, 1 + 250);
+    // The first chunk: 1 + 2 × 8 levels; the second: the chunk and two levels.
+    assert_eq!(report.statements, 17 + 5);
+    // The first chunk written but for its locked row; the second's first quarter (with
+    // its locked row) kept, the rest written.
+    assert_eq!((report.stored, report.retained), (874, 1 + 125));
     assert_eq!(b.stats().rejected, 0);
     locks.lock().clear();
     let report = b.flush().unwrap();
-    assert_eq!(report.stored, 251);
+    assert_eq!(report.stored, 126);
     for i in 0..1000 {
         assert_eq!(table.get(agent(i), "k").unwrap().value, "v");
+    }
+}
+
+/// Clears the locks when dropped: declared after the batcher, it runs first, so a failing
+/// assertion does not leave `close` retrying rows that stay locked.
+struct Unlock(Locks);
+
+impl Drop for Unlock {
+    fn drop(&mut self) {
+        self.0.lock().clear();
     }
 }
 

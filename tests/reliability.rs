@@ -260,8 +260,10 @@ fn close_during_an_outage_retries_until_its_deadline_and_reports_what_it_could_n
     assert_eq!(stats.unwritten_at_shutdown, 10);
     assert_eq!(stats.flushes.shutdown, 0);
     // A call a second, each retried at once (its second is longer than the backoff):
-    // the final flush and 14 retries fill the 15 s.
-    assert_eq!(calls.lock().len(), 15);
+    // the final flush and 14 retries fill the 15 s. (A few more may start before `close`'s
+    // thread, woken by the deadline, gives up: they fail all the same.)
+    let calls = calls.lock().len();
+    assert!(calls >= 15, "{calls} calls");
 }
 
 #[test]
@@ -324,19 +326,25 @@ fn close_waits_out_the_retry_backoff_on_the_injected_clock() {
     b.add(agent(0), vec![md("k", "v", 1)]).unwrap();
     std::thread::scope(|scope| {
         let closing = scope.spawn(|| b.close());
-        for backoff in [250, 500] {
-            failed.recv().unwrap();
-            // The worker arms its retry timer after the failed call returns; advancing
-            // in steps until the next call shows that it is not retried early and that
-            // the advance reaches it whenever it was armed.
+        // Advances in steps of 1 ms until the next call or the end of `close`; how far.
+        let advance_until_next_call = || {
             let mut advanced = 0;
             while failed.is_empty() && !closing.is_finished() {
                 clock.advance(Duration::from_millis(1));
                 advanced += 1;
                 std::thread::yield_now();
             }
-            assert!(advanced >= backoff, "retried after {advanced} ms");
-        }
+            advanced
+        };
+        failed.recv().unwrap();
+        // Nothing has moved the clock since the final flush started, so the first retry
+        // cannot come before 250 ms of it have passed.
+        let advanced = advance_until_next_call();
+        assert!(advanced >= 250, "retried after {advanced} ms");
+        // The second (after 500 ms) then writes: the clock moved while it was handed to the
+        // flusher thread, so only that it comes is certain.
+        failed.recv().unwrap();
+        advance_until_next_call();
         let report = closing.join().unwrap();
         assert_eq!((report.written, report.unwritten), (1, 0));
     });

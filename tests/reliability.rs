@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{agent, at, md, ScriptedStore};
 use metadata_batcher::{
-    Batcher, FlushReason, Interrupt, MemoryPubsub, MemoryStore, MockClock, Store, StoreError,
-    METADATA_BATCH_CHANNEL,
+    Batcher, CloseReport, FlushReason, Interrupt, MemoryPubsub, MemoryStore, MockClock, Store,
+    StoreError, METADATA_BATCH_CHANNEL,
 };
 use proptest::prelude::*;
 
@@ -235,6 +235,21 @@ fn a_refused_row_is_isolated_and_the_rest_written_in_the_same_flush() {
     }
 }
 
+/// A batcher over `store` on `clock` (final flush timeout 15 s), given one entry for each
+/// of ten agents, then closed.
+fn ten_entries_then_close(store: ScriptedStore, clock: &MockClock) -> (Batcher, CloseReport) {
+    let b = Batcher::builder(store, MemoryPubsub::new())
+        .clock(clock.clone())
+        .final_flush_timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
+    }
+    let report = b.close();
+    (b, report)
+}
+
 #[test]
 fn close_during_an_outage_retries_until_its_deadline_and_reports_what_it_could_not_write() {
     let clock = MockClock::new();
@@ -245,15 +260,7 @@ fn close_during_an_outage_retries_until_its_deadline_and_reports_what_it_could_n
         Err(StoreError::Unavailable("connection refused".into()))
     });
     let calls = store.calls.clone();
-    let b = Batcher::builder(store, MemoryPubsub::new())
-        .clock(clock.clone())
-        .final_flush_timeout(Duration::from_secs(15))
-        .build()
-        .unwrap();
-    for i in 0..10 {
-        b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
-    }
-    let report = b.close();
+    let (b, report) = ten_entries_then_close(store, &clock);
     assert!(report.deadline_hit);
     assert_eq!((report.written, report.unwritten), (0, 10));
     let stats = b.stats();
@@ -284,15 +291,7 @@ fn close_retries_what_the_final_flush_could_not_write() {
         writer.batch_update(batch)
     });
     let calls = store.calls.clone();
-    let b = Batcher::builder(store, MemoryPubsub::new())
-        .clock(clock.clone())
-        .final_flush_timeout(Duration::from_secs(15))
-        .build()
-        .unwrap();
-    for i in 0..10 {
-        b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
-    }
-    let report = b.close();
+    let (b, report) = ten_entries_then_close(store, &clock);
     assert!(!report.deadline_hit);
     assert_eq!((report.written, report.unwritten), (10, 0));
     assert_eq!(calls.lock().len(), 4, "the final flush and three retries");

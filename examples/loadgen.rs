@@ -46,6 +46,8 @@
 //!   --max-statement-rows N  the stores' PgOptions::max_statement_rows (20000); the batch
 //!                         size keeps every statement at batch_size rows, as before
 //!                         statements were sized to the path
+//!   --parallel-statements N  the stores' PgOptions::parallel_statements (2): statements
+//!                         each store runs at once while a backlog lasts
 //!   --server-limit N      instead of a batcher: N sessions on the data path, each sending
 //!                         the crate's statement (BATCH_UPDATE_SQL, --batch-size rows in
 //!                         (agent, key) order, prepared, or unnamed in unnamed mode) one after
@@ -182,6 +184,7 @@ struct Config {
     pool_size: u32,
     rtt_ms: Option<f64>,
     max_statement_rows: Option<usize>,
+    parallel_statements: Option<usize>,
     server_limit: Option<usize>,
 }
 
@@ -213,6 +216,7 @@ fn parse_args() -> Result<Config, String> {
         pool_size: DEFAULT_POOL_SIZE,
         rtt_ms: None,
         max_statement_rows: None,
+        parallel_statements: None,
         server_limit: None,
     };
     let mut args = std::env::args().skip(1);
@@ -280,6 +284,9 @@ fn parse_args() -> Result<Config, String> {
             "--rtt-ms" => config.rtt_ms = Some(number(value()?)?),
             "--server-limit" => config.server_limit = Some(number(value()?)? as usize),
             "--max-statement-rows" => config.max_statement_rows = Some(number(value()?)? as usize),
+            "--parallel-statements" => {
+                config.parallel_statements = Some(number(value()?)? as usize)
+            }
             "--help" | "-h" => return Err("see the flags at the top of examples/loadgen.rs".into()),
             other => return Err(format!("unknown flag {other}")),
         }
@@ -303,6 +310,10 @@ fn parse_args() -> Result<Config, String> {
         (config.rtt_ms.is_some(), "--rtt-ms"),
         (config.statement_mode.is_some(), "--statement-mode"),
         (config.max_statement_rows.is_some(), "--max-statement-rows"),
+        (
+            config.parallel_statements.is_some(),
+            "--parallel-statements",
+        ),
         (config.server_limit.is_some(), "--server-limit"),
     ];
     if !matches!(config.store, StoreKind::Postgres) {
@@ -1068,6 +1079,9 @@ fn build_batcher(
                         max_statement_rows: config
                             .max_statement_rows
                             .unwrap_or(pg::DEFAULT_MAX_STATEMENT_ROWS),
+                        parallel_statements: config
+                            .parallel_statements
+                            .unwrap_or(pg::DEFAULT_PARALLEL_STATEMENTS),
                         ..session_options(&role("store"), statement_mode)
                     },
                 )

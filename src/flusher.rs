@@ -217,6 +217,8 @@ pub(crate) struct Flusher {
     shared: Arc<Shared>,
     /// How many rows the next statement carries.
     size: StatementSize,
+    /// How many statements one store call may carry, at least 1.
+    parallel: usize,
     /// Keys per agent of the current flush; kept to reuse its allocation.
     keys_per_agent: HashMap<Uuid, u32, foldhash::fast::RandomState>,
 }
@@ -229,11 +231,13 @@ impl Flusher {
         batch_size: usize,
     ) -> Self {
         let size = StatementSize::new(batch_size, store.max_batch_rows());
+        let parallel = store.parallel_batches().max(1);
         Flusher {
             store,
             announcer,
             shared,
             size,
+            parallel,
             keys_per_agent: HashMap::default(),
         }
     }
@@ -298,17 +302,26 @@ impl Flusher {
     }
 
     /// Writes `batch` in chunks of `batch_size` rows, or as [`StatementSize`] grows them for
-    /// a store that takes more, each in (agent, key) order.
+    /// a store that takes more, each in (agent, key) order; up to
+    /// [`Store::parallel_batches`] chunks at once.
     fn write(&mut self, mut batch: MetadataBatch, written: &mut Written) {
         while !batch.is_empty() {
-            // From the end, so each split moves only the chunk's rows.
-            let rows = self.size.next_rows(batch.len());
-            let mut chunk = batch.split_off(batch.len() - rows);
-            // One order for every statement of every replica: no two can deadlock. Each
-            // chunk on its own, which keeps the sort in cache (a whole 100,000-row flush
-            // sorted at once cost 4x as much), and every half of a split chunk is in order.
-            chunk.sort_by_agent_and_key();
-            self.write_chunk(chunk, written);
+            let mut chunks = Vec::with_capacity(self.parallel);
+            while chunks.len() < self.parallel && !batch.is_empty() {
+                // From the end, so each split moves only the chunk's rows.
+                let rows = self.size.next_rows(batch.len());
+                let mut chunk = batch.split_off(batch.len() - rows);
+                // One order for every statement of every replica: no two can deadlock,
+                // however many run at once. Each chunk on its own, which keeps the sort in
+                // cache (a whole 100,000-row flush sorted at once cost 4x as much), and
+                // every half of a split chunk is in order.
+                chunk.sort_by_agent_and_key();
+                chunks.push(chunk);
+            }
+            let canceled = self.try_chunks(chunks, written);
+            for chunk in canceled {
+                self.canceled(chunk, written);
+            }
         }
     }
 
@@ -319,64 +332,38 @@ impl Flusher {
         }
     }
 
-    /// One statement for `chunk`, and whatever its outcome calls for, but for a cancel:
-    /// then the chunk comes back, for the caller to decide how to split it.
-    fn try_chunk(
+    /// One statement for `chunk`; see [`try_chunks`](Self::try_chunks).
+    fn try_chunk(&mut self, chunk: MetadataBatch, written: &mut Written) -> Option<MetadataBatch> {
+        self.try_chunks(vec![chunk], written).pop()
+    }
+
+    /// One statement per chunk, in one store call, and whatever each outcome calls for, but
+    /// for a cancel: the canceled chunks come back, for the caller to decide how to split
+    /// them.
+    fn try_chunks(
         &mut self,
-        mut chunk: MetadataBatch,
+        mut chunks: Vec<MetadataBatch>,
         written: &mut Written,
-    ) -> Option<MetadataBatch> {
+    ) -> Vec<MetadataBatch> {
         if written.stopped {
-            written.retained.append(&mut chunk);
-            return None;
+            for chunk in &mut chunks {
+                written.retained.append(chunk);
+            }
+            return Vec::new();
         }
-        written.statements += 1;
-        let rows = chunk.len();
-        match self.call_store(&chunk) {
-            Ok(updated) => {
-                self.count_stored(&chunk, updated);
-                written.updated += updated;
-                written.agent_ids.append(&mut chunk.agent_ids);
-            }
-            Err(StoreCall::Failed(StoreError::Rejected(message))) => {
-                self.count_store_error();
-                if rows == 1 {
-                    self.reject(&chunk, &message);
-                    written.rejected += 1;
-                    written.error = Some(StoreError::Rejected(message));
-                } else {
-                    tracing::debug!(
-                        rows,
-                        error = %message,
-                        "the database refused a chunk; splitting it to find the refused rows"
-                    );
-                    let second_half = chunk.split_off(rows / 2);
-                    self.write_chunk(chunk, written);
-                    self.write_chunk(second_half, written);
-                }
-            }
-            Err(StoreCall::Failed(StoreError::Canceled)) => {
-                self.count_store_error();
-                written.error = Some(StoreError::Canceled);
-                return Some(chunk);
-            }
-            Err(StoreCall::Failed(error)) => {
-                self.count_store_error();
-                tracing::error!(
-                    rows,
-                    error = %error,
-                    "metadata store call failed; the rows are kept and retried"
-                );
-                written.stopped = true;
-                written.error = Some(error);
-                written.retained.append(&mut chunk);
-            }
+        let results = match self.call_store(&chunks) {
+            Ok(results) => results,
             Err(StoreCall::Abandoned) => {
                 written.stopped = true;
                 written.error = Some(StoreError::Canceled);
-                written.retained.append(&mut chunk);
+                for chunk in &mut chunks {
+                    written.retained.append(chunk);
+                }
+                return Vec::new();
             }
             Err(StoreCall::Panicked(message)) => {
+                let rows: usize = chunks.iter().map(MetadataBatch::len).sum();
+                written.statements += chunks.len();
                 self.count_store_error();
                 self.shared.counters.panics.fetch_add(1, Relaxed);
                 self.shared
@@ -393,6 +380,80 @@ impl Flusher {
                 written.error = Some(StoreError::Unavailable(format!(
                     "store panicked: {message}"
                 )));
+                return Vec::new();
+            }
+        };
+        let tried = results.len();
+        let mut canceled = Vec::new();
+        let mut chunks = chunks.into_iter();
+        for (chunk, result) in chunks.by_ref().zip(results) {
+            written.statements += 1;
+            canceled.extend(self.outcome(chunk, result, written));
+        }
+        // Chunks the store did not try: kept, and this flush writes nothing more.
+        for mut chunk in chunks {
+            if !written.stopped {
+                tracing::error!(
+                    tried,
+                    "metadata store stopped before trying every batch of a call without \
+                     saying why; the rest are kept and retried"
+                );
+                written.stopped = true;
+                written.error = Some(StoreError::Unavailable(format!(
+                    "the store tried {tried} of the batches handed to it"
+                )));
+            }
+            written.retained.append(&mut chunk);
+        }
+        canceled
+    }
+
+    /// What one statement's result calls for; a canceled chunk comes back.
+    fn outcome(
+        &mut self,
+        mut chunk: MetadataBatch,
+        result: Result<u64, StoreError>,
+        written: &mut Written,
+    ) -> Option<MetadataBatch> {
+        let rows = chunk.len();
+        match result {
+            Ok(updated) => {
+                self.count_stored(&chunk, updated);
+                written.updated += updated;
+                written.agent_ids.append(&mut chunk.agent_ids);
+            }
+            Err(StoreError::Rejected(message)) => {
+                self.count_store_error();
+                if rows == 1 {
+                    self.reject(&chunk, &message);
+                    written.rejected += 1;
+                    written.error = Some(StoreError::Rejected(message));
+                } else {
+                    tracing::debug!(
+                        rows,
+                        error = %message,
+                        "the database refused a chunk; splitting it to find the refused rows"
+                    );
+                    let second_half = chunk.split_off(rows / 2);
+                    self.write_chunk(chunk, written);
+                    self.write_chunk(second_half, written);
+                }
+            }
+            Err(StoreError::Canceled) => {
+                self.count_store_error();
+                written.error = Some(StoreError::Canceled);
+                return Some(chunk);
+            }
+            Err(error) => {
+                self.count_store_error();
+                tracing::error!(
+                    rows,
+                    error = %error,
+                    "metadata store call failed; the rows are kept and retried"
+                );
+                written.stopped = true;
+                written.error = Some(error);
+                written.retained.append(&mut chunk);
             }
         }
         None
@@ -408,7 +469,10 @@ impl Flusher {
     /// the rest for the retry.
     fn canceled(&mut self, mut chunk: MetadataBatch, written: &mut Written) {
         let rows = chunk.len();
-        if self.shared.cancellation.is_abandoned() {
+        if written.stopped {
+            // Another chunk of the same call stopped the flush.
+            written.retained.append(&mut chunk);
+        } else if self.shared.cancellation.is_abandoned() {
             // `close` gave up on the store: no more statements, the rows are counted as
             // unwritten.
             tracing::error!(
@@ -465,38 +529,51 @@ impl Flusher {
         }
     }
 
-    fn call_store(&mut self, batch: &MetadataBatch) -> Result<u64, StoreCall> {
+    /// One store call for `chunks`: `batch_update` for one, `batch_update_many` for more.
+    /// Returns a result per chunk the store tried.
+    fn call_store(
+        &mut self,
+        chunks: &[MetadataBatch],
+    ) -> Result<Vec<Result<u64, StoreError>>, StoreCall> {
         let store = &mut self.store;
         let counters = &self.shared.counters;
         let result = catch_unwind(AssertUnwindSafe(|| {
             let interrupt = store.interrupt_handle();
             if !self.shared.cancellation.arm(interrupt) {
-                return (Err(StoreCall::Abandoned), 0, Duration::ZERO);
+                return None;
             }
             let conflicts_before = store.conflicts();
             let started = self.shared.clock.now();
             counters.set_store_call_started(Some(started));
-            let result = store.batch_update(batch).map_err(StoreCall::Failed);
+            let results = match chunks {
+                [chunk] => vec![store.batch_update(chunk)],
+                _ => store.batch_update_many(chunks),
+            };
             let took = self.shared.clock.now().saturating_duration_since(started);
-            (
-                result,
+            Some((
+                results,
                 store.conflicts().saturating_sub(conflicts_before),
                 took,
-            )
+            ))
         }));
         counters.set_store_call_started(None);
         self.shared.cancellation.disarm();
         match result {
-            Ok((result, conflicts, took)) => {
-                self.count_conflicts(batch.len(), conflicts, result.is_ok());
-                match &result {
-                    // A retried statement's time includes the wait for the conflict.
-                    Ok(_) if conflicts == 0 => self.size.observe(batch.len(), took),
-                    Err(StoreCall::Failed(StoreError::Canceled)) => self.size.reset(),
-                    _ => {}
+            Ok(Some((results, conflicts, took))) => {
+                let rows = chunks.iter().map(MetadataBatch::len).sum();
+                self.count_conflicts(rows, conflicts, results.iter().all(Result::is_ok));
+                // Statements in one call run at once: each took the call's time. A
+                // retried statement's time includes the wait for the conflict.
+                for (chunk, result) in chunks.iter().zip(&results) {
+                    match result {
+                        Ok(_) if conflicts == 0 => self.size.observe(chunk.len(), took),
+                        Err(StoreError::Canceled) => self.size.reset(),
+                        _ => {}
+                    }
                 }
-                result
+                Ok(results)
             }
+            Ok(None) => Err(StoreCall::Abandoned),
             Err(panic) => Err(StoreCall::Panicked(panic_message(&*panic))),
         }
     }
@@ -624,8 +701,8 @@ fn cancel_budget(rows: usize) -> u32 {
     rows.max(1).next_power_of_two().trailing_zeros() + 1
 }
 
+/// Why a store call gave no results.
 enum StoreCall {
-    Failed(StoreError),
     /// `close` gave up before the call started.
     Abandoned,
     Panicked(String),

@@ -1,7 +1,9 @@
 //! Where a flush writes: the [`Store`] trait and how a write can fail.
 //!
 //! A store gets one [`MetadataBatch`] of at most `batch_size` rows per call (more if it says
-//! so: [`Store::max_batch_rows`]) and writes it with one statement; a flush that carries more makes several calls. Its error tells the batcher
+//! so: [`Store::max_batch_rows`]) and writes it with one statement; a flush that carries more
+//! makes several calls, or hands several batches to one call of [`Store::batch_update_many`]
+//! when the store writes them at once ([`Store::parallel_batches`]). Its error tells the batcher
 //! what to do with the rows: keep them and retry ([`StoreError::Unavailable`]), split the
 //! batch to write what can be written and keep the rest ([`StoreError::Canceled`]: a
 //! timeout or a lock), or look for the rows the database refuses and drop only those
@@ -20,7 +22,8 @@ use crate::MetadataBatch;
 /// A store that wraps another (to time or count its calls) forwards every method the inner
 /// store implements, not only `batch_update`: without `interrupt_handle`, `close` cannot stop
 /// a hung call; without `conflicts`, none are counted; without `max_batch_rows`, statements
-/// stay at `batch_size`.
+/// stay at `batch_size`; without `parallel_batches` and `batch_update_many`, one statement
+/// is in flight at a time.
 ///
 /// ```
 /// use metadata_batcher::{MetadataBatch, Store, StoreError};
@@ -86,6 +89,42 @@ pub trait Store: Send + 'static {
     /// [`PgOptions::max_statement_rows`](crate::postgres::PgOptions::max_statement_rows).
     fn max_batch_rows(&self) -> Option<usize> {
         None
+    }
+
+    /// How many batches [`batch_update_many`](Self::batch_update_many) writes at once. When
+    /// a flush carries several batches' worth of rows, the batcher hands up to this many to
+    /// one call of `batch_update_many`; at 1 it calls `batch_update` for each.
+    ///
+    /// The default, 1, keeps one statement in flight.
+    /// [`PgStore`](crate::postgres::PgStore) returns
+    /// [`PgOptions::parallel_statements`](crate::postgres::PgOptions::parallel_statements).
+    fn parallel_batches(&self) -> usize {
+        1
+    }
+
+    /// Writes `batches`, each as [`batch_update`](Self::batch_update) would, and returns one
+    /// result per batch tried, in order. The batcher hands over batches of distinct rows,
+    /// each in the lock order, so they may be written at once and finish in any order; it
+    /// then treats each result as the result of that batch's own call.
+    ///
+    /// A store may stop early: the batches past the last result were not tried, and the
+    /// batcher keeps their rows for the retry. One [`interrupt_handle`](Self::interrupt_handle),
+    /// taken before the call, stops all of them.
+    ///
+    /// The default writes them one after another, and stops after the first
+    /// [`StoreError::Unavailable`]: the database is down, and trying the others would only
+    /// wait for it again.
+    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+        let mut results = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let result = self.batch_update(batch);
+            let unavailable = matches!(result, Err(StoreError::Unavailable(_)));
+            results.push(result);
+            if unavailable {
+                break;
+            }
+        }
+        results
     }
 }
 

@@ -86,6 +86,16 @@ pub struct PgOptions {
     /// a few hundred milliseconds of row locks at a few microseconds a row. Below the
     /// batcher's `batch_size` it has no effect. Default 20,000.
     pub max_statement_rows: usize,
+    /// How many statements [`PgStore`](super::PgStore) runs at once, each on a session of
+    /// its own, when a flush carries more than one statement's rows (a backlog): a round trip
+    /// then overlaps the other statements' work, and the server's cores share the rows. The
+    /// statements of one flush hold distinct rows, each in the one lock order, so they never
+    /// wait for each other. Costs that many server connections per store (through a
+    /// transaction-mode pooler, that many of its server connections while a backlog lasts);
+    /// the sessions past the first are opened when a backlog first needs them. A flush that
+    /// fits one statement uses one session. See
+    /// [`Store::parallel_batches`](crate::Store::parallel_batches). 0 is refused. Default 2.
+    pub parallel_statements: usize,
 }
 
 /// How a session sends its statement.
@@ -129,6 +139,9 @@ pub const DEFAULT_SUBSCRIBER_HEARTBEAT: Duration = Duration::from_secs(10);
 /// The bound on one statement's rows [`PgOptions::default`] uses.
 pub const DEFAULT_MAX_STATEMENT_ROWS: usize = 20_000;
 
+/// The statements [`PgStore`](super::PgStore) runs at once by [`PgOptions::default`].
+pub const DEFAULT_PARALLEL_STATEMENTS: usize = 2;
+
 /// The keepalive idle time [`PgOptions::default`] uses.
 pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
 
@@ -151,6 +164,7 @@ impl Default for PgOptions {
             table: DEFAULT_TABLE.to_owned(),
             subscriber_heartbeat: DEFAULT_SUBSCRIBER_HEARTBEAT,
             max_statement_rows: DEFAULT_MAX_STATEMENT_ROWS,
+            parallel_statements: DEFAULT_PARALLEL_STATEMENTS,
         }
     }
 }

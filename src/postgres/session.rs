@@ -131,6 +131,18 @@ impl PreparedSession {
         Ok(session)
     }
 
+    /// Another session for the same statement, not opened until its first call, which
+    /// starts in the mode this one has come to (unnamed, once a pooler showed).
+    pub(crate) fn sibling(&self) -> PreparedSession {
+        PreparedSession {
+            connector: self.connector.clone(),
+            statement: self.statement.clone(),
+            mode: self.mode,
+            session: None,
+            threads: SessionThreads::default(),
+        }
+    }
+
     /// Runs the statement, replacing a session the server ended while it sat idle.
     pub(crate) fn execute(&mut self, params: &Arc<Vec<Encoded>>) -> Result<u64, Failure> {
         let reused = self.session.is_some();

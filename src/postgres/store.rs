@@ -73,7 +73,7 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
         .join("."))
 }
 
-/// The PostgreSQL [`Store`]: one connection, one statement, every call bounded.
+/// The PostgreSQL [`Store`]: one statement per batch, every call bounded.
 ///
 /// **Connecting.** [`open`](Self::open) takes a libpq connection string (URL or
 /// `key=value`, with `sslmode`, `sslrootcert`, `sslcert` and `sslkey` as libpq means them);
@@ -111,7 +111,9 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct PgStore {
-    session: PreparedSession,
+    /// The first writes every flush that fits one statement; the others join it, one
+    /// statement each, for a backlog ([`PgOptions::parallel_statements`]).
+    sessions: Vec<PreparedSession>,
     /// Statements run again after a conflict with another writer; see [`Store::conflicts`].
     conflicts: u64,
 }
@@ -186,8 +188,14 @@ impl PgStore {
             role: "store",
             thread_name: "mdbatch-pgstore",
         };
+        if connector.options.parallel_statements == 0 {
+            return Err(ConnectError::config(
+                "PgOptions::parallel_statements is 0: give 1 for one statement at a time, or more"
+                    .to_owned(),
+            ));
+        }
         Ok(PgStore {
-            session: PreparedSession::connect(connector, statement)?,
+            sessions: vec![PreparedSession::connect(connector, statement)?],
             conflicts: 0,
         })
     }
@@ -209,50 +217,137 @@ fn encode(batch: &MetadataBatch) -> Result<Vec<Encoded>, Box<dyn std::error::Err
         .collect()
 }
 
-impl Store for PgStore {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        let params = encode(batch).map_err(|err| {
-            StoreError::Rejected(format!("a value cannot be sent to PostgreSQL: {err}"))
-        })?;
-        let params = Arc::new(params);
-        let mut retries = 0;
-        // No log line here: the batcher logs each failed call once, with the rows it held,
-        // and the conflicts it reads from `conflicts`.
-        loop {
-            match self.session.execute(&params) {
-                Err(Failure::Statement(err))
-                    if classify(&err) == Class::Conflict && retries < CONFLICT_RETRIES =>
-                {
-                    // The transaction that won still has to take the lock this statement
-                    // released; run again at once, the statement can take it back first
-                    // and close the same cycle again.
-                    thread::sleep(CONFLICT_PAUSE * (1 << retries));
-                    retries += 1;
-                    self.conflicts += 1;
-                }
-                result => return result_to_store(result),
+/// Writes `batch` on `session`, running it again after a conflict with another writer;
+/// returns the result and how many times it ran again.
+fn write(session: &mut PreparedSession, batch: &MetadataBatch) -> (Result<u64, StoreError>, u64) {
+    let params = match encode(batch) {
+        Ok(params) => Arc::new(params),
+        Err(err) => {
+            let message = format!("a value cannot be sent to PostgreSQL: {err}");
+            return (Err(StoreError::Rejected(message)), 0);
+        }
+    };
+    let mut retries = 0;
+    // No log line here: the batcher logs each failed call once, with the rows it held, and
+    // the conflicts it reads from `conflicts`.
+    loop {
+        match session.execute(&params) {
+            Err(Failure::Statement(err))
+                if classify(&err) == Class::Conflict && retries < CONFLICT_RETRIES =>
+            {
+                // The transaction that won still has to take the lock this statement
+                // released; run again at once, the statement can take it back first and
+                // close the same cycle again.
+                thread::sleep(CONFLICT_PAUSE * (1 << retries));
+                retries += 1;
             }
+            result => return (result_to_store(result), retries.into()),
         }
     }
+}
 
-    /// Cancels the running statement with PostgreSQL's cancel request and stops waiting for
-    /// it at once; the call fails with [`StoreError::Canceled`] and the session is replaced.
-    /// `None` while there is no open session: the next call connects first, bounded by the
-    /// connect timeout.
+impl PgStore {
+    /// Writes up to one batch per session at once: the first on this thread, each other on
+    /// a scoped thread of its own (each waits on its session's own thread, which owns the
+    /// connection).
+    fn write_at_once(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+        // Opened at the first backlog that needs them: a replica that keeps up holds one
+        // connection.
+        while self.sessions.len() < batches.len() {
+            let sibling = self.sessions[0].sibling();
+            self.sessions.push(sibling);
+        }
+        let (first, others) = self.sessions.split_at_mut(1);
+        let outcomes = thread::scope(|scope| {
+            let spawned: Vec<_> = batches[1..]
+                .iter()
+                .zip(others.iter_mut())
+                .map(|(batch, session)| {
+                    thread::Builder::new()
+                        .name("mdbatch-pgwrite".to_owned())
+                        .spawn_scoped(scope, move || write(session, batch))
+                })
+                .collect();
+            let mut outcomes = vec![write(&mut first[0], &batches[0])];
+            for handle in spawned {
+                outcomes.push(match handle {
+                    Ok(handle) => handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                    Err(err) => {
+                        let message = format!("cannot start a thread for a statement: {err}");
+                        (Err(StoreError::Unavailable(message)), 0)
+                    }
+                });
+            }
+            outcomes
+        });
+        outcomes
+            .into_iter()
+            .map(|(result, conflicts)| {
+                self.conflicts += conflicts;
+                result
+            })
+            .collect()
+    }
+}
+
+impl Store for PgStore {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+        let (result, conflicts) = write(&mut self.sessions[0], batch);
+        self.conflicts += conflicts;
+        result
+    }
+
+    /// Cancels the running statements with PostgreSQL's cancel request and stops waiting
+    /// for them at once; the call fails with [`StoreError::Canceled`] and the sessions are
+    /// replaced. It reaches the sessions open when it is taken: `None` while there is none,
+    /// and a session the call itself opens (the first backlog's, or one replacing a session
+    /// lost) runs on, bounded by the connect timeout and the statement deadline.
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
-        let abort = self.session.abort_handle()?;
-        Some(Interrupt::new(move || abort.fire()))
+        let aborts: Vec<_> = self
+            .sessions
+            .iter()
+            .filter_map(PreparedSession::abort_handle)
+            .collect();
+        if aborts.is_empty() {
+            return None;
+        }
+        Some(Interrupt::new(move || {
+            aborts.into_iter().for_each(|abort| abort.fire())
+        }))
     }
 
     /// Deadlocks (40P01) and serialization failures (40001) run again, on the same session,
-    /// up to three times per call.
+    /// up to three times per statement.
     fn conflicts(&self) -> u64 {
         self.conflicts
     }
 
     /// [`PgOptions::max_statement_rows`].
     fn max_batch_rows(&self) -> Option<usize> {
-        Some(self.session.connector().options.max_statement_rows)
+        Some(self.sessions[0].connector().options.max_statement_rows)
+    }
+
+    /// [`PgOptions::parallel_statements`].
+    fn parallel_batches(&self) -> usize {
+        self.sessions[0].connector().options.parallel_statements
+    }
+
+    /// Each group of up to [`PgOptions::parallel_statements`] batches at once, one per
+    /// session; stops after a group in which the database was unavailable.
+    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+        let mut results = Vec::with_capacity(batches.len());
+        for group in batches.chunks(self.parallel_batches()) {
+            results.extend(self.write_at_once(group));
+            if results
+                .iter()
+                .any(|result| matches!(result, Err(StoreError::Unavailable(_))))
+            {
+                break;
+            }
+        }
+        results
     }
 }
 
@@ -270,7 +365,8 @@ fn result_to_store(result: Result<u64, Failure>) -> Result<u64, StoreError> {
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgStore")
-            .field("connection", self.session.connector())
+            .field("connection", self.sessions[0].connector())
+            .field("sessions", &self.sessions.len())
             .finish()
     }
 }

@@ -15,11 +15,14 @@
 //! keepalives and `application_name`, and sends cancel requests over the same TLS setup.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use postgres::config::SslMode as ClientSslMode;
 use postgres::tls::{MakeTlsConnect, TlsConnect};
-use postgres::{CancelToken, Client, Config, NoTls, Socket};
+use postgres::{Client, Config, NoTls, Socket};
+use tokio_postgres::CancelToken;
 
 use super::error::ConnectError;
 use super::params::{self, SslMode};
@@ -47,15 +50,41 @@ impl<T> TlsConnector for T where
 {
 }
 
-/// Opens connections and sends cancel requests with one TLS setup.
+/// A connection's half that does the I/O: driven by whoever waits on the session (see
+/// [`deadline`](super::deadline)), dropped to close the socket.
+pub(crate) type Connection = Pin<Box<dyn Future<Output = Result<(), postgres::Error>> + Send>>;
+
+/// An async connection attempt's result: the client and its [`Connection`].
+type Connecting<'a> = Pin<
+    Box<
+        dyn Future<Output = Result<(tokio_postgres::Client, Connection), ConnectError>> + Send + 'a,
+    >,
+>;
+
+/// A cancel request on its way.
+type Canceling<'a> = Pin<Box<dyn Future<Output = Result<(), postgres::Error>> + Send + 'a>>;
+
+/// Opens connections and sends cancel requests with one TLS setup: blocking clients for
+/// the subscriber and the admin client, `tokio-postgres` ones for the sessions the store and
+/// the publisher drive themselves.
 trait Connect: Send + Sync {
     fn connect(&self, config: &Config) -> Result<Client, ConnectError>;
-    fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error>;
+    fn connect_async<'a>(&'a self, config: &'a tokio_postgres::Config) -> Connecting<'a>;
+    fn cancel<'a>(&'a self, token: &'a CancelToken) -> Canceling<'a>;
 }
 
 /// A failed connection attempt, as a [`ConnectError`].
 fn connecting(err: postgres::Error) -> ConnectError {
     ConnectError::from_postgres("connecting", err)
+}
+
+/// Connects `config` over `tls`, the connection half boxed.
+async fn connect_with<T: TlsConnector>(
+    config: &tokio_postgres::Config,
+    tls: T,
+) -> Result<(tokio_postgres::Client, Connection), postgres::Error> {
+    let (client, connection) = config.connect(tls).await?;
+    Ok((client, Box::pin(connection)))
 }
 
 /// A caller's own `MakeTlsConnect`, used as the caller configured it.
@@ -66,8 +95,16 @@ impl<T: TlsConnector> Connect for Custom<T> {
         config.connect(self.0.clone()).map_err(connecting)
     }
 
-    fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
-        token.cancel_query(self.0.clone())
+    fn connect_async<'a>(&'a self, config: &'a tokio_postgres::Config) -> Connecting<'a> {
+        Box::pin(async move {
+            connect_with(config, self.0.clone())
+                .await
+                .map_err(connecting)
+        })
+    }
+
+    fn cancel<'a>(&'a self, token: &'a CancelToken) -> Canceling<'a> {
+        Box::pin(token.cancel_query(self.0.clone()))
     }
 }
 
@@ -78,7 +115,30 @@ struct Libpq {
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
+/// One connection attempt: what it is called in an error, and the client's TLS mode.
+type Attempt = (&'static str, ClientSslMode);
+
 impl Libpq {
+    /// The attempts libpq makes: a second one, the other way, when the first fails (a
+    /// server that takes only TLS, for `allow`; a TLS setup that does not work out, for
+    /// `prefer`).
+    fn attempts(&self) -> (Attempt, Option<Attempt>) {
+        match self.mode {
+            SslMode::Disable => (("plaintext", ClientSslMode::Disable), None),
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                (("TLS", ClientSslMode::Require), None)
+            }
+            SslMode::Allow => (
+                ("plaintext", ClientSslMode::Disable),
+                Some(("TLS", ClientSslMode::Require)),
+            ),
+            SslMode::Prefer => (
+                ("TLS", ClientSslMode::Prefer),
+                Some(("plaintext", ClientSslMode::Disable)),
+            ),
+        }
+    }
+
     fn attempt(&self, config: &Config, mode: ClientSslMode) -> Result<Client, postgres::Error> {
         let mut config = config.clone();
         config.ssl_mode(mode);
@@ -88,56 +148,75 @@ impl Libpq {
         }
         config.connect(NoTls)
     }
+
+    async fn attempt_async(
+        &self,
+        config: &tokio_postgres::Config,
+        mode: ClientSslMode,
+    ) -> Result<(tokio_postgres::Client, Connection), postgres::Error> {
+        let mut config = config.clone();
+        config.ssl_mode(mode);
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            return connect_with(&config, tls.clone()).await;
+        }
+        connect_with(&config, NoTls).await
+    }
+}
+
+/// Both attempts failed: one error naming both.
+fn both_failed(
+    first: (&'static str, postgres::Error),
+    second: (&'static str, postgres::Error),
+) -> ConnectError {
+    ConnectError::from_attempts("connecting", first, second)
 }
 
 impl Connect for Libpq {
     fn connect(&self, config: &Config) -> Result<Client, ConnectError> {
-        // libpq makes a second attempt the other way when the first fails: a server that
-        // takes only TLS (allow), or a TLS setup that does not work out (prefer).
-        let (first, second) = match self.mode {
-            SslMode::Disable => {
-                return self
-                    .attempt(config, ClientSslMode::Disable)
-                    .map_err(connecting)
-            }
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-                return self
-                    .attempt(config, ClientSslMode::Require)
-                    .map_err(connecting)
-            }
-            SslMode::Allow => (
-                ("plaintext", ClientSslMode::Disable),
-                ("TLS", ClientSslMode::Require),
-            ),
-            SslMode::Prefer => (
-                ("TLS", ClientSslMode::Prefer),
-                ("plaintext", ClientSslMode::Disable),
-            ),
+        let (first, second) = self.attempts();
+        let first_err = match self.attempt(config, first.1) {
+            Ok(client) => return Ok(client),
+            Err(err) => err,
         };
-        self.attempt(config, first.1).or_else(|first_err| {
-            self.attempt(config, second.1).map_err(|second_err| {
-                ConnectError::from_attempts(
-                    "connecting",
-                    (first.0, first_err),
-                    (second.0, second_err),
-                )
-            })
+        let Some(second) = second else {
+            return Err(connecting(first_err));
+        };
+        self.attempt(config, second.1)
+            .map_err(|second_err| both_failed((first.0, first_err), (second.0, second_err)))
+    }
+
+    fn connect_async<'a>(&'a self, config: &'a tokio_postgres::Config) -> Connecting<'a> {
+        Box::pin(async move {
+            let (first, second) = self.attempts();
+            let first_err = match self.attempt_async(config, first.1).await {
+                Ok(connected) => return Ok(connected),
+                Err(err) => err,
+            };
+            let Some(second) = second else {
+                return Err(connecting(first_err));
+            };
+            self.attempt_async(config, second.1)
+                .await
+                .map_err(|second_err| both_failed((first.0, first_err), (second.0, second_err)))
         })
     }
 
-    fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
+    fn cancel<'a>(&'a self, token: &'a CancelToken) -> Canceling<'a> {
         // The token carries the mode of the attempt that connected.
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.tls {
-            return token.cancel_query(tls.clone());
+            return Box::pin(token.cancel_query(tls.clone()));
         }
-        token.cancel_query(NoTls)
+        Box::pin(token.cancel_query(NoTls))
     }
 }
 
 /// A connection recipe: the config with the options applied, and the TLS setup.
 pub(crate) struct Connector {
     config: Config,
+    /// The same, for the sessions driven with `tokio-postgres`.
+    async_config: tokio_postgres::Config,
     connect: Arc<dyn Connect>,
     pub(crate) options: PgOptions,
     /// libpq's name for the TLS mode, or "custom", for `Debug` and log lines.
@@ -221,6 +300,7 @@ impl Connector {
             .keepalives_interval(KEEPALIVES_INTERVAL)
             .keepalives_retries(KEEPALIVES_RETRIES);
         Connector {
+            async_config: async_config(&config),
             config,
             connect,
             options,
@@ -241,10 +321,18 @@ impl Connector {
         Ok(client)
     }
 
-    /// Sends a cancel request for the session `token` belongs to. Blocks up to the connect
-    /// timeout; callers run it off any thread that must stay responsive.
-    pub(crate) fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
-        self.connect.cancel(token)
+    /// Opens a `tokio-postgres` session, for the caller to drive; unbounded (the caller
+    /// bounds it with the connect timeout, set-up included).
+    pub(crate) async fn open_async(
+        &self,
+    ) -> Result<(tokio_postgres::Client, Connection), ConnectError> {
+        self.connect.connect_async(&self.async_config).await
+    }
+
+    /// Sends a cancel request for the session `token` belongs to, over the TLS setup that
+    /// session was opened with.
+    pub(crate) async fn cancel(&self, token: &CancelToken) -> Result<(), postgres::Error> {
+        self.connect.cancel(token).await
     }
 
     /// The session settings to apply at connect, or `None` when they go per transaction.
@@ -261,6 +349,61 @@ impl Connector {
 
 /// Keepalive probes after the idle time: one every 5 s, 3 unanswered ones close the
 /// connection, so a vanished peer is noticed 15 s after `keepalives_idle`.
+/// `config` as a `tokio_postgres::Config`: every setting `postgres::Config` has, but its
+/// notice callback (the driven sessions log notices through the `log` facade, as
+/// `tokio-postgres` does).
+fn async_config(config: &Config) -> tokio_postgres::Config {
+    let mut out = tokio_postgres::Config::new();
+    if let Some(user) = config.get_user() {
+        out.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        out.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        out.dbname(dbname);
+    }
+    if let Some(options) = config.get_options() {
+        out.options(options);
+    }
+    if let Some(name) = config.get_application_name() {
+        out.application_name(name);
+    }
+    for host in config.get_hosts() {
+        match host {
+            postgres::config::Host::Tcp(host) => out.host(host),
+            #[cfg(unix)]
+            postgres::config::Host::Unix(path) => out.host_path(path),
+        };
+    }
+    for hostaddr in config.get_hostaddrs() {
+        out.hostaddr(*hostaddr);
+    }
+    for port in config.get_ports() {
+        out.port(*port);
+    }
+    if let Some(timeout) = config.get_connect_timeout() {
+        out.connect_timeout(*timeout);
+    }
+    if let Some(timeout) = config.get_tcp_user_timeout() {
+        out.tcp_user_timeout(*timeout);
+    }
+    if let Some(retries) = config.get_keepalives_retries() {
+        out.keepalives_retries(retries);
+    }
+    out.ssl_mode(config.get_ssl_mode())
+        .ssl_negotiation(config.get_ssl_negotiation())
+        .keepalives(config.get_keepalives())
+        .keepalives_idle(config.get_keepalives_idle())
+        .target_session_attrs(config.get_target_session_attrs())
+        .channel_binding(config.get_channel_binding())
+        .load_balance_hosts(config.get_load_balance_hosts());
+    if let Some(interval) = config.get_keepalives_interval() {
+        out.keepalives_interval(interval);
+    }
+    out
+}
+
 const KEEPALIVES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 const KEEPALIVES_RETRIES: u32 = 3;
 

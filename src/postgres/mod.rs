@@ -36,8 +36,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod bounded;
 mod connector;
+mod deadline;
 mod error;
 mod options;
 mod params;
@@ -49,8 +49,8 @@ mod subscriber;
 #[cfg(feature = "tls")]
 mod tls;
 
-pub(crate) use bounded::NoAnswer;
 pub use connector::{connect_client, TlsConnector};
+pub(crate) use deadline::NoAnswer;
 pub use error::{ConnectError, ConnectErrorKind};
 pub use options::{
     PgOptions, StatementMode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DEADLINE_MARGIN,

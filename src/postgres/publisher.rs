@@ -1,7 +1,6 @@
 //! [`PgPublisher`]: announces changed agents with `pg_notify`.
 
 use std::fmt;
-use std::sync::Arc;
 
 use postgres::types::Type;
 use postgres::Config;
@@ -72,7 +71,6 @@ impl PgPublisher {
             with_settings: false,
             dry_run: None,
             role: "publisher",
-            thread_name: "mdbatch-pgpub",
         };
         Ok(PgPublisher {
             session: PreparedSession::connect(connector, statement)?,
@@ -103,7 +101,7 @@ impl Publisher for PgPublisher {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| PublishError::new(format!("encoding the notification: {err}")))?;
         // No log line here: the batcher logs each failed publish once.
-        match self.session.execute(&Arc::new(params)) {
+        match self.session.execute(&params) {
             Ok(_) => Ok(()),
             Err(Failure::Open(err)) => Err(PublishError::new(err.to_string())),
             Err(Failure::Statement(err)) => Err(PublishError::new(describe(&err))),

@@ -1,7 +1,7 @@
 //! One statement on one session, reopened when it breaks: the part
 //! [`PgStore`](super::PgStore) and [`PgPublisher`](super::PgPublisher) share.
 //!
-//! The session lives on a [`BoundedClient`], so every call has a deadline. The statement is
+//! The session is a [`DeadlineClient`], so every call has a deadline. The statement is
 //! sent in the [`StatementMode`] the options ask for; a prepared session that finds its
 //! statement gone (SQLSTATE 26000: a transaction-mode pooler handed the call to another
 //! server connection) switches to unnamed statements for good and runs the call again.
@@ -13,21 +13,27 @@
 //! idempotent under its `collected_at` guard, and a repeated NOTIFY only makes watchers
 //! re-read. After any other failure that leaves the session unusable it is dropped, and the
 //! next call opens a new one; pacing those calls is the batcher's job.
+//!
+//! Unnamed statements with per-transaction settings (the pooler path) send `BEGIN` and the
+//! settings, the statement and `COMMIT` together, pipelined: one round trip, as a prepared
+//! statement costs, instead of three.
 
 use std::error::Error as StdError;
 use std::sync::Arc;
 
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use postgres::Client;
+use tokio::runtime::Runtime;
+use tokio_postgres::Client;
 use tracing::{debug, warn};
 
-use super::bounded::{Abort, BoundedClient, NoAnswer, SessionThreads};
 use super::connector::Connector;
+use super::deadline::{self, Abort, DeadlineClient, NoAnswer};
 use super::error::{classify, describe, Class, ConnectError};
 use super::StatementMode;
 
-/// A parameter already encoded in PostgreSQL's binary format on the caller's thread, so the
-/// session's thread can own it without copying the batch.
+/// A parameter encoded in PostgreSQL's binary format once, before the statement, so that a
+/// value that cannot be sent is found before anything is, and a statement run again (a
+/// conflict, a reconnect) does not encode it again.
 #[derive(Debug)]
 pub(crate) struct Encoded(Vec<u8>);
 
@@ -75,8 +81,6 @@ pub(crate) struct SessionStatement {
     pub(crate) dry_run: Option<Vec<Encoded>>,
     /// "store" or "publisher", for log lines and messages.
     pub(crate) role: &'static str,
-    /// The session thread's name, within Linux's 15 bytes.
-    pub(crate) thread_name: &'static str,
 }
 
 /// Why [`PreparedSession::execute`] failed.
@@ -90,16 +94,18 @@ pub(crate) enum Failure {
 }
 
 struct Open {
-    client: BoundedClient,
-    prepared: Option<postgres::Statement>,
+    client: DeadlineClient,
+    prepared: Option<tokio_postgres::Statement>,
 }
 
 pub(crate) struct PreparedSession {
+    /// Drives the session; shared with its [`sibling`](Self::sibling)s, so that they can
+    /// run their statements at once.
+    runtime: Arc<Runtime>,
     connector: Arc<Connector>,
     statement: Arc<SessionStatement>,
     mode: StatementMode,
     session: Option<Open>,
-    threads: SessionThreads,
 }
 
 impl PreparedSession {
@@ -111,15 +117,16 @@ impl PreparedSession {
     ) -> Result<PreparedSession, ConnectError> {
         let mode = connector.options.statement_mode;
         let mut session = PreparedSession {
+            runtime: deadline::runtime()?,
             connector: Arc::new(connector),
             statement: Arc::new(statement),
             mode,
             session: None,
-            threads: SessionThreads::default(),
         };
         // Logged here, at start-up, for services that only log: later reconnects fail into
         // a flush, which the batcher logs once.
-        if let Err(err) = session.session() {
+        let runtime = session.runtime.clone();
+        if let Err(err) = runtime.block_on(session.session()) {
             warn!(
                 application_name = session.connector.application_name(),
                 error = %err,
@@ -131,22 +138,35 @@ impl PreparedSession {
         Ok(session)
     }
 
-    /// Another session for the same statement, not opened until its first call, which
-    /// starts in the mode this one has come to (unnamed, once a pooler showed).
+    /// Another session for the same statement on the same runtime, not opened until its
+    /// first call, which starts in the mode this one has come to (unnamed, once a pooler
+    /// showed).
     pub(crate) fn sibling(&self) -> PreparedSession {
         PreparedSession {
+            runtime: self.runtime.clone(),
             connector: self.connector.clone(),
             statement: self.statement.clone(),
             mode: self.mode,
             session: None,
-            threads: SessionThreads::default(),
         }
     }
 
+    /// The runtime the session is driven on: [`execute_async`](Self::execute_async) runs
+    /// inside its `block_on`.
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// [`execute_async`](Self::execute_async), waited for on this thread.
+    pub(crate) fn execute(&mut self, params: &[Encoded]) -> Result<u64, Failure> {
+        let runtime = self.runtime.clone();
+        runtime.block_on(self.execute_async(params))
+    }
+
     /// Runs the statement, replacing a session the server ended while it sat idle.
-    pub(crate) fn execute(&mut self, params: &Arc<Vec<Encoded>>) -> Result<u64, Failure> {
+    pub(crate) async fn execute_async(&mut self, params: &[Encoded]) -> Result<u64, Failure> {
         let reused = self.session.is_some();
-        match self.execute_once(params) {
+        match self.execute_once(params).await {
             Err(Failure::Statement(err)) if reused && ended_by_server(&err) => {
                 debug!(
                     application_name = self.connector.application_name(),
@@ -154,7 +174,8 @@ impl PreparedSession {
                     "metadata {} session was ended by the server; reconnecting once",
                     self.statement.role
                 );
-                self.execute_once(params)
+                self.session = None;
+                self.execute_once(params).await
             }
             Err(Failure::Statement(err))
                 if self.mode == StatementMode::Prepared
@@ -162,7 +183,7 @@ impl PreparedSession {
             {
                 self.switch_to_unnamed("its prepared statement is gone: SQLSTATE 26000");
                 self.session = None;
-                self.execute_once(params)
+                self.execute_once(params).await
             }
             result => result,
         }
@@ -177,23 +198,26 @@ impl PreparedSession {
         &self.connector
     }
 
-    fn execute_once(&mut self, params: &Arc<Vec<Encoded>>) -> Result<u64, Failure> {
+    async fn execute_once(&mut self, params: &[Encoded]) -> Result<u64, Failure> {
         let statement = self.statement.clone();
         let settings = (self.mode == StatementMode::Unnamed && statement.with_settings)
             .then(|| self.connector.options.session_settings("LOCAL", true));
         let deadline = self.connector.options.statement_deadline();
-        let params = params.clone();
-        let session = self.session().map_err(Failure::Open)?;
+        let session = self.session().await.map_err(Failure::Open)?;
         let prepared = session.prepared.clone();
-        let answer = session.client.call(deadline, move |client| {
-            run(
-                client,
-                &statement,
-                prepared.as_ref(),
-                settings.as_deref(),
-                &params,
+        let (client, driver) = session.client.split();
+        let answer = driver
+            .call(
+                deadline,
+                run(
+                    client,
+                    &statement,
+                    prepared.as_ref(),
+                    settings.as_deref(),
+                    params,
+                ),
             )
-        });
+            .await;
         let result = match answer {
             Ok(result) => result,
             Err(no_answer) => {
@@ -210,23 +234,24 @@ impl PreparedSession {
     }
 
     /// The open session, opening one first if there is none.
-    fn session(&mut self) -> Result<&mut Open, ConnectError> {
+    async fn session(&mut self) -> Result<&mut Open, ConnectError> {
         if self.session.is_none() {
-            let opened = self.open()?;
+            let opened = self.open().await?;
             self.session = Some(opened);
         }
         Ok(self.session.as_mut().expect("just opened"))
     }
 
-    fn open(&mut self) -> Result<Open, ConnectError> {
+    async fn open(&mut self) -> Result<Open, ConnectError> {
         let statement = self.statement.clone();
         let mode = self.mode;
-        let (client, set_up) = BoundedClient::open(
+        let (client, set_up) = DeadlineClient::open(
             self.connector.clone(),
-            &mut self.threads,
-            statement.thread_name,
-            move |connector, client| set_up(connector, client, &statement, mode),
-        )?;
+            async move |connector: &Connector, client: &Client| {
+                set_up(connector, client, &statement, mode).await
+            },
+        )
+        .await?;
         debug!(
             application_name = self.connector.application_name(),
             "metadata {} connected", self.statement.role
@@ -260,7 +285,7 @@ impl PreparedSession {
 
 /// What [`set_up`] leaves on a new session.
 struct SetUp {
-    prepared: Option<postgres::Statement>,
+    prepared: Option<tokio_postgres::Statement>,
     /// The session settings did not stay on the session: a transaction-mode pooler.
     pooled: bool,
 }
@@ -270,12 +295,12 @@ struct SetUp {
 /// another server connection, where it is not set.
 const SESSION_MARKER: &str = "metadata_batcher.session";
 
-/// On the session's thread, right after connecting: the session settings and the prepared
-/// statement, or for unnamed statements a dry run with no rows, so that a missing table or
-/// column shows at connect in either mode.
-fn set_up(
+/// Right after connecting: the session settings and the prepared statement, or for unnamed
+/// statements a dry run with no rows, so that a missing table or column shows at connect in
+/// either mode.
+async fn set_up(
     connector: &Connector,
-    client: &mut Client,
+    client: &Client,
     statement: &SessionStatement,
     mode: StatementMode,
 ) -> Result<SetUp, ConnectError> {
@@ -283,16 +308,19 @@ fn set_up(
         if let Some(settings) = connector.connect_settings(statement.with_settings) {
             client
                 .batch_execute(&format!("{settings}; SET {SESSION_MARKER} = 'on'"))
+                .await
                 .map_err(|err| ConnectError::from_postgres("setting the session up", err))?;
         }
         let prepared = client
             .prepare_typed(&statement.sql, &statement.types)
+            .await
             .map_err(|err| ConnectError::from_postgres("preparing the statement", err))?;
         let kept: Option<String> = client
             .query_typed_one(
                 &format!("SELECT current_setting('{SESSION_MARKER}', true)"),
                 &[],
             )
+            .await
             .map_err(|err| ConnectError::from_postgres("checking the session", err))?
             .get(0);
         return Ok(SetUp {
@@ -301,13 +329,9 @@ fn set_up(
         });
     }
     if let Some(no_rows) = &statement.dry_run {
-        let typed: Vec<(&(dyn ToSql + Sync), Type)> = no_rows
-            .iter()
-            .zip(&statement.types)
-            .map(|(param, ty)| (param as &(dyn ToSql + Sync), ty.clone()))
-            .collect();
         client
-            .execute_typed(&statement.sql, &typed)
+            .execute_typed(&statement.sql, &typed(no_rows, &statement.types))
+            .await
             .map_err(|err| ConnectError::from_postgres("checking the statement", err))?;
     }
     Ok(SetUp {
@@ -316,39 +340,48 @@ fn set_up(
     })
 }
 
-/// On the session's thread: one call of the statement.
-fn run(
-    client: &mut Client,
+/// `params` with their types, as an unnamed statement takes them.
+fn typed<'a>(params: &'a [Encoded], types: &[Type]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    params
+        .iter()
+        .zip(types)
+        .map(|(param, ty)| (param as &(dyn ToSql + Sync), ty.clone()))
+        .collect()
+}
+
+/// One call of the statement.
+async fn run(
+    client: &Client,
     statement: &SessionStatement,
-    prepared: Option<&postgres::Statement>,
+    prepared: Option<&tokio_postgres::Statement>,
     settings: Option<&str>,
     params: &[Encoded],
 ) -> Result<u64, postgres::Error> {
-    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
     if let Some(prepared) = prepared {
-        return client.execute(prepared, &refs);
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+        return client.execute(prepared, &refs).await;
     }
-    let typed: Vec<(&(dyn ToSql + Sync), Type)> = refs
-        .into_iter()
-        .zip(&statement.types)
-        .map(|(param, ty)| (param, ty.clone()))
-        .collect();
+    let typed = typed(params, &statement.types);
     let Some(settings) = settings else {
-        return client.execute_typed(&statement.sql, &typed);
+        return client.execute_typed(&statement.sql, &typed).await;
     };
     // Through a transaction-mode pooler a session setting would land on one server
-    // connection of many: apply them to this transaction only.
-    client.batch_execute(&format!("BEGIN; {settings}"))?;
-    match client.execute_typed(&statement.sql, &typed) {
-        Ok(updated) => {
-            client.batch_execute("COMMIT")?;
-            Ok(updated)
-        }
-        Err(err) => {
-            let _ = client.batch_execute("ROLLBACK");
-            Err(err)
-        }
-    }
+    // connection of many: apply them to this transaction only. The three go out before the
+    // first answer is read (each call sends on its first poll, in this order): one round
+    // trip. When the settings or the statement fail, the server aborts the transaction and
+    // answers the COMMIT with a rollback, so no ROLLBACK need follow.
+    let begin = format!("BEGIN; {settings}");
+    let (began, updated, committed) = futures_util::future::join3(
+        client.batch_execute(&begin),
+        client.execute_typed(&statement.sql, &typed),
+        client.batch_execute("COMMIT"),
+    )
+    .await;
+    began?;
+    let updated = updated?;
+    committed?;
+    Ok(updated)
 }
 
 /// Whether `err` shows that the server had ended the session or the connection is gone: an

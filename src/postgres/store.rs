@@ -1,8 +1,6 @@
 //! [`PgStore`]: writes each batch with one `UPDATE ... FROM unnest(...)`.
 
 use std::fmt;
-use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 use postgres::types::{ToSql, Type};
@@ -186,7 +184,6 @@ impl PgStore {
                     .map_err(|err| ConnectError::config(format!("encoding a dry run: {err}")))?,
             ),
             role: "store",
-            thread_name: "mdbatch-pgstore",
         };
         if connector.options.parallel_statements == 0 {
             return Err(ConnectError::config(
@@ -218,10 +215,13 @@ fn encode(batch: &MetadataBatch) -> Result<Vec<Encoded>, Box<dyn std::error::Err
 }
 
 /// Writes `batch` on `session`, running it again after a conflict with another writer;
-/// returns the result and how many times it ran again.
-fn write(session: &mut PreparedSession, batch: &MetadataBatch) -> (Result<u64, StoreError>, u64) {
+/// returns the result and how many times it ran again. Runs inside the session's runtime.
+async fn write(
+    session: &mut PreparedSession,
+    batch: &MetadataBatch,
+) -> (Result<u64, StoreError>, u64) {
     let params = match encode(batch) {
-        Ok(params) => Arc::new(params),
+        Ok(params) => params,
         Err(err) => {
             let message = format!("a value cannot be sent to PostgreSQL: {err}");
             return (Err(StoreError::Rejected(message)), 0);
@@ -231,14 +231,14 @@ fn write(session: &mut PreparedSession, batch: &MetadataBatch) -> (Result<u64, S
     // No log line here: the batcher logs each failed call once, with the rows it held, and
     // the conflicts it reads from `conflicts`.
     loop {
-        match session.execute(&params) {
+        match session.execute_async(&params).await {
             Err(Failure::Statement(err))
                 if classify(&err) == Class::Conflict && retries < CONFLICT_RETRIES =>
             {
                 // The transaction that won still has to take the lock this statement
                 // released; run again at once, the statement can take it back first and
                 // close the same cycle again.
-                thread::sleep(CONFLICT_PAUSE * (1 << retries));
+                tokio::time::sleep(CONFLICT_PAUSE * (1 << retries)).await;
                 retries += 1;
             }
             result => return (result_to_store(result), retries.into()),
@@ -247,9 +247,8 @@ fn write(session: &mut PreparedSession, batch: &MetadataBatch) -> (Result<u64, S
 }
 
 impl PgStore {
-    /// Writes up to one batch per session at once: the first on this thread, each other on
-    /// a scoped thread of its own (each waits on its session's own thread, which owns the
-    /// connection).
+    /// Writes `batches` at once, one per session, on the sessions' shared runtime: their
+    /// statements go out together and this thread waits for all the answers.
     fn write_at_once(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
         // Opened at the first backlog that needs them: a replica that keeps up holds one
         // connection.
@@ -257,32 +256,14 @@ impl PgStore {
             let sibling = self.sessions[0].sibling();
             self.sessions.push(sibling);
         }
-        let (first, others) = self.sessions.split_at_mut(1);
-        let outcomes = thread::scope(|scope| {
-            let spawned: Vec<_> = batches[1..]
-                .iter()
-                .zip(others.iter_mut())
-                .map(|(batch, session)| {
-                    thread::Builder::new()
-                        .name("mdbatch-pgwrite".to_owned())
-                        .spawn_scoped(scope, move || write(session, batch))
-                })
-                .collect();
-            let mut outcomes = vec![write(&mut first[0], &batches[0])];
-            for handle in spawned {
-                outcomes.push(match handle {
-                    Ok(handle) => handle
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                    Err(err) => {
-                        let message = format!("cannot start a thread for a statement: {err}");
-                        (Err(StoreError::Unavailable(message)), 0)
-                    }
-                });
-            }
-            outcomes
-        });
-        outcomes
+        let runtime = self.sessions[0].runtime().clone();
+        let writes = self
+            .sessions
+            .iter_mut()
+            .zip(batches)
+            .map(|(session, batch)| write(session, batch));
+        runtime
+            .block_on(futures_util::future::join_all(writes))
             .into_iter()
             .map(|(result, conflicts)| {
                 self.conflicts += conflicts;
@@ -294,9 +275,9 @@ impl PgStore {
 
 impl Store for PgStore {
     fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        let (result, conflicts) = write(&mut self.sessions[0], batch);
-        self.conflicts += conflicts;
-        result
+        self.write_at_once(std::slice::from_ref(batch))
+            .pop()
+            .expect("one result per batch")
     }
 
     /// Cancels the running statements with PostgreSQL's cancel request and stops waiting

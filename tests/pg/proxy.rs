@@ -255,6 +255,31 @@ impl Proxy {
             .store(one_way.as_micros() as u64, SeqCst);
     }
 
+    /// How many sockets of this process, other than the proxy's own, are connected to the
+    /// proxy: the clients' end, as the kernel sees it (`/proc`, Linux). A black-holed
+    /// connection is not read by the proxy, so only the client's side can tell whether the
+    /// client closed it.
+    pub fn client_sockets(&self) -> usize {
+        let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter_map(|link| {
+                let link = link.to_string_lossy().into_owned();
+                Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect();
+        let remote = format!("0100007F:{:04X}", self.port());
+        std::fs::read_to_string("/proc/net/tcp")
+            .expect("/proc/net/tcp")
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.len() > 9 && fields[2] == remote && ours.contains(fields[9])
+            })
+            .count()
+    }
+
     /// Closes connection `id` (both sockets), as a reset would.
     pub fn close(&self, id: u64) {
         self.conn(id).close();

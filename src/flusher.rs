@@ -386,7 +386,9 @@ impl Flusher {
         let tried = results.len();
         let mut canceled = Vec::new();
         let mut chunks = chunks.into_iter();
-        for (chunk, result) in chunks.by_ref().zip(results) {
+        // Results first: `zip` takes from its first iterator first, and a chunk taken past
+        // the last result would be lost.
+        for (result, chunk) in results.into_iter().zip(chunks.by_ref()) {
             written.statements += 1;
             canceled.extend(self.outcome(chunk, result, written));
         }

@@ -5,7 +5,7 @@ mod pg;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use metadata_batcher::postgres::{self as mbpg, PgOptions, PgStore};
+use metadata_batcher::postgres::{self as mbpg, PgOptions, PgStore, StatementMode};
 use metadata_batcher::{Metadata, MetadataBatch, Store, StoreError};
 use pg::{micros, row, row_count, TestDb};
 use uuid::Uuid;
@@ -169,34 +169,47 @@ fn migrate_is_idempotent_and_safe_in_parallel() {
 fn check_violation_is_rejected_with_the_servers_message() {
     let db = TestDb::new();
     let mut client = db.client("mb-test check");
-    mbpg::register_agents(&mut client, &[agent(1)], &["a", "b"]).unwrap();
+    mbpg::register_agents(&mut client, &[agent(1), agent(2)], &["a", "b"]).unwrap();
     client
         .batch_execute(
             "ALTER TABLE workspace_agent_metadata ADD CONSTRAINT no_poison CHECK (value <> 'poison')",
         )
         .unwrap();
-    let mut store = PgStore::connect(&db.url).unwrap();
+    // Unnamed: the transaction's BEGIN, statement and COMMIT go out together, and the
+    // refused statement must leave no transaction open behind it.
+    for (mode, agent) in [
+        (StatementMode::Prepared, agent(1)),
+        (StatementMode::Unnamed, agent(2)),
+    ] {
+        let options = PgOptions {
+            statement_mode: mode,
+            ..PgOptions::default()
+        };
+        let mut store = PgStore::connect_with(&db.url, options).unwrap();
 
-    let err = store
-        .batch_update(&batch(&[
-            (agent(1), "a", "fine", 1),
-            (agent(1), "b", "poison", 1),
-        ]))
-        .unwrap_err();
-    let StoreError::Rejected(message) = &err else {
-        panic!("expected Rejected, got {err:?}");
-    };
-    assert!(message.contains("23514"), "{message}");
-    assert!(message.contains("no_poison"), "{message}");
-    // The statement is atomic: the good row was not written either.
-    assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "");
-    // The session survives a rejection.
-    assert_eq!(
-        store
-            .batch_update(&batch(&[(agent(1), "a", "fine", 1)]))
-            .unwrap(),
-        1
-    );
+        let err = store
+            .batch_update(&batch(&[
+                (agent, "a", "fine", 1),
+                (agent, "b", "poison", 1),
+            ]))
+            .unwrap_err();
+        let StoreError::Rejected(message) = &err else {
+            panic!("{mode:?}: expected Rejected, got {err:?}");
+        };
+        assert!(message.contains("23514"), "{mode:?}: {message}");
+        assert!(message.contains("no_poison"), "{mode:?}: {message}");
+        // The statement is atomic: the good row was not written either.
+        assert_eq!(row(&mut client, agent, "a").unwrap().0, "", "{mode:?}");
+        // The session survives a rejection.
+        assert_eq!(
+            store
+                .batch_update(&batch(&[(agent, "a", "fine", 1)]))
+                .unwrap(),
+            1,
+            "{mode:?}"
+        );
+        assert_eq!(row(&mut client, agent, "a").unwrap().0, "fine", "{mode:?}");
+    }
 }
 
 #[test]
@@ -417,4 +430,85 @@ fn connect_failures_are_unavailable_and_say_why() {
         matches!(&err, StoreError::Unavailable(m) if m.contains("workspace_agent_metadata")),
         "{err:?}"
     );
+}
+
+#[test]
+fn parallel_statements_run_on_sessions_of_their_own_and_one_interrupt_stops_them_all() {
+    const NAME: &str = "mb-test parallel store";
+    let db = TestDb::new();
+    let mut locker = db.client("mb-test locker");
+    let agents: Vec<Uuid> = (1..=4).map(agent).collect();
+    mbpg::register_agents(&mut locker, &agents, &["a"]).unwrap();
+    let mut store = PgStore::connect_with(
+        &db.url,
+        PgOptions {
+            parallel_statements: 2,
+            // Only the interrupt ends a wait for a lock here.
+            lock_timeout: Duration::ZERO,
+            ..options(NAME)
+        },
+    )
+    .unwrap();
+    assert_eq!(store.parallel_batches(), 2);
+    let sessions = |admin: &mut postgres::Client| -> i64 {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+                &[&db.name, &NAME],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut admin = db.admin();
+    // One session until a call carries two statements.
+    assert_eq!(sessions(&mut admin), 1);
+    let results = store.batch_update_many(&[
+        batch(&[(agent(1), "a", "v1", 1), (agent(2), "a", "v1", 1)]),
+        batch(&[(agent(3), "a", "v1", 1), (agent(4), "a", "v1", 1)]),
+    ]);
+    assert_eq!(results, [Ok(2), Ok(2)]);
+    assert_eq!(sessions(&mut admin), 2);
+
+    // Each statement waits on a row another session holds, at the same time.
+    let mut transaction = locker.transaction().unwrap();
+    transaction
+        .execute(
+            "SELECT 1 FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1) FOR UPDATE",
+            &[&vec![agent(1), agent(4)]],
+        )
+        .unwrap();
+    let interrupt = store
+        .interrupt_handle()
+        .expect("open sessions can be interrupted");
+    let started = Instant::now();
+    let writer = thread::spawn(move || {
+        let results = store.batch_update_many(&[
+            batch(&[(agent(1), "a", "v2", 2)]),
+            batch(&[(agent(4), "a", "v2", 2)]),
+        ]);
+        (store, results)
+    });
+    pg::wait_until("both statements wait on their locks", || {
+        pg::lock_waiters(&mut admin, &db.name, NAME) == 2
+    });
+    interrupt.fire();
+    let (mut store, results) = writer.join().unwrap();
+    assert_eq!(
+        results,
+        [Err(StoreError::Canceled), Err(StoreError::Canceled)]
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The interrupted sessions were replaced; the next call writes through new ones.
+    transaction.rollback().unwrap();
+    let results = store.batch_update_many(&[
+        batch(&[(agent(1), "a", "v3", 3)]),
+        batch(&[(agent(4), "a", "v3", 3)]),
+    ]);
+    assert_eq!(results, [Ok(1), Ok(1)]);
+    assert_eq!(row(&mut locker, agent(4), "a").unwrap().0, "v3");
 }

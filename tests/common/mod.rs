@@ -17,6 +17,17 @@ pub struct ScriptedStore {
     behaviour: Box<Behaviour>,
     interrupt: Option<Box<dyn FnMut() -> Interrupt + Send>>,
     max_batch_rows: Option<usize>,
+    parallel: Parallel,
+}
+
+/// What a [`ScriptedStore`] does with several batches in one call.
+#[derive(Default)]
+struct Parallel {
+    batches: Option<usize>,
+    /// Batches per `batch_update_many` call, in order.
+    groups: Arc<Mutex<Vec<usize>>>,
+    /// Tries at most this many batches of a call, and says nothing of the rest.
+    tries: Option<usize>,
 }
 
 impl ScriptedStore {
@@ -33,6 +44,7 @@ impl ScriptedStore {
             behaviour: Box::new(behaviour),
             interrupt: None,
             max_batch_rows: None,
+            parallel: Parallel::default(),
         }
     }
 
@@ -44,6 +56,22 @@ impl ScriptedStore {
     /// A store that takes up to `rows` rows a call: the batcher sizes its statements.
     pub fn with_max_batch_rows(mut self, rows: usize) -> Self {
         self.max_batch_rows = Some(rows);
+        self
+    }
+
+    /// A store that takes up to `batches` batches a call (`Store::parallel_batches`); it
+    /// writes them one after another, as the trait's default does, and records how many
+    /// each call got in the returned list.
+    pub fn with_parallel_batches(mut self, batches: usize) -> (Self, Arc<Mutex<Vec<usize>>>) {
+        self.parallel.batches = Some(batches);
+        let groups = self.parallel.groups.clone();
+        (self, groups)
+    }
+
+    /// Tries only the first `tries` batches of each call of several, and returns their
+    /// results alone.
+    pub fn trying_only(mut self, tries: usize) -> Self {
+        self.parallel.tries = Some(tries);
         self
     }
 }
@@ -60,6 +88,25 @@ impl Store for ScriptedStore {
 
     fn max_batch_rows(&self) -> Option<usize> {
         self.max_batch_rows
+    }
+
+    fn parallel_batches(&self) -> usize {
+        self.parallel.batches.unwrap_or(1)
+    }
+
+    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+        self.parallel.groups.lock().push(batches.len());
+        let tries = self.parallel.tries.unwrap_or(batches.len());
+        let mut results = Vec::new();
+        for batch in &batches[..tries.min(batches.len())] {
+            let result = self.batch_update(batch);
+            let unavailable = matches!(result, Err(StoreError::Unavailable(_)));
+            results.push(result);
+            if unavailable {
+                break;
+            }
+        }
+        results
     }
 }
 

@@ -8,8 +8,10 @@
 //!    store that takes them, sized by [`StatementSize`] so the round trip is a tenth of
 //!    each), each sorted by (agent, key), the lock order every replica shares; so a backlog
 //!    that accrued during a slow flush or an outage drains at the database's pace instead of
-//!    timing out as one huge statement.
-//! 2. [`Flusher::write_chunk`]: one `Store::batch_update` per chunk.
+//!    timing out as one huge statement. Up to [`Store::parallel_batches`] chunks go to one
+//!    `Store::batch_update_many` call, which may run their statements at once.
+//! 2. [`Flusher::try_chunks`]: one statement per chunk, each result read as its own call's
+//!    (a lone chunk is one `Store::batch_update`).
 //!    - `Rejected`: the chunk is split in halves and each written again, until the refused
 //!      rows stand alone; only they are dropped (about `2·log2(n)` extra statements per
 //!      refused row).
@@ -23,7 +25,8 @@
 //!    - A statement that conflicted with another writer (a deadlock, a serialization
 //!      failure) was retried by the store ([`Store::conflicts`]); it is counted and logged
 //!      here, once per call.
-//!    - `Unavailable`, or `close` gave up: this chunk and the rest are kept for a retry.
+//!    - `Unavailable`, or `close` gave up: this chunk and the rest are kept for a retry, as
+//!      are the chunks of a call that the store did not try.
 //! 3. [`Flusher::announce`]: the distinct agents of the stored rows go to the
 //!    `mdbatch-notify` thread ([`crate::notifier`]), so the next write never waits for a
 //!    publish; inline, they are published here, as Go does.

@@ -1,8 +1,8 @@
 //! How many rows one statement carries: enough that the round trip is a small share of it.
 //!
-//! One statement is in flight at a time, so a flush's statements cost `fixed + rows ×
-//! per_row` each, where `fixed` is what a statement costs whatever its size (the network's
-//! round trip, or three behind a transaction pooler; the thread hand-offs; parsing) and
+//! A flush's statements cost `fixed + rows × per_row` each, where `fixed` is what a
+//! statement costs whatever its size (the network's round trip, two behind a transaction
+//! pooler, which adds its own hop; parsing) and
 //! `per_row` is the server's work. At `batch_size` rows (500) a 0.1 ms loopback round trip
 //! is nothing, but a 2.5 ms one halves the rows written per second and a 7 ms one cuts them
 //! to a third, so a backlog drains at the distance's pace instead of the server's.

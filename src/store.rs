@@ -77,8 +77,8 @@ pub trait Store: Send + 'static {
 
     /// The most rows one call may carry, when that is more than the batcher's `batch_size`.
     ///
-    /// One statement is in flight at a time, so a store one network round trip away (or
-    /// three, behind a transaction pooler) spends a fixed cost per call whatever its size.
+    /// A store one network round trip away (or two, behind a transaction pooler) spends a
+    /// fixed cost per call whatever its size.
     /// When a flush carries more than `batch_size` rows, the batcher then sizes each call
     /// from the calls before it, so that the fixed cost is at most a tenth of a call's
     /// time, between `batch_size` and this bound: a backlog drains at the database's pace,

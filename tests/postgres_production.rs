@@ -261,9 +261,10 @@ fn errors_tell_configuration_from_outage_and_never_show_the_password() {
     assert!(format!("{store:?}").contains("sslmode"), "{store:?}");
 }
 
-/// `PgStore` connects and closes on a thread of its own, so calling it from an async
-/// runtime's thread does not panic inside the `postgres` crate; it does block that thread,
-/// which is why docs/postgres.md shows `spawn_blocking`. `add` never blocks.
+/// `PgStore` connects on a thread of its own and shuts its runtime down without waiting, so
+/// its constructor and drop do not panic on an async runtime's thread; connecting and
+/// closing do block that thread, which is why docs/postgres.md shows `spawn_blocking`.
+/// `add` never blocks.
 #[test]
 fn async_callers_use_spawn_blocking_for_connect_and_close() {
     let db = TestDb::new();
@@ -308,4 +309,24 @@ fn async_callers_use_spawn_blocking_for_connect_and_close() {
     });
     assert_eq!(flushed, 1);
     assert_eq!(pg::row(&mut client, agent(9), "cpu").unwrap().0, "async");
+}
+
+/// Constructing and dropping a store or publisher on an async runtime's own thread blocks
+/// it while connecting, but does not panic: their sessions' runtime is neither entered nor
+/// waited for on that thread.
+#[test]
+fn a_store_and_publisher_made_and_dropped_on_an_async_thread_do_not_panic() {
+    let db = TestDb::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = db.url.clone();
+    let made = runtime.block_on(async move {
+        let store = PgStore::connect(&url);
+        let publisher = PgPublisher::connect(&url);
+        (store.is_ok(), publisher.is_ok())
+    });
+    assert_eq!(made, (true, true));
 }

@@ -62,12 +62,36 @@ impl NoAnswer {
 
 /// The private runtime sessions are driven on: current-thread, so a call runs on the thread
 /// that makes it; shared by the sessions of one store, which run their statements at once.
-pub(crate) fn runtime() -> Result<Arc<Runtime>, ConnectError> {
+pub(crate) struct SessionRuntime(Option<Runtime>);
+
+impl SessionRuntime {
+    /// Runs `future` to completion on this thread. Like `postgres::Client`, not on an async
+    /// runtime's own threads (`spawn_blocking` is fine): tokio refuses a `block_on` there.
+    pub(crate) fn block_on<F: Future>(&self, future: F) -> F::Output {
+        self.0
+            .as_ref()
+            .expect("taken only by drop")
+            .block_on(future)
+    }
+}
+
+impl Drop for SessionRuntime {
+    /// Without waiting: a plain drop would panic when the store is dropped inside an async
+    /// task, and nothing runs on the runtime between calls anyway.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A new [`SessionRuntime`].
+pub(crate) fn runtime() -> Result<Arc<SessionRuntime>, ConnectError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()
-        .map(Arc::new)
+        .map(|runtime| Arc::new(SessionRuntime(Some(runtime))))
         .map_err(|err| {
             ConnectError::new(
                 ConnectErrorKind::Unavailable,
@@ -79,7 +103,7 @@ pub(crate) fn runtime() -> Result<Arc<Runtime>, ConnectError> {
 
 /// One connection, driven by whoever waits on it.
 pub(crate) struct DeadlineClient {
-    pub(crate) client: Client,
+    client: Client,
     driver: Driver,
 }
 

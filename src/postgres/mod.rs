@@ -1,6 +1,7 @@
 //! PostgreSQL: the blocking store, the NOTIFY publisher, the LISTEN subscriber and the schema.
 //!
-//! A replica of a service opens three connections:
+//! A replica of a service opens three connections (the store one more per statement it runs
+//! at once while a backlog lasts: [`PgOptions::parallel_statements`]):
 //!
 //! - [`PgStore`] writes each flush with one prepared `UPDATE ... FROM unnest(...)` into
 //!   `workspace_agent_metadata`, the table [`migrate`] creates and [`register_keys`] fills;
@@ -9,8 +10,11 @@
 //!
 //! The store and the publisher keep separate connections so that a NOTIFY is never queued
 //! behind a slow batch update, and a cancel request sent to the store cannot hit a publish.
-//! All three use the blocking `postgres` client, with TLS as libpq's `sslmode` says (feature
-//! `tls`, on by default) or your own connector, and bound every call on the client side.
+//! All three connect with TLS as libpq's `sslmode` says (feature `tls`, on by default) or
+//! your own connector, and bound every call on the client side. The subscriber uses the
+//! blocking `postgres` client; the store and the publisher drive `tokio-postgres` sessions
+//! on the calling thread with a private runtime (`deadline.rs` says why); no runtime is
+//! required of callers or exposed.
 //! See `docs/postgres.md` for TLS, poolers, the schema, the statement, and the operational
 //! advice, and `docs/design.md` for the deadlines.
 //!

@@ -20,16 +20,16 @@
 
 use std::error::Error as StdError;
 use std::sync::Arc;
+use std::thread;
 
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio::runtime::Runtime;
 use tokio_postgres::Client;
 use tracing::{debug, warn};
 
 use super::connector::Connector;
-use super::deadline::{self, Abort, DeadlineClient, NoAnswer};
+use super::deadline::{self, Abort, DeadlineClient, NoAnswer, SessionRuntime};
 use super::error::{classify, describe, Class, ConnectError};
-use super::StatementMode;
+use super::{ConnectErrorKind, StatementMode};
 
 /// A parameter encoded in PostgreSQL's binary format once, before the statement, so that a
 /// value that cannot be sent is found before anything is, and a statement run again (a
@@ -99,13 +99,13 @@ struct Open {
 }
 
 pub(crate) struct PreparedSession {
-    /// Drives the session; shared with its [`sibling`](Self::sibling)s, so that they can
-    /// run their statements at once.
-    runtime: Arc<Runtime>,
     connector: Arc<Connector>,
     statement: Arc<SessionStatement>,
     mode: StatementMode,
     session: Option<Open>,
+    /// Drives the session; shared with its [`sibling`](Self::sibling)s, so that they can
+    /// run their statements at once. Last, so the session's socket goes before it.
+    runtime: Arc<SessionRuntime>,
 }
 
 impl PreparedSession {
@@ -125,8 +125,7 @@ impl PreparedSession {
         };
         // Logged here, at start-up, for services that only log: later reconnects fail into
         // a flush, which the batcher logs once.
-        let runtime = session.runtime.clone();
-        if let Err(err) = runtime.block_on(session.session()) {
+        if let Err(err) = session.open_at_start() {
             warn!(
                 application_name = session.connector.application_name(),
                 error = %err,
@@ -136,6 +135,30 @@ impl PreparedSession {
             return Err(err);
         }
         Ok(session)
+    }
+
+    /// Opens the session on a thread of its own: constructors may be called on an async
+    /// runtime's thread, where tokio refuses the `block_on` that drives the session (the
+    /// thread is blocked meanwhile, as any blocking call blocks it).
+    fn open_at_start(&mut self) -> Result<(), ConnectError> {
+        let runtime = self.runtime.clone();
+        thread::scope(|scope| {
+            let opening = thread::Builder::new()
+                .name("mdbatch-connect".to_owned())
+                .spawn_scoped(scope, || runtime.block_on(self.session()).map(drop))
+                .map_err(|err| {
+                    ConnectError::new(
+                        ConnectErrorKind::Unavailable,
+                        format!("cannot start a thread to connect: {err}"),
+                    )
+                })?;
+            opening.join().unwrap_or_else(|_| {
+                Err(ConnectError::new(
+                    ConnectErrorKind::Unavailable,
+                    "the PostgreSQL client panicked while connecting".to_owned(),
+                ))
+            })
+        })
     }
 
     /// Another session for the same statement on the same runtime, not opened until its
@@ -153,7 +176,7 @@ impl PreparedSession {
 
     /// The runtime the session is driven on: [`execute_async`](Self::execute_async) runs
     /// inside its `block_on`.
-    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+    pub(crate) fn runtime(&self) -> &Arc<SessionRuntime> {
         &self.runtime
     }
 

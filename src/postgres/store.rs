@@ -82,9 +82,15 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
 ///
 /// **Every call is bounded** (see `docs/design.md`): connecting by `connect_timeout`, each
 /// statement by `statement_timeout + deadline_margin`, past which a cancel request is sent,
-/// the session dropped and the call fails as unavailable. A lock held elsewhere fails the
+/// the session closed and the call fails as unavailable. A lock held elsewhere fails the
 /// statement after `lock_timeout` with [`StoreError::Canceled`], and the batcher splits the
 /// batch so the other rows are written.
+///
+/// **A backlog goes out in parallel statements**, one per session, up to
+/// [`PgOptions::parallel_statements`] (default 2): the sessions past the first are opened
+/// when a flush first carries more than one statement's rows. Behind a transaction pooler
+/// (unnamed statements) each statement's `BEGIN` and settings, the statement and `COMMIT`
+/// go out together, in one round trip.
 ///
 /// **Reconnects.** No sleeps, and one retry only: when the first statement on a session that
 /// sat idle finds that the server had ended it meanwhile (`pg_terminate_backend`, a restart,

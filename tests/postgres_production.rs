@@ -270,11 +270,7 @@ fn async_callers_use_spawn_blocking_for_connect_and_close() {
     let db = TestDb::new();
     let mut client = db.client("mb-test async");
     metadata_batcher::postgres::register(&mut client, agent(9), &["cpu"]).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = async_runtime();
     let url = db.url.clone();
     let flushed = runtime.block_on(async move {
         let batcher = tokio::task::spawn_blocking(move || {
@@ -311,17 +307,22 @@ fn async_callers_use_spawn_blocking_for_connect_and_close() {
     assert_eq!(pg::row(&mut client, agent(9), "cpu").unwrap().0, "async");
 }
 
+/// An async application's runtime, with one worker thread.
+fn async_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Constructing and dropping a store or publisher on an async runtime's own thread blocks
 /// it while connecting, but does not panic: their sessions' runtime is neither entered nor
 /// waited for on that thread.
 #[test]
 fn a_store_and_publisher_made_and_dropped_on_an_async_thread_do_not_panic() {
     let db = TestDb::new();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = async_runtime();
     let url = db.url.clone();
     let made = runtime.block_on(async move {
         let store = PgStore::connect(&url);

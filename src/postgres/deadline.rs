@@ -161,11 +161,7 @@ impl DeadlineClient {
 
     /// A handle that sends a cancel request for the running call and stops the wait for it.
     pub(crate) fn abort(&self) -> Abort {
-        Abort {
-            token: self.driver.token.clone(),
-            connector: self.driver.connector.clone(),
-            stop_wait: self.driver.abort_tx.clone(),
-        }
+        self.driver.abort()
     }
 }
 
@@ -190,14 +186,17 @@ impl Driver {
                     ?deadline,
                     "no answer from PostgreSQL by the deadline; canceling and dropping the session"
                 );
-                Abort {
-                    token: self.token.clone(),
-                    connector: self.connector.clone(),
-                    stop_wait: self.abort_tx.clone(),
-                }
-                .fire();
+                self.abort().fire();
                 Err(NoAnswer::TimedOut(deadline))
             }
+        }
+    }
+
+    fn abort(&self) -> Abort {
+        Abort {
+            token: self.token.clone(),
+            connector: self.connector.clone(),
+            stop_wait: self.abort_tx.clone(),
         }
     }
 

@@ -14,10 +14,23 @@ type Behaviour = dyn FnMut(&MetadataBatch) -> Result<u64, StoreError> + Send;
 /// A store whose calls run a closure and are recorded.
 pub struct ScriptedStore {
     pub calls: Arc<Mutex<Vec<MetadataBatch>>>,
-    behaviour: Box<Behaviour>,
+    one_by_one: OneByOne,
     interrupt: Option<Box<dyn FnMut() -> Interrupt + Send>>,
     max_batch_rows: Option<usize>,
     parallel: Parallel,
+}
+
+/// Records each call and runs the closure; the `Store` trait's own `batch_update_many`.
+struct OneByOne {
+    calls: Arc<Mutex<Vec<MetadataBatch>>>,
+    behaviour: Box<Behaviour>,
+}
+
+impl Store for OneByOne {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+        self.calls.lock().push(batch.clone());
+        (self.behaviour)(batch)
+    }
 }
 
 /// What a [`ScriptedStore`] does with several batches in one call.
@@ -39,9 +52,13 @@ impl ScriptedStore {
     pub fn new(
         behaviour: impl FnMut(&MetadataBatch) -> Result<u64, StoreError> + Send + 'static,
     ) -> Self {
+        let calls = Arc::new(Mutex::new(Vec::new()));
         ScriptedStore {
-            calls: Arc::default(),
-            behaviour: Box::new(behaviour),
+            calls: calls.clone(),
+            one_by_one: OneByOne {
+                calls,
+                behaviour: Box::new(behaviour),
+            },
             interrupt: None,
             max_batch_rows: None,
             parallel: Parallel::default(),
@@ -60,8 +77,8 @@ impl ScriptedStore {
     }
 
     /// A store that takes up to `batches` batches a call (`Store::parallel_batches`); it
-    /// writes them one after another, as the trait's default does, and records how many
-    /// each call got in the returned list.
+    /// writes them with the trait's default (one after another), and records how many each
+    /// call got in the returned list.
     pub fn with_parallel_batches(mut self, batches: usize) -> (Self, Arc<Mutex<Vec<usize>>>) {
         self.parallel.batches = Some(batches);
         let groups = self.parallel.groups.clone();
@@ -78,8 +95,7 @@ impl ScriptedStore {
 
 impl Store for ScriptedStore {
     fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        self.calls.lock().push(batch.clone());
-        (self.behaviour)(batch)
+        self.one_by_one.batch_update(batch)
     }
 
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
@@ -97,16 +113,8 @@ impl Store for ScriptedStore {
     fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
         self.parallel.groups.lock().push(batches.len());
         let tries = self.parallel.tries.unwrap_or(batches.len());
-        let mut results = Vec::new();
-        for batch in &batches[..tries.min(batches.len())] {
-            let result = self.batch_update(batch);
-            let unavailable = matches!(result, Err(StoreError::Unavailable(_)));
-            results.push(result);
-            if unavailable {
-                break;
-            }
-        }
-        results
+        self.one_by_one
+            .batch_update_many(&batches[..tries.min(batches.len())])
     }
 }
 

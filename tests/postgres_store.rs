@@ -2,12 +2,16 @@
 
 mod pg;
 
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use metadata_batcher::postgres::{self as mbpg, PgOptions, PgStore, StatementMode};
 use metadata_batcher::{Metadata, MetadataBatch, Store, StoreError};
 use pg::{micros, row, row_count, TestDb};
+use postgres::tls::{MakeTlsConnect, NoTlsError, NoTlsStream};
+use postgres::{NoTls, Socket};
 use uuid::Uuid;
 
 fn options(application_name: &str) -> PgOptions {
@@ -511,4 +515,52 @@ fn parallel_statements_run_on_sessions_of_their_own_and_one_interrupt_stops_them
     ]);
     assert_eq!(results, [Ok(1), Ok(1)]);
     assert_eq!(row(&mut locker, agent(4), "a").unwrap().0, "v3");
+}
+
+/// A TLS connector of the caller's own (plaintext underneath) that panics while the flag
+/// is set: a bug in the client or a connector, met while reconnecting.
+#[derive(Clone)]
+struct PanickyConnector(Arc<AtomicBool>);
+
+impl MakeTlsConnect<Socket> for PanickyConnector {
+    type Stream = NoTlsStream;
+    type TlsConnect = NoTls;
+    type Error = NoTlsError;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<NoTls, NoTlsError> {
+        assert!(!self.0.load(SeqCst), "injected connector panic");
+        MakeTlsConnect::<Socket>::make_tls_connect(&mut NoTls, domain)
+    }
+}
+
+#[test]
+fn a_panic_in_the_client_fails_the_call_as_unavailable_and_the_next_call_reconnects() {
+    const NAME: &str = "mb-test panicky store";
+    let db = TestDb::new();
+    let mut client = db.client("mb-test check");
+    mbpg::register(&mut client, agent(1), &["a"]).unwrap();
+    let panicking = Arc::new(AtomicBool::new(false));
+    let config: postgres::Config = db.url.parse().unwrap();
+    let mut store =
+        PgStore::open_config(config, PanickyConnector(panicking.clone()), options(NAME)).unwrap();
+    assert_eq!(
+        store.batch_update(&batch(&[(agent(1), "a", "1", 1)])),
+        Ok(1)
+    );
+
+    // The session ends; the next call reconnects, and the connector panics.
+    assert_eq!(db.terminate(NAME), 1);
+    panicking.store(true, SeqCst);
+    let result = store.batch_update(&batch(&[(agent(1), "a", "2", 2)]));
+    let Err(StoreError::Unavailable(message)) = &result else {
+        panic!("{result:?}");
+    };
+    assert!(message.contains("panicked"), "{message}");
+
+    panicking.store(false, SeqCst);
+    assert_eq!(
+        store.batch_update(&batch(&[(agent(1), "a", "3", 3)])),
+        Ok(1)
+    );
+    assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "3");
 }

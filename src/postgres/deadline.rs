@@ -22,6 +22,7 @@
 //! (pipelining), which the blocking client cannot.
 
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -44,6 +45,8 @@ pub(crate) enum NoAnswer {
     TimedOut(Duration),
     /// [`Abort::fire`] stopped the wait; the session must be dropped.
     Aborted,
+    /// The client panicked during the call; the session was dropped.
+    Panicked,
 }
 
 impl NoAnswer {
@@ -56,6 +59,9 @@ impl NoAnswer {
                  was sent and the session dropped"
             ),
             NoAnswer::Aborted => "the call was interrupted; the session was dropped".to_owned(),
+            NoAnswer::Panicked => {
+                "the PostgreSQL client panicked during the call; the session was dropped".to_owned()
+            }
         }
     }
 }
@@ -72,6 +78,14 @@ impl SessionRuntime {
             .as_ref()
             .expect("taken only by drop")
             .block_on(future)
+    }
+
+    /// [`block_on`](Self::block_on), with a panic in the client (or the caller's TLS
+    /// connector) caught: `Err(NoAnswer::Panicked)`, for the caller to drop the sessions the
+    /// call used, as it drops a session that gave no answer. A panic must not lose the rows
+    /// of a call that can be retried.
+    pub(crate) fn block_on_caught<F: Future>(&self, future: F) -> Result<F::Output, NoAnswer> {
+        catch_unwind(AssertUnwindSafe(|| self.block_on(future))).map_err(|_| NoAnswer::Panicked)
     }
 }
 

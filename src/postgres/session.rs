@@ -183,7 +183,17 @@ impl PreparedSession {
     /// [`execute_async`](Self::execute_async), waited for on this thread.
     pub(crate) fn execute(&mut self, params: &[Encoded]) -> Result<u64, Failure> {
         let runtime = self.runtime.clone();
-        runtime.block_on(self.execute_async(params))
+        runtime
+            .block_on_caught(self.execute_async(params))
+            .unwrap_or_else(|no_answer| {
+                self.drop_session();
+                Err(Failure::NoAnswer(no_answer))
+            })
+    }
+
+    /// Drops the open session, if any: the next call opens a new one.
+    pub(crate) fn drop_session(&mut self) {
+        self.session = None;
     }
 
     /// Runs the statement, replacing a session the server ended while it sat idle.

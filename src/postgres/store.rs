@@ -268,14 +268,25 @@ impl PgStore {
             .iter_mut()
             .zip(batches)
             .map(|(session, batch)| write(session, batch));
-        runtime
-            .block_on(futures_util::future::join_all(writes))
-            .into_iter()
-            .map(|(result, conflicts)| {
-                self.conflicts += conflicts;
-                result
-            })
-            .collect()
+        match runtime.block_on_caught(futures_util::future::join_all(writes)) {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .map(|(result, conflicts)| {
+                    self.conflicts += conflicts;
+                    result
+                })
+                .collect(),
+            Err(no_answer) => {
+                self.sessions
+                    .iter_mut()
+                    .for_each(PreparedSession::drop_session);
+                let message = no_answer.describe();
+                batches
+                    .iter()
+                    .map(|_| Err(StoreError::Unavailable(message.clone())))
+                    .collect()
+            }
+        }
     }
 }
 

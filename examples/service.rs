@@ -306,6 +306,7 @@ fn signal_name(signal: Option<i32>) -> &'static str {
 /// line of a replica's log says whether it kept everything it accepted.
 fn log_close_report(batcher: &Batcher, report: &CloseReport, took: Duration) {
     let stats = batcher.stats();
+    // Two calls with the same fields: a `tracing` event's level is fixed where it is written.
     if report.unwritten == 0 {
         tracing::info!(
             written = report.written,

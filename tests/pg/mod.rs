@@ -236,6 +236,7 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        // Polling the server's own state, which offers nothing to block on (see above).
         thread::sleep(Duration::from_millis(10));
     }
 }

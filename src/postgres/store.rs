@@ -242,8 +242,8 @@ async fn write(
                 if classify(&err) == Class::Conflict && retries < CONFLICT_RETRIES =>
             {
                 // The transaction that won still has to take the lock this statement
-                // released; run again at once, the statement can take it back first and
-                // close the same cycle again.
+                // released: run again at once, the statement could take it back first and
+                // close the same cycle again, so it pauses.
                 tokio::time::sleep(CONFLICT_PAUSE * (1 << retries)).await;
                 retries += 1;
             }

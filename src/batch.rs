@@ -117,6 +117,9 @@ pub(crate) struct Batch {
     len: usize,
     /// The sum of [`entry_bytes`] over the entries.
     bytes: usize,
+    /// Updates that met an entry of the same (agent, key) and lost to it or replaced it,
+    /// since the batch was made: each is one accepted update that will never be written.
+    superseded: u64,
     /// The maps of the last flush, emptied by the flusher and handed back, so the next
     /// [`Batch::take`] swaps maps instead of allocating and growing new ones.
     spare: Shards,
@@ -167,6 +170,11 @@ impl Batch {
         self.len == 0
     }
 
+    /// Updates superseded since the batch was made; see the field.
+    pub(crate) fn superseded(&self) -> u64 {
+        self.superseded
+    }
+
     /// Takes in one update; on equal `collected_at` the update replaces the entry, because it
     /// arrived later.
     pub(crate) fn insert(&mut self, agent_id: Uuid, metadata: Metadata) {
@@ -200,6 +208,7 @@ impl Batch {
         };
         match self.shards[shard_of(agent_id)].entry(RowKey { agent_id, key }) {
             std::collections::hash_map::Entry::Occupied(mut stored) => {
+                self.superseded += 1;
                 if wins(collected_at, stored.get().collected_at) {
                     // Same key, same overhead: only the value and error change size.
                     let old = stored.insert(entry);

@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{select, Sender, TrySendError};
-use parking_lot::{Mutex, RwLock};
+use crossbeam_channel::{select, Receiver, Sender, TryRecvError, TrySendError};
+use parking_lot::Mutex;
 use uuid::Uuid;
 
 use crate::builder::Builder;
-use crate::flusher::{panic_message, Announcer, Flusher};
+use crate::flusher::{Announcer, Flusher};
+use crate::panic::panic_message;
 use crate::shared::Shared;
 use crate::worker::{Control, Flushing, Update, Worker, WorkerConfig};
 use crate::{
@@ -26,9 +27,10 @@ use crate::{
     Stats, Store,
 };
 
-/// `add` logs dropped keys at warn level at most this often (debug otherwise), by the
-/// injected clock, as in Go: a full channel drops on every call.
-const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// A warning that repeats (keys dropped at `add`, entries dropped at the batch's bound) is
+/// logged at warn level at most this often, by the injected clock, and at debug level
+/// otherwise, as in Go: a full channel drops on every call, a full batch on every insert.
+pub(crate) const WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Batches metadata updates and flushes them to a [`Store`], announcing changed agents on
 /// a [`Publisher`].
@@ -66,9 +68,11 @@ pub struct Batcher {
     /// Wakes a worker that is collecting updates on its own schedule; see `add`.
     doorbell: Sender<()>,
     control: Sender<Control>,
-    /// `true` while open. `add` holds a read guard while it sends, so once `close` has
-    /// taken the write guard no accepted key can miss the final drain.
-    intake: RwLock<bool>,
+    /// Disconnected when the worker thread has ended.
+    worker_ended: Receiver<()>,
+    /// Disconnected when `close` returns: `sync` and `flush` never wait past it.
+    closed: Receiver<()>,
+    close_signal: Mutex<Option<Sender<()>>>,
     channel_capacity: usize,
     final_flush_timeout: Duration,
     shared: Arc<Shared>,
@@ -166,13 +170,20 @@ impl Batcher {
             FlushMode::Pipelined => {
                 let publisher = builder.publisher;
                 let notify_shared = shared.clone();
+                let (notifier_alive, notifier_ended) = crossbeam_channel::bounded::<()>(0);
                 let notifier = thread::Builder::new()
                     .name("mdbatch-notify".into())
-                    .spawn(move || notify_shared.notifier.run(publisher, &notify_shared))
+                    .spawn(move || {
+                        let _alive = notifier_alive;
+                        notify_shared.notifier.run(publisher, &notify_shared)
+                    })
                     .map_err(crate::BuildError::Spawn)?;
                 let flusher = Flusher::new(
                     builder.store,
-                    Announcer::Thread(Some(notifier)),
+                    Announcer::Thread {
+                        thread: Some(notifier),
+                        ended: notifier_ended,
+                    },
                     shared.clone(),
                     builder.batch_size,
                 );
@@ -183,7 +194,7 @@ impl Batcher {
                     .spawn(move || flusher.run(jobs_rx, completed_tx))
                     .map_err(crate::BuildError::Spawn)?;
                 Flushing::Thread {
-                    jobs,
+                    jobs: Some(jobs),
                     completed,
                     thread: Some(thread),
                 }
@@ -198,15 +209,22 @@ impl Batcher {
             timer,
             flushing,
         );
+        let (worker_alive, worker_ended) = crossbeam_channel::bounded::<()>(0);
         let worker = thread::Builder::new()
             .name("mdbatch-worker".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                let _alive = worker_alive;
+                worker.run()
+            })
             .map_err(crate::BuildError::Spawn)?;
+        let (close_signal, closed) = crossbeam_channel::bounded(0);
         Ok(Batcher {
             updates,
             doorbell,
             control,
-            intake: RwLock::new(true),
+            worker_ended,
+            closed,
+            close_signal: Mutex::new(Some(close_signal)),
             channel_capacity,
             final_flush_timeout: builder.final_flush_timeout,
             shared,
@@ -232,7 +250,7 @@ impl Batcher {
             within_size_limits &= entry.within_size_limits();
         }
         // `try_read` fails only while `close` holds or waits for the write guard.
-        let intake = self.intake.try_read().ok_or(AddError::Closed)?;
+        let intake = self.shared.intake.try_read().ok_or(AddError::Closed)?;
         if !*intake {
             return Err(AddError::Closed);
         }
@@ -299,8 +317,7 @@ impl Batcher {
         self.shared.metrics.dropped_keys.increment(dropped as u64);
         let now = self.shared.counters.encode(self.shared.clock.now());
         let last = self.shared.counters.last_drop_warning.load(Relaxed);
-        let due =
-            last == u64::MAX || now.saturating_sub(last) >= DROP_WARNING_EVERY.as_nanos() as u64;
+        let due = last == u64::MAX || now.saturating_sub(last) >= WARNING_EVERY.as_nanos() as u64;
         if due
             && self
                 .shared
@@ -334,7 +351,10 @@ impl Batcher {
     pub fn sync(&self) {
         let (reply, done) = crossbeam_channel::bounded(1);
         if self.control.send(Control::Sync(reply)).is_ok() {
-            let _ = done.recv();
+            select! {
+                recv(done) -> _ => {}
+                recv(self.closed) -> _ => {}
+            }
         }
     }
 
@@ -343,10 +363,19 @@ impl Batcher {
     /// the flush is done and its agents announced (the next flush does not wait for that
     /// announcement; only this caller does); `None` when there was nothing to flush or the
     /// batcher is closed.
+    ///
+    /// The wait is bounded by the store's and the publisher's own deadlines (the batcher
+    /// cannot interrupt a publisher; [`PgPublisher`](crate::postgres::PgPublisher) has a
+    /// publish deadline), and by `close`: once `close` returns, a `flush` still waiting
+    /// returns `None`, and so does `sync`.
     pub fn flush(&self) -> Option<FlushReport> {
         let (reply, report) = crossbeam_channel::bounded(1);
         self.control.send(Control::Flush(reply)).ok()?;
-        report.recv().ok().flatten()
+        select! {
+            recv(report) -> report => report.ok().flatten(),
+            // Both may be ready: `close` answers what it can before it returns.
+            recv(self.closed) -> _ => report.try_recv().ok().flatten(),
+        }
     }
 
     /// Running totals; never waits on the worker.
@@ -393,18 +422,20 @@ impl Batcher {
         let Some(handle) = worker.take() else {
             return *self.close_report.lock();
         };
-        *self.intake.write() = false;
+        *self.shared.intake.write() = false;
         let flushed_before = self.shared.counters.flushed.load(Relaxed);
         let deadline = self.shared.clock.after(self.final_flush_timeout);
-        let (reply, done) = crossbeam_channel::bounded(1);
-        let deadline_hit = self.control.send(Control::Shutdown(reply)).is_ok()
-            && select! {
-                recv(done) -> _ => false,
-                // Both may be ready: a worker that finished in time has finished.
-                recv(deadline) -> _ => done.try_recv().is_err(),
-            };
+        // A worker that died of a panic has ended already, and counted what it held.
+        let _ = self.control.send(Control::Shutdown);
+        let ended = &self.worker_ended;
+        let mut unannounced = 0;
+        let deadline_hit = select! {
+            recv(ended) -> _ => false,
+            // Both may be ready: a worker that finished in time has finished.
+            recv(deadline) -> _ => !matches!(ended.try_recv(), Err(TryRecvError::Disconnected)),
+        };
         if deadline_hit {
-            self.give_up();
+            unannounced = self.give_up();
         } else {
             let _ = handle.join();
         }
@@ -416,35 +447,61 @@ impl Batcher {
                 .load(Relaxed)
                 .saturating_sub(flushed_before),
             unwritten: self.shared.counters.unwritten_at_shutdown.load(Relaxed),
+            unannounced: unannounced as u64,
             deadline_hit,
         };
         *self.close_report.lock() = report;
+        // From here no `sync` or `flush` waits on the threads left behind.
+        self.close_signal.lock().take();
         report
     }
 
-    /// The final flush timed out: record what is unwritten, then interrupt the store call.
-    fn give_up(&self) {
+    /// The final flush timed out: record what is unwritten, stop announcing, then interrupt
+    /// the store call; returns how many stored agents go unannounced.
+    fn give_up(&self) -> usize {
         // Count and refuse further calls under one lock: the worker records no more after
         // this, its rows are in the batch or in flight (never neither, never both) while
         // they are counted, and the interrupt (user code) runs only once the count is safe.
         let counters = &self.shared.counters;
         let mut unwritten = 0;
+        let store_call = self.health().store_call_age;
         let interrupt = self.shared.cancellation.abandon(|| {
             let stats = counters.snapshot();
             unwritten = stats.queued + stats.batched + stats.in_flight;
+            // Added, not stored: a worker that died has counted what it held already.
             counters
                 .unwritten_at_shutdown
-                .store(unwritten as u64, Relaxed);
+                .fetch_add(unwritten as u64, Relaxed);
         });
-        self.shared.notifier.close();
-        tracing::error!(
-            unwritten,
-            timeout = ?self.final_flush_timeout,
-            "metadata batcher final flush timed out; interrupting the store call"
-        );
+        let unannounced = self.shared.notifier.abandon(&self.shared);
+        let timeout = self.final_flush_timeout;
+        // Say what held `close`: a store call, retries of failed flushes, or the publisher.
+        if let Some(running) = store_call {
+            tracing::error!(
+                unwritten,
+                ?timeout,
+                store_call_age = ?running,
+                "metadata batcher final flush timed out in a store call; interrupting it"
+            );
+        } else if unwritten > 0 {
+            tracing::error!(
+                unwritten,
+                ?timeout,
+                "metadata batcher final flush timed out while the store kept failing"
+            );
+        } else {
+            tracing::error!(
+                unannounced,
+                ?timeout,
+                "metadata batcher closed with every row written, but the publisher had not \
+                 returned by the final flush timeout; the unannounced agents are counted \
+                 as publish errors"
+            );
+        }
         if let Some(interrupt) = interrupt {
             self.interrupt_off_thread(interrupt);
         }
+        unannounced
     }
 
     /// Fires the store's interrupt on a thread of its own: it is user code, and may block

@@ -35,7 +35,6 @@
 //! Every failed store call is logged on exactly one line, here: the stores do not log
 //! their own failures.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
@@ -43,15 +42,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use uuid::Uuid;
 
 use crate::batch::Taken;
+use crate::panic::panic_message;
 use crate::shared::Shared;
 use crate::statement_size::StatementSize;
 use crate::{
-    agent_ids, notifier, FlushReason, FlushReport, Interrupt, MetadataBatch, Publisher, Store,
-    StoreError,
+    agent_ids, notifier, FlushReason, FlushReport, MetadataBatch, Publisher, Store, StoreError,
 };
 
 /// A batch handed to the flusher.
@@ -103,89 +101,6 @@ impl FlushOutcome {
     }
 }
 
-/// Lets `close` stop a store call that outlives the final flush timeout.
-#[derive(Debug)]
-pub(crate) struct Cancellation {
-    state: Mutex<CancelState>,
-    /// Disconnected when `close` gives up, which wakes a worker waiting to retry at
-    /// shutdown.
-    given_up: crossbeam_channel::Receiver<()>,
-}
-
-#[derive(Debug, Default)]
-struct CancelState {
-    abandoned: bool,
-    interrupt: Option<Interrupt>,
-    given_up: Option<crossbeam_channel::Sender<()>>,
-}
-
-impl Default for Cancellation {
-    fn default() -> Self {
-        let (sender, given_up) = crossbeam_channel::bounded(0);
-        Cancellation {
-            state: Mutex::new(CancelState {
-                given_up: Some(sender),
-                ..CancelState::default()
-            }),
-            given_up,
-        }
-    }
-}
-
-impl Cancellation {
-    /// Holds the interrupt of the call about to start; false when `close` has given up,
-    /// in which case the call must not start.
-    fn arm(&self, interrupt: Option<Interrupt>) -> bool {
-        let mut state = self.state.lock();
-        state.interrupt = interrupt;
-        !state.abandoned
-    }
-
-    fn disarm(&self) {
-        self.state.lock().interrupt = None;
-    }
-
-    /// Gives up on the store: refuses further calls, runs `count_unwritten` while no rows
-    /// can move between the batch and the flush in flight (see
-    /// [`moving_rows`](Self::moving_rows)), and returns the interrupt of the call in flight,
-    /// for the caller to fire off its own thread (user code may block or panic).
-    pub(crate) fn abandon(&self, count_unwritten: impl FnOnce()) -> Option<Interrupt> {
-        let mut state = self.state.lock();
-        count_unwritten();
-        state.abandoned = true;
-        state.given_up = None;
-        state.interrupt.take()
-    }
-
-    /// Moves rows between the batch and the flush in flight in `counters`: under the lock
-    /// [`abandon`](Self::abandon) counts under, so that count never sees the rows in
-    /// neither place (zero unwritten while they are) or in both (twice). Once per flush.
-    pub(crate) fn moving_rows(&self, update: impl FnOnce()) {
-        let _state = self.state.lock();
-        update();
-    }
-
-    /// Ready (disconnected) once `close` has given up.
-    pub(crate) fn given_up(&self) -> &crossbeam_channel::Receiver<()> {
-        &self.given_up
-    }
-
-    /// Runs `record` unless `close` has given up on the store; says whether it ran.
-    /// Under the lock, so `close`'s own record of what is unwritten cannot be overwritten.
-    pub(crate) fn unless_abandoned(&self, record: impl FnOnce()) -> bool {
-        let state = self.state.lock();
-        if state.abandoned {
-            return false;
-        }
-        record();
-        true
-    }
-
-    pub(crate) fn is_abandoned(&self) -> bool {
-        self.state.lock().abandoned
-    }
-}
-
 /// What the store calls of one flush came to.
 #[derive(Default)]
 struct Written {
@@ -209,8 +124,12 @@ struct Written {
 pub(crate) enum Announcer {
     /// On the flushing thread, as Go does ([`FlushMode::Inline`](crate::FlushMode::Inline)).
     Inline(Box<dyn Publisher>),
-    /// On the `mdbatch-notify` thread; joined when the flusher is dropped.
-    Thread(Option<JoinHandle<()>>),
+    /// On the `mdbatch-notify` thread, waited for when the flusher is dropped.
+    Thread {
+        thread: Option<JoinHandle<()>>,
+        /// Disconnected when the thread ends.
+        ended: crossbeam_channel::Receiver<()>,
+    },
 }
 
 /// Runs flushes against the user's store, and announces what they stored.
@@ -259,26 +178,34 @@ impl Flusher {
     }
 
     pub(crate) fn flush(&mut self, job: FlushJob) -> FlushOutcome {
-        let count = job.batch.len();
-        let start = self.shared.clock.now();
-        tracing::debug!(
-            reason = job.reason.as_str(),
-            count,
-            "flushing metadata batch"
-        );
+        let FlushJob { seq, reason, batch } = job;
+        let count = batch.len();
         let mut written = Written {
             cancel_budget: cancel_budget(count),
             ..Written::default()
         };
-        let (batch, emptied) = job.batch.into_columns();
-        // As Go: before the store call, for every agent of the batch.
-        self.shared
-            .metrics
-            .observe_utilization(&batch.agent_ids, &mut self.keys_per_agent);
-        self.write(batch, &mut written);
+        let mut emptied = Taken::default();
+        let mut start = None;
+        // User code runs in here besides the store (the clock, the metrics recorder, a
+        // tracing subscriber). A panic loses the rows the flush was handling, counted, but
+        // never what it stored, kept or owes its waiters.
+        let body = catch_unwind(AssertUnwindSafe(|| {
+            start = Some(self.shared.clock.now());
+            tracing::debug!(reason = reason.as_str(), count, "flushing metadata batch");
+            let (batch, taken) = batch.into_columns();
+            emptied = taken;
+            // As Go: before the store call, for every agent of the batch.
+            self.shared
+                .metrics
+                .observe_utilization(&batch.agent_ids, &mut self.keys_per_agent);
+            self.write(batch, &mut written);
+        }));
+        if let Err(panic) = body {
+            self.flush_panicked(&panic_message(&*panic), &mut written);
+        }
         let agents = self.stored_agents(&written.agent_ids);
         let mut report = FlushReport {
-            reason: job.reason,
+            reason,
             count,
             agents: agents.len(),
             chunks: agents.len().div_ceil(agent_ids::MAX_IDS_PER_CHUNK),
@@ -294,14 +221,43 @@ impl Flusher {
         // Kept rows mean a retry on the backoff, even when other rows were stored: a
         // locked row must not be retried, at the cost of a split, by every capacity flush.
         let failed = written.panicked || !written.retained.is_empty();
-        self.announce(job.seq, &agents, &mut report, start, failed);
+        self.announce(seq, &agents, &mut report, start, failed);
         FlushOutcome {
-            seq: job.seq,
+            seq,
             report,
             retained: written.retained,
             failed,
             emptied,
         }
+    }
+
+    /// A panic outside the store calls (they catch their own): the rows this flush had
+    /// neither stored, refused, lost to a store panic nor kept were being handled, and are
+    /// lost; the flush ends with what it has.
+    fn flush_panicked(&self, message: &str, written: &mut Written) {
+        let counters = &self.shared.counters;
+        self.shared.cancellation.disarm();
+        counters.set_store_call_started(None);
+        let kept = written.retained.len();
+        let lost = counters.in_flight.load(Relaxed).saturating_sub(kept);
+        counters.release_in_flight(lost, 0);
+        counters
+            .in_flight_bytes
+            .store(crate::batch::batch_bytes(&written.retained), Relaxed);
+        counters.lost_to_panics.fetch_add(lost as u64, Relaxed);
+        counters.panics.fetch_add(1, Relaxed);
+        tracing::error!(
+            lost,
+            kept,
+            panic = %message,
+            "a metadata flush panicked outside the store (in the clock, a metrics recorder or \
+             a tracing subscriber); the rows it was handling are lost"
+        );
+        written.stopped = true;
+        written.panicked = true;
+        written.error = Some(StoreError::Unavailable(format!(
+            "the flush panicked: {message}"
+        )));
     }
 
     /// Writes `batch` in chunks of `batch_size` rows, or as [`StatementSize`] grows them for
@@ -373,6 +329,8 @@ impl Flusher {
                     .counters
                     .lost_to_panics
                     .fetch_add(rows as u64, Relaxed);
+                let bytes = chunks.iter().map(crate::batch::batch_bytes).sum();
+                self.shared.counters.release_in_flight(rows, bytes);
                 tracing::error!(
                     rows,
                     panic = %message,
@@ -619,6 +577,9 @@ impl Flusher {
 
     fn reject(&self, row: &MetadataBatch, message: &str) {
         self.shared.counters.rejected.fetch_add(1, Relaxed);
+        self.shared
+            .counters
+            .release_in_flight(1, crate::batch::batch_bytes(row));
         self.shared.metrics.rejected.increment(1);
         tracing::warn!(
             agent_id = %row.agent_ids[0],
@@ -640,12 +601,14 @@ impl Flusher {
     /// Announces `agents` and records the flush. Inline, publishes here first, as Go does
     /// (the flush's time includes the publish). Otherwise records the flush first, so the
     /// publisher thread finds it to add its publish errors to, then hands the agents over.
+    /// The hand-over is the batcher's own code and comes last, so no panic in the user
+    /// code before it can leave a waiter unanswered.
     fn announce(
         &mut self,
         seq: u64,
         agents: &[Uuid],
         report: &mut FlushReport,
-        start: std::time::Instant,
+        start: Option<std::time::Instant>,
         failed: bool,
     ) {
         let shared = &self.shared;
@@ -653,10 +616,22 @@ impl Flusher {
             report.publish_errors = notifier::publish(&mut **publisher, shared, agents);
             shared.notifier.published_inline(seq, report.publish_errors);
         }
-        report.elapsed = shared.clock.now().saturating_duration_since(start);
-        self.record(seq, report, failed);
-        if let Announcer::Thread(_) = self.announcer {
-            self.shared.notifier.announce(seq, agents);
+        let recorded = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(start) = start {
+                report.elapsed = shared.clock.now().saturating_duration_since(start);
+            }
+            self.record(seq, report, failed);
+        }));
+        if let Err(panic) = recorded {
+            shared.counters.panics.fetch_add(1, Relaxed);
+            tracing::error!(
+                panic = %panic_message(&*panic),
+                "recording a metadata flush panicked (the clock or a metrics recorder); \
+                 its totals may be incomplete"
+            );
+        }
+        if let Announcer::Thread { .. } = self.announcer {
+            shared.notifier.announce(seq, agents, shared);
         }
     }
 
@@ -688,11 +663,21 @@ impl Flusher {
 }
 
 impl Drop for Flusher {
-    /// Lets the publisher thread announce what is queued, and waits for it.
+    /// Lets the publisher thread announce what is queued, and waits for it; but only until
+    /// `close` gives up: a publisher that never returns holds its own thread, not `close`.
     fn drop(&mut self) {
-        if let Announcer::Thread(thread) = &mut self.announcer {
+        if let Announcer::Thread { thread, ended } = &mut self.announcer {
             self.shared.notifier.close();
-            if let Some(thread) = thread.take() {
+            let given_up = self.shared.cancellation.given_up();
+            crossbeam_channel::select! {
+                recv(ended) -> _ => {}
+                recv(given_up) -> _ => {}
+            }
+            let has_ended = matches!(
+                ended.try_recv(),
+                Err(crossbeam_channel::TryRecvError::Disconnected)
+            );
+            if let Some(thread) = thread.take().filter(|_| has_ended) {
                 let _ = thread.join();
             }
         }
@@ -711,12 +696,4 @@ enum StoreCall {
     /// `close` gave up before the call started.
     Abandoned,
     Panicked(String),
-}
-
-pub(crate) fn panic_message(panic: &(dyn Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }

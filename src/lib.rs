@@ -60,6 +60,7 @@ pub mod agent_ids;
 mod batch;
 mod batcher;
 mod builder;
+mod cancellation;
 mod clock;
 mod flusher;
 mod memory;
@@ -67,6 +68,7 @@ mod metadata;
 mod metadata_batch;
 pub mod metrics;
 mod notifier;
+mod panic;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;

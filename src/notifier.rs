@@ -13,7 +13,14 @@
 //! **`flush()` and `sync()` still wait for the publish.** The worker does not answer them
 //! itself: it hands each answer to [`Notifier::when_published`] with the sequence number
 //! of the flush it covers, and the answer goes out once that flush's agents are announced.
-//! Only the callers wait; the flusher never does.
+//! Only the callers wait; the flusher never does. A publisher bounds its own calls (the
+//! PostgreSQL one has a publish deadline); the batcher cannot interrupt one. So that no
+//! caller waits past `close`, [`Notifier::abandon`] (when `close` gives up) answers every
+//! waiter at once, and so does the end of the thread: an answer is never left behind.
+//!
+//! **Every stored agent is announced, or counted as not.** Agents that reach the notifier
+//! after `close` gave up on it, or after its thread ended, and agents still queued when
+//! `close` gave up, are counted as failed payloads (`publish_errors`) and logged.
 
 use std::collections::HashSet;
 use std::mem;
@@ -60,6 +67,11 @@ struct State {
     failures: usize,
     waiters: Vec<(u64, Waiter)>,
     closed: bool,
+    /// `close` gave up, or the thread ended: nothing more is published, and every answer
+    /// goes out at once.
+    done: bool,
+    /// Agents of the publish in progress, if any.
+    publishing: usize,
 }
 
 /// Hand-over point between flushes, the publisher thread and the callers that wait.
@@ -70,10 +82,17 @@ pub(crate) struct Notifier {
 }
 
 impl Notifier {
-    /// Queues the agents flush `seq` stored (possibly none) for the publisher thread.
-    pub(crate) fn announce(&self, seq: u64, agents: &[Uuid]) {
+    /// Queues the agents flush `seq` stored (possibly none) for the publisher thread; once
+    /// nothing more is published, counts them as not announced instead.
+    pub(crate) fn announce(&self, seq: u64, agents: &[Uuid], shared: &Shared) {
         let mut state = self.state.lock();
         state.announced = seq;
+        if state.done {
+            Self::release(&mut state, seq, 0);
+            drop(state);
+            count_unannounced(shared, agents.len());
+            return;
+        }
         state.agents.extend(agents.iter().copied());
         self.wake.notify_one();
     }
@@ -88,7 +107,7 @@ impl Notifier {
     /// Answers `waiter` once flush `seq` is announced (at once if it is).
     pub(crate) fn when_published(&self, seq: u64, waiter: Waiter) {
         let mut state = self.state.lock();
-        if seq <= state.published {
+        if seq <= state.published || state.done {
             // No later flush can have started (the worker calls this as it completes
             // `seq`), so the last publish is the one that carried `seq`.
             waiter.answer(state.failures);
@@ -101,6 +120,35 @@ impl Notifier {
     pub(crate) fn close(&self) {
         self.state.lock().closed = true;
         self.wake.notify_one();
+    }
+
+    /// `close` gave up: the agents still queued or being published are counted as not
+    /// announced, every waiter is answered now, and the thread ends once the publish it may
+    /// be stuck in returns. Returns how many agents that counted.
+    pub(crate) fn abandon(&self, shared: &Shared) -> usize {
+        let mut state = self.state.lock();
+        state.closed = true;
+        // A publish that has not returned by now may never return: its agents count too
+        // (twice, should it fail after all).
+        let unannounced = state.agents.len() + state.publishing;
+        state.agents.clear();
+        let failures = payloads(unannounced);
+        Self::finish(&mut state, failures);
+        drop(state);
+        self.wake.notify_one();
+        count_unannounced(shared, unannounced);
+        unannounced
+    }
+
+    /// Nothing more will be published: answers every waiter, with `failures` as the
+    /// publish errors of the flushes not yet announced.
+    fn finish(state: &mut State, failures: usize) {
+        state.done = true;
+        let through = state.announced.max(state.published);
+        Self::release(state, through, failures);
+        for (_, waiter) in mem::take(&mut state.waiters) {
+            waiter.answer(failures);
+        }
     }
 
     fn release(state: &mut State, through: u64, failures: usize) {
@@ -118,6 +166,9 @@ impl Notifier {
 
     /// The `mdbatch-notify` thread: publishes what is queued until closed.
     pub(crate) fn run(&self, mut publisher: Box<dyn Publisher>, shared: &Shared) {
+        // However the thread ends (a panic in a tracing subscriber or metrics recorder
+        // included), no caller is left waiting for an answer.
+        let _finish = FinishOnExit(self);
         let mut agents: Vec<Uuid> = Vec::new();
         loop {
             let (after, through) = {
@@ -135,15 +186,52 @@ impl Notifier {
                 }
                 agents.clear();
                 agents.extend(state.agents.drain());
+                state.publishing = agents.len();
                 (state.published, state.announced)
             };
             let failures = publish(&mut *publisher, shared, &agents);
             shared
                 .counters
                 .set_last_publish_errors(after, through, failures);
-            Self::release(&mut self.state.lock(), through, failures);
+            let mut state = self.state.lock();
+            state.publishing = 0;
+            Self::release(&mut state, through, failures);
         }
     }
+}
+
+/// Ends the notifier when its thread ends, however it ends.
+struct FinishOnExit<'a>(&'a Notifier);
+
+impl Drop for FinishOnExit<'_> {
+    fn drop(&mut self) {
+        Notifier::finish(&mut self.0.state.lock(), 0);
+    }
+}
+
+/// Payloads that `agents` agents take.
+fn payloads(agents: usize) -> usize {
+    agents.div_ceil(agent_ids::MAX_IDS_PER_CHUNK)
+}
+
+/// Agents that were stored but will not be announced: counted as failed payloads, as a
+/// publish that failed would be, and logged, so a watcher's missed refresh is visible.
+fn count_unannounced(shared: &Shared, agents: usize) {
+    if agents == 0 {
+        return;
+    }
+    let failures = payloads(agents);
+    shared
+        .counters
+        .publish_errors
+        .fetch_add(failures as u64, Relaxed);
+    shared.metrics.publish_errors.increment(failures as u64);
+    tracing::error!(
+        agents,
+        payloads = failures,
+        "metadata batcher closed before announcing these stored agents; their watchers \
+         refresh on their next change"
+    );
 }
 
 /// Publishes `agents` in payloads of at most 363 IDs; returns how many failed. Each
@@ -162,7 +250,7 @@ pub(crate) fn publish(publisher: &mut dyn Publisher, shared: &Shared, agents: &[
                 shared.counters.panics.fetch_add(1, Relaxed);
                 format!(
                     "publisher panicked: {}",
-                    crate::flusher::panic_message(&*panic)
+                    crate::panic::panic_message(&*panic)
                 )
             }
         };

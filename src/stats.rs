@@ -97,6 +97,21 @@ pub struct FlushCounts {
 }
 
 /// Running totals since the batcher was built.
+///
+/// Every accepted key is in exactly one place. While no flush runs (after
+/// [`Batcher::sync`](crate::Batcher::sync), say), and after a [`close`](crate::Batcher::close)
+/// that met its deadline:
+///
+/// ```text
+/// accepted = queued + batched + in_flight              (waiting)
+///          + flushed + superseded                      (done)
+///          + rejected + retention_dropped + lost_to_panics + unwritten_at_shutdown   (lost, counted)
+/// ```
+///
+/// Keys dropped at `add` were never accepted: they are in `dropped` alone. After `close`,
+/// `queued`, `batched` and `in_flight` are 0: what was left is `unwritten_at_shutdown`.
+/// After a `close` that gave up on a hung store, a call it abandoned may still write rows
+/// it counted as unwritten, so the right side may then exceed `accepted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Keys `add` accepted (queued or taken in by the worker).
@@ -112,6 +127,9 @@ pub struct Stats {
     pub flushes: FlushCounts,
     /// Entries written.
     pub flushed: u64,
+    /// Accepted keys that never needed writing: they met a batched entry of the same
+    /// (agent, key) and either replaced it or lost to it (an older `collected_at`).
+    pub superseded: u64,
     /// Keys dropped at `add` because the channel was full.
     pub dropped: u64,
     /// Written entries that updated no row (not registered, or older than the stored row).
@@ -178,8 +196,14 @@ pub struct CloseReport {
     pub written: u64,
     /// Entries left unwritten; the same number as `Stats::unwritten_at_shutdown`.
     pub unwritten: u64,
-    /// The final flush timeout passed: the store call in flight was interrupted and the
-    /// threads were left to finish on their own.
+    /// Stored agents left unannounced because the publisher had not returned by the final
+    /// flush timeout (those it was publishing, and those queued behind it); counted as
+    /// failed payloads in `Stats::publish_errors`.
+    pub unannounced: u64,
+    /// The final flush timeout passed before the batcher finished: the store call in
+    /// flight, if any, was interrupted, nothing more was announced, and the threads were
+    /// left to finish on their own. The log says what held it: a store call, a store that
+    /// kept failing, or the publisher.
     pub deadline_hit: bool,
 }
 
@@ -202,6 +226,7 @@ pub(crate) struct Counters {
     pub(crate) in_flight_bytes: AtomicUsize,
     flushes: [AtomicU64; FlushReason::ALL.len()],
     pub(crate) flushed: AtomicU64,
+    pub(crate) superseded: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) unmatched: AtomicU64,
     pub(crate) store_errors: AtomicU64,
@@ -237,6 +262,7 @@ impl Counters {
             in_flight_bytes: AtomicUsize::new(0),
             flushes: Default::default(),
             flushed: AtomicU64::new(0),
+            superseded: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             unmatched: AtomicU64::new(0),
             store_errors: AtomicU64::new(0),
@@ -328,6 +354,7 @@ impl Counters {
                 manual: flushes(FlushReason::Manual),
             },
             flushed: self.flushed.load(Relaxed),
+            superseded: self.superseded.load(Relaxed),
             dropped: self.dropped.load(Relaxed),
             unmatched: self.unmatched.load(Relaxed),
             store_errors: self.store_errors.load(Relaxed),

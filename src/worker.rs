@@ -24,6 +24,7 @@
 //! The worker answers `sync` and `flush` through the publisher thread
 //! ([`crate::notifier`]): the answer goes out once the flush it covers is announced.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,9 +33,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{never, select, Receiver, RecvError, Select, Sender};
 use uuid::Uuid;
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Taken};
+use crate::batcher::WARNING_EVERY;
 use crate::flusher::{FlushJob, FlushOutcome, Flusher};
 use crate::notifier::Waiter;
+use crate::panic::panic_message;
 use crate::shared::Shared;
 use crate::{FlushReason, FlushReport, Metadata};
 
@@ -48,7 +51,8 @@ pub(crate) struct Update {
 pub(crate) enum Control {
     Sync(Sender<()>),
     Flush(Sender<Option<FlushReport>>),
-    Shutdown(Sender<()>),
+    /// `close`: it waits for the thread to end, not for an answer.
+    Shutdown,
 }
 
 /// The settings the loop runs by, checked by the builder.
@@ -72,7 +76,8 @@ pub(crate) enum Flushing {
     Inline(Flusher),
     /// On a flusher thread of its own.
     Thread {
-        jobs: Sender<FlushJob>,
+        /// `None` once the worker has let the flusher thread end.
+        jobs: Option<Sender<FlushJob>>,
         completed: Receiver<FlushOutcome>,
         thread: Option<JoinHandle<()>>,
     },
@@ -89,6 +94,15 @@ const INTAKE_POLL: Duration = Duration::from_millis(1);
 /// The longest wait between two shutdown flushes: `close` has a deadline, and what the
 /// backoff saves the database matters less than writing before it passes.
 const SHUTDOWN_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Why the select loop ended.
+#[derive(PartialEq, Eq)]
+enum Ending {
+    /// `close` asked, and waits.
+    Close,
+    /// The handle is gone without a `close`: no deadline bounds retries.
+    HandleGone,
+}
 
 /// One thing for the loop to handle.
 #[allow(clippy::large_enum_variant)] // one lives at a time, on the stack: boxing would allocate
@@ -114,8 +128,8 @@ pub(crate) struct Worker {
     batch: Batch,
     /// When the oldest entry of `batch` arrived.
     batch_since: Option<Instant>,
-    /// The running flush: its sequence number and when its oldest entry arrived.
-    in_flight: Option<(u64, Option<Instant>)>,
+    /// The running flush: its sequence number, reason and when its oldest entry arrived.
+    in_flight: Option<(u64, FlushReason, Option<Instant>)>,
     /// Flushes are numbered from 1; 0 means none yet.
     next_seq: u64,
     /// The last flush completed: `sync` answers once it is announced.
@@ -134,6 +148,8 @@ pub(crate) struct Worker {
     collected: Instant,
     /// When the last flush started, by the injected clock: paces retries at shutdown.
     last_started: Instant,
+    /// When trimming last logged at warn level, by the injected clock.
+    last_trim_warning: Option<Instant>,
 }
 
 impl Worker {
@@ -170,11 +186,25 @@ impl Worker {
             sync_waiting: Vec::new(),
             collected: Instant::now(),
             last_started: shared_now,
+            last_trim_warning: None,
+        }
+    }
+
+    /// The thread's body: the select loop, then the shutdown. A panic in either (user code
+    /// runs here: the clock, a metrics recorder, a tracing subscriber) ends the batcher
+    /// with everything it held counted; see [`die`](Self::die).
+    pub(crate) fn run(mut self) {
+        let served = catch_unwind(AssertUnwindSafe(|| self.serve()));
+        let ended = served.and_then(|ending| {
+            catch_unwind(AssertUnwindSafe(|| self.shut_down(ending == Ending::Close)))
+        });
+        if let Err(panic) = ended {
+            self.die(&panic_message(&*panic));
         }
     }
 
     /// The select loop; returns when the batcher closes.
-    pub(crate) fn run(mut self) {
+    fn serve(&mut self) -> Ending {
         // `None`: blocked on the update channel, so the next `add` wakes this thread.
         // `Some(wait)`: updates are arriving, so they are collected every `wait` instead,
         // and callers do not pay a wake-up (a futex call, microseconds) per `add`.
@@ -202,9 +232,9 @@ impl Worker {
                 Event::Completed(Err(_)) => self.lose_flusher(),
                 Event::Control(Ok(Control::Sync(reply))) => self.sync(reply),
                 Event::Control(Ok(Control::Flush(reply))) => self.manual_flush(reply),
-                Event::Control(Ok(Control::Shutdown(reply))) => return self.shut_down(Some(reply)),
+                Event::Control(Ok(Control::Shutdown)) => return Ending::Close,
                 // The handle is gone without a close: nothing can reach us any more.
-                Event::Control(Err(_)) | Event::Update(Err(_)) => return self.shut_down(None),
+                Event::Control(Err(_)) | Event::Update(Err(_)) => return Ending::HandleGone,
             }
             self.dispatch();
         }
@@ -332,10 +362,9 @@ impl Worker {
                 self.trim_bytes();
             }
         }
-        self.shared
-            .counters
-            .batched
-            .store(self.batch.len(), Relaxed);
+        let counters = &self.shared.counters;
+        counters.batched.store(self.batch.len(), Relaxed);
+        counters.superseded.store(self.batch.superseded(), Relaxed);
     }
 
     fn can_flush_for_capacity(&self) -> bool {
@@ -391,7 +420,7 @@ impl Worker {
             self.manual_in_flight.append(&mut self.manual_waiting);
         }
         let since = self.batch_since.take();
-        self.in_flight = Some((seq, since));
+        self.in_flight = Some((seq, reason, since));
         let counters = &self.shared.counters;
         self.shared.cancellation.moving_rows(|| {
             counters.in_flight.store(batch.len(), Relaxed);
@@ -408,11 +437,15 @@ impl Worker {
                 self.complete(outcome);
             }
             Flushing::Thread { jobs, .. } => {
-                if let Err(unsent) = jobs.send(job) {
+                let sent = match jobs {
+                    Some(jobs) => jobs.send(job).map_err(|unsent| unsent.into_inner()),
+                    None => Err(job),
+                };
+                if let Err(unsent) = sent {
                     // The flusher thread is gone (it catches the store's panics, so this
                     // is a bug); keep the rows rather than lose them silently.
                     tracing::error!("metadata flusher thread is gone; flushes cannot run");
-                    self.complete(FlushOutcome::not_attempted(unsent.into_inner()));
+                    self.complete(FlushOutcome::not_attempted(unsent));
                 }
             }
         }
@@ -420,7 +453,7 @@ impl Worker {
 
     /// Takes a finished flush back: unwritten rows rejoin the batch, the timer re-arms.
     fn complete(&mut self, outcome: FlushOutcome) {
-        let since = self.in_flight.take().and_then(|(_, since)| since);
+        let since = self.in_flight.take().and_then(|(_, _, since)| since);
         self.last_completed = outcome.seq;
         self.shared.counters.in_flight_bytes.store(0, Relaxed);
         self.byte_budget = self.config.max_pending_bytes;
@@ -437,9 +470,11 @@ impl Worker {
             self.trim();
         }
         let (counters, batched) = (&self.shared.counters, self.batch.len());
+        let superseded = self.batch.superseded();
         self.shared.cancellation.moving_rows(|| {
             counters.in_flight.store(0, Relaxed);
             counters.batched.store(batched, Relaxed);
+            counters.superseded.store(superseded, Relaxed);
         });
         let notifier = &self.shared.notifier;
         for reply in self.manual_in_flight.drain(..) {
@@ -455,21 +490,29 @@ impl Worker {
         }
     }
 
-    /// The flusher thread ended without reporting its flush. It catches the store's and
-    /// publisher's panics, so this is a bug; the loop must not spin on the closed channel,
-    /// and later flushes fail (their rows are kept, within the bound) instead of hanging.
+    /// The flusher thread ended without reporting its flush. It catches every panic of a
+    /// flush, so this is a bug; the loop must not spin on the closed channel, the rows of
+    /// the flush are counted as lost, its waiters are answered, and later flushes fail
+    /// (their rows are kept, within the bound) instead of hanging.
     fn lose_flusher(&mut self) {
-        tracing::error!("metadata flusher thread ended unexpectedly; its flush in flight is lost");
+        let counters = &self.shared.counters;
+        let lost = counters.in_flight.swap(0, Relaxed);
+        counters.lost_to_panics.fetch_add(lost as u64, Relaxed);
+        counters.panics.fetch_add(1, Relaxed);
+        tracing::error!(
+            lost,
+            "metadata flusher thread ended unexpectedly; the rows of its flush in flight are lost"
+        );
         if let Flushing::Thread { completed, .. } = &mut self.flushing {
             *completed = never();
         }
-        self.in_flight = None;
-        self.shared.counters.in_flight.store(0, Relaxed);
-        self.shared.counters.in_flight_bytes.store(0, Relaxed);
-        self.byte_budget = self.config.max_pending_bytes;
-        self.shared.counters.set_oldest_in_flight(None);
-        self.count_outcome(true);
-        self.timer = self.shared.clock.after(self.next_delay());
+        if let Some((seq, reason, _)) = self.in_flight {
+            self.complete(FlushOutcome::not_attempted(FlushJob {
+                seq,
+                reason,
+                batch: Taken::default(),
+            }));
+        }
     }
 
     /// Counts flushes that failed in a row: they pace the retries and pause capacity
@@ -524,18 +567,35 @@ impl Worker {
 
     fn trim_to(&mut self, max_entries: usize, max_bytes: usize) {
         let dropped = self.batch.trim(max_entries, max_bytes);
-        if dropped > 0 {
-            self.shared
-                .counters
-                .retention_dropped
-                .fetch_add(dropped as u64, Relaxed);
-            self.shared
-                .metrics
-                .retention_dropped
-                .increment(dropped as u64);
+        if dropped == 0 {
+            return;
+        }
+        self.shared
+            .counters
+            .retention_dropped
+            .fetch_add(dropped as u64, Relaxed);
+        self.shared
+            .metrics
+            .retention_dropped
+            .increment(dropped as u64);
+        let max_entries = (max_entries != usize::MAX).then_some(max_entries);
+        // While a flush in flight holds nearly all of the byte bound, every insert trims.
+        let now = self.shared.clock.now();
+        let due = self
+            .last_trim_warning
+            .is_none_or(|last| now.saturating_duration_since(last) >= WARNING_EVERY);
+        if due {
+            self.last_trim_warning = Some(now);
             tracing::warn!(
                 dropped,
-                max_entries = ?(max_entries != usize::MAX).then_some(max_entries),
+                ?max_entries,
+                max_bytes,
+                "metadata batch at its bound; dropped the entries with the oldest collected_at"
+            );
+        } else {
+            tracing::debug!(
+                dropped,
+                ?max_entries,
                 max_bytes,
                 "metadata batch at its bound; dropped the entries with the oldest collected_at"
             );
@@ -560,7 +620,7 @@ impl Worker {
                     .notifier
                     .when_published(self.last_completed, Waiter::Sync(reply));
             }
-            Some((seq, _)) => {
+            Some((seq, _, _)) => {
                 // A flush that is due now starts when this one completes; wait for it too.
                 let another_due = !self.manual_waiting.is_empty()
                     || self.scheduled_due
@@ -579,13 +639,12 @@ impl Worker {
     /// Drains what was accepted, waits for the running flush, and makes the final flush;
     /// while rows are left that a failed flush kept, flushes again, with a short backoff,
     /// until they are written or `close` gives up on the store at its deadline.
-    fn shut_down(mut self, reply: Option<Sender<()>>) {
+    fn shut_down(&mut self, close_waits: bool) {
         for update in self.updates.try_iter().collect::<Vec<_>>() {
             self.take_in(update);
         }
         self.wait_for_flush();
         let mut attempts = 0;
-        let close_waits = reply.is_some();
         while !self.batch.is_empty() && self.wait_to_retry_at_shutdown(attempts, close_waits) {
             attempts += 1;
             self.start(FlushReason::Shutdown);
@@ -595,10 +654,12 @@ impl Worker {
         // After `close` has given up, it has recorded what was unwritten when it did, and
         // its report says the same: the worker does not change it afterwards.
         let recorded = self.shared.cancellation.unless_abandoned(|| {
-            self.shared
-                .counters
+            let counters = &self.shared.counters;
+            counters
                 .unwritten_at_shutdown
                 .store(unwritten as u64, Relaxed);
+            counters.batched.store(0, Relaxed);
+            counters.set_oldest_batched(None);
         });
         if recorded && unwritten > 0 {
             tracing::error!(
@@ -607,16 +668,114 @@ impl Worker {
             );
         }
         self.shared.counters.worker_alive.store(false, Relaxed);
-        if let Flushing::Thread { jobs, thread, .. } = self.flushing {
-            drop(jobs);
-            if let Some(thread) = thread {
+        self.end_flushing();
+    }
+
+    /// Lets the flusher thread end (its publisher thread with it), and waits for it unless
+    /// `close` has given up on the store: then it may be stuck in a store call.
+    fn end_flushing(&mut self) {
+        if let Flushing::Thread { jobs, thread, .. } = &mut self.flushing {
+            jobs.take();
+            if let Some(thread) = thread.take() {
                 if !self.shared.cancellation.is_abandoned() {
                     let _ = thread.join();
                 }
             }
         }
-        if let Some(reply) = reply {
+    }
+
+    /// The select loop or the shutdown panicked, in user code (the clock, a metrics
+    /// recorder, a tracing subscriber), possibly halfway through taking in an update.
+    /// Nothing the worker holds can be trusted to be written, so the batcher stops: intake
+    /// closes (`add` returns [`AddError::Closed`](crate::AddError::Closed)), every waiting
+    /// caller is answered, the flush in flight is waited for (until `close` gives up), and
+    /// every accepted key not yet accounted for is counted in `unwritten_at_shutdown`,
+    /// which is what `close` then reports. Runs no user code but logging.
+    fn die(&mut self, message: &str) {
+        let shared = self.shared.clone();
+        let counters = &shared.counters;
+        counters.panics.fetch_add(1, Relaxed);
+        // First, so that no caller answered below sees the worker alive.
+        counters.worker_alive.store(false, Relaxed);
+        *shared.intake.write() = false;
+        // No `add` can send any more: what is queued is all there will be.
+        for update in self.updates.try_iter() {
+            let keys = update.metadata.len();
+            counters.taken_in.fetch_add(keys as u64, Relaxed);
+            counters.queued.fetch_sub(keys, Relaxed);
+        }
+        self.answer_waiters_now();
+        if self.in_flight.take().is_some() {
+            self.wait_for_flusher_while_dying();
+        }
+        counters.superseded.store(self.batch.superseded(), Relaxed);
+        let mut lost = 0;
+        shared.cancellation.unless_abandoned(|| {
+            let stats = counters.snapshot();
+            let accounted = stats.flushed
+                + stats.superseded
+                + stats.rejected
+                + stats.retention_dropped
+                + stats.lost_to_panics
+                + stats.unwritten_at_shutdown;
+            lost = stats.accepted.saturating_sub(accounted);
+            counters.unwritten_at_shutdown.fetch_add(lost, Relaxed);
+            counters.batched.store(0, Relaxed);
+            counters.in_flight.store(0, Relaxed);
+            counters.in_flight_bytes.store(0, Relaxed);
+            counters.set_oldest_batched(None);
+            counters.set_oldest_in_flight(None);
+        });
+        tracing::error!(
+            panic = %message,
+            lost,
+            "the metadata worker thread panicked (in the clock, a metrics recorder or a \
+             tracing subscriber); the batcher is closed, add refuses updates, and the \
+             entries it held are counted as unwritten"
+        );
+        self.end_flushing();
+    }
+
+    /// Answers every `sync` and `flush` caller that waits on this worker: a dying worker
+    /// will flush nothing more.
+    fn answer_waiters_now(&mut self) {
+        for reply in self
+            .manual_waiting
+            .drain(..)
+            .chain(self.manual_in_flight.drain(..))
+        {
+            let _ = reply.send(None);
+        }
+        for (_, reply) in self.sync_waiting.drain(..) {
             let _ = reply.send(());
+        }
+    }
+
+    /// While dying: the flush in flight holds rows the flusher counts as it writes them,
+    /// so the count waits for its outcome (whose kept rows are lost), or for `close` to
+    /// give up, answering callers meanwhile.
+    fn wait_for_flusher_while_dying(&mut self) {
+        let Flushing::Thread { completed, .. } = &self.flushing else {
+            return;
+        };
+        let given_up = self.shared.cancellation.given_up().clone();
+        let mut control = self.control.clone();
+        loop {
+            select! {
+                recv(completed) -> _ => return,
+                recv(given_up) -> _ => return,
+                recv(control) -> message => match message {
+                    Ok(Control::Sync(reply)) => {
+                        let _ = reply.send(());
+                    }
+                    Ok(Control::Flush(reply)) => {
+                        let _ = reply.send(None);
+                    }
+                    // `close` waits for this thread to end.
+                    Ok(Control::Shutdown) => {}
+                    Err(_) => control = never(),
+                },
+            }
         }
     }
 

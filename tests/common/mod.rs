@@ -179,3 +179,69 @@ pub fn rows(batch: &MetadataBatch) -> Vec<(Uuid, String, String, String, SystemT
     rows.sort();
     rows
 }
+
+/// A [`MockClock`](metadata_batcher::MockClock) that tells the test every timer armed, and
+/// can be made to panic, once, when a named thread reads the time (a faulty `Clock`, as a
+/// user's could be).
+#[derive(Clone)]
+pub struct TestClock {
+    pub mock: metadata_batcher::MockClock,
+    armed: crossbeam_channel::Sender<Duration>,
+    timers: crossbeam_channel::Receiver<Duration>,
+    panic_on: Arc<Mutex<Option<&'static str>>>,
+}
+
+impl TestClock {
+    pub fn new() -> Self {
+        let (armed, timers) = crossbeam_channel::unbounded();
+        TestClock {
+            mock: metadata_batcher::MockClock::new(),
+            armed,
+            timers,
+            panic_on: Arc::default(),
+        }
+    }
+
+    /// Waits until a timer of `d` is armed (by the real clock, at most 10 s).
+    pub fn wait_for_timer(&self, d: Duration) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.timers.recv_timeout(left) {
+                Ok(armed) if armed == d => return,
+                Ok(_) => {}
+                Err(_) => panic!("no timer of {d:?} was armed within 10 s"),
+            }
+        }
+    }
+
+    /// The next `now()` on the thread named `thread` panics.
+    pub fn panic_once_on(&self, thread: &'static str) {
+        *self.panic_on.lock() = Some(thread);
+    }
+}
+
+impl metadata_batcher::Clock for TestClock {
+    fn now(&self) -> std::time::Instant {
+        let name = std::thread::current().name().map(str::to_owned);
+        let mut panic_on = self.panic_on.lock();
+        if panic_on.is_some() && name.as_deref() == *panic_on {
+            *panic_on = None;
+            drop(panic_on);
+            panic!("clock failure on {name:?}");
+        }
+        drop(panic_on);
+        self.mock.now()
+    }
+
+    fn after(&self, d: Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
+        // Armed before the test hears of it, so the test's next `advance` reaches it.
+        let timer = self.mock.after(d);
+        let _ = self.armed.send(d);
+        timer
+    }
+
+    fn tick(&self, d: Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
+        self.mock.tick(d)
+    }
+}

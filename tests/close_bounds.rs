@@ -1,0 +1,209 @@
+//! What `close()` bounds: no caller of `flush`, `sync` or `add` waits past its return,
+//! whatever the store or the publisher does, and its report and log say what held it.
+//! Each test runs the blocking calls on threads of their own and waits for them with a
+//! real-time bound, so a regression fails the test instead of hanging it.
+
+mod common;
+
+use std::thread;
+use std::time::Duration;
+
+use common::{agent, md, ScriptedStore, TestClock};
+use metadata_batcher::{
+    Batcher, FlushMode, Interrupt, MemoryPubsub, MemoryStore, PublishError, Publisher, StoreError,
+};
+
+/// Far longer than any of these calls takes once released: only a hang reaches it.
+const HANG: Duration = Duration::from_secs(10);
+
+/// A store call that blocks until its interrupt fires, then fails `Unavailable`, as a
+/// PostgreSQL session does when its cancel request arrives. Reports each call's start.
+fn hung_until_interrupted() -> (ScriptedStore, crossbeam_channel::Receiver<()>) {
+    let (started_tx, started) = crossbeam_channel::unbounded();
+    let (fire, fired) = crossbeam_channel::unbounded::<()>();
+    let store = ScriptedStore::new(move |_| {
+        let _ = started_tx.send(());
+        let _ = fired.recv();
+        Err(StoreError::Unavailable(
+            "connection closed by the cancel".into(),
+        ))
+    })
+    .with_interrupt(move || {
+        let fire = fire.clone();
+        Interrupt::new(move || {
+            let _ = fire.send(());
+        })
+    });
+    (store, started)
+}
+
+/// Issue 21's first confirmed case: a `flush()` waiting on a store call when `close()`
+/// gives up on it returned only when the process ended, and so did a `sync()` behind it.
+#[test]
+fn a_flush_waiting_on_a_hung_store_returns_when_close_gives_up() {
+    let clock = TestClock::new();
+    let timeout = Duration::from_millis(500);
+    let (store, started) = hung_until_interrupted();
+    let b = std::sync::Arc::new(
+        Batcher::builder(store, MemoryPubsub::new())
+            .clock(clock.clone())
+            .final_flush_timeout(timeout)
+            .build()
+            .unwrap(),
+    );
+    b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
+    let flusher = b.clone();
+    let (flushed_tx, flushed) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = flushed_tx.send(flusher.flush());
+    });
+    started
+        .recv_timeout(HANG)
+        .expect("the flush reached the store");
+    let syncer = b.clone();
+    let (synced_tx, synced) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        syncer.sync();
+        let _ = synced_tx.send(());
+    });
+    let closer = b.clone();
+    let (closed_tx, closed) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = closed_tx.send(closer.close());
+    });
+    clock.wait_for_timer(timeout);
+    clock.mock.advance(timeout);
+    let report = closed.recv_timeout(HANG).expect("close() returned");
+    assert!(report.deadline_hit);
+    assert_eq!((report.written, report.unwritten), (0, 1));
+    let flush = flushed
+        .recv_timeout(HANG)
+        .expect("flush() returned after close()");
+    if let Some(flush) = flush {
+        assert_eq!(flush.stored, 0);
+    }
+    synced
+        .recv_timeout(HANG)
+        .expect("sync() returned after close()");
+    assert!(b.flush().is_none(), "a flush after close returns at once");
+    b.sync();
+    assert_eq!(
+        b.add(agent(0), vec![md("a", "w", 2)]),
+        Err(metadata_batcher::AddError::Closed)
+    );
+}
+
+/// Never returns from `publish` until the test ends; says when a publish began.
+struct StuckPublisher {
+    entered: crossbeam_channel::Sender<()>,
+    stuck: crossbeam_channel::Receiver<()>,
+}
+
+/// The publisher, the receiver of its entries, and what releases it when dropped.
+fn stuck_publisher() -> (
+    StuckPublisher,
+    crossbeam_channel::Receiver<()>,
+    crossbeam_channel::Sender<()>,
+) {
+    let (entered, entries) = crossbeam_channel::unbounded();
+    let (release, stuck) = crossbeam_channel::bounded(0);
+    (StuckPublisher { entered, stuck }, entries, release)
+}
+
+impl Publisher for StuckPublisher {
+    fn publish(&mut self, _channel: &str, _payload: &[u8]) -> Result<(), PublishError> {
+        let _ = self.entered.send(());
+        let _ = self.stuck.recv();
+        Ok(())
+    }
+}
+
+/// Issue 21's second confirmed case: with a publisher that never returns, `close()` said
+/// the deadline was hit with everything written, blamed the store, and joined the
+/// publisher thread with no bound; a `flush()` waiting for its announcement never returned.
+#[test]
+fn a_stuck_publisher_holds_neither_close_nor_flush_and_its_agents_are_counted() {
+    let clock = TestClock::new();
+    let timeout = Duration::from_secs(1);
+    let (publisher, entries, release) = stuck_publisher();
+    let store = MemoryStore::new();
+    store.register(agent(0), ["a"]);
+    let b = std::sync::Arc::new(
+        Batcher::builder(store.clone(), publisher)
+            .clock(clock.clone())
+            .final_flush_timeout(timeout)
+            .build()
+            .unwrap(),
+    );
+    b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
+    let flusher = b.clone();
+    let (flushed_tx, flushed) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = flushed_tx.send(flusher.flush());
+    });
+    entries.recv_timeout(HANG).expect("the publish began");
+    let closer = b.clone();
+    let (closed_tx, closed) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = closed_tx.send(closer.close());
+    });
+    clock.wait_for_timer(timeout);
+    clock.mock.advance(timeout);
+    let report = closed.recv_timeout(HANG).expect("close() returned");
+    assert_eq!(
+        (report.written, report.unwritten),
+        (0, 0),
+        "written before close"
+    );
+    assert!(report.deadline_hit);
+    assert_eq!(report.unannounced, 1, "the agent being published");
+    // Its report, when the worker handed it over before `close` returned; `None` after.
+    let flush = flushed
+        .recv_timeout(HANG)
+        .expect("flush() returned after close()");
+    if let Some(flush) = flush {
+        assert_eq!((flush.stored, flush.publish_errors), (1, 1));
+    }
+    assert_eq!(store.get(agent(0), "a").unwrap().value, "v");
+    assert_eq!(b.stats().publish_errors, 1);
+    drop(release);
+}
+
+/// Inline, the flush publishes on the worker thread: a stuck publisher holds the worker,
+/// and `close()` still returns at its deadline.
+#[test]
+fn inline_a_stuck_publisher_does_not_hold_close() {
+    let clock = TestClock::new();
+    let timeout = Duration::from_secs(1);
+    let (publisher, entries, release) = stuck_publisher();
+    let b = std::sync::Arc::new(
+        Batcher::builder(MemoryStore::new(), publisher)
+            .clock(clock.clone())
+            .flush_mode(FlushMode::Inline)
+            .final_flush_timeout(timeout)
+            .build()
+            .unwrap(),
+    );
+    b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
+    let flusher = b.clone();
+    let (flushed_tx, flushed) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = flushed_tx.send(flusher.flush());
+    });
+    entries.recv_timeout(HANG).expect("the publish began");
+    let closer = b.clone();
+    let (closed_tx, closed) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = closed_tx.send(closer.close());
+    });
+    clock.wait_for_timer(timeout);
+    clock.mock.advance(timeout);
+    let report = closed.recv_timeout(HANG).expect("close() returned");
+    assert!(report.deadline_hit);
+    assert_eq!(report.unwritten, 0);
+    assert!(
+        flushed.recv_timeout(HANG).is_ok(),
+        "flush() returned after close()"
+    );
+    drop(release);
+}

@@ -1,0 +1,108 @@
+//! Panics in the batcher's own threads, from user code they run (a `Clock`, a metrics
+//! recorder, a tracing subscriber): what they lose is counted, every caller is answered,
+//! and `add` says when the batcher can take no more. (Store and publisher panics are in
+//! tests/batcher.rs.)
+
+mod common;
+
+use common::{agent, md, TestClock};
+use metadata_batcher::{AddError, Batcher, MemoryPubsub, MemoryStore, Stats};
+
+/// Every accepted key, accounted for: the identity `Stats` documents, after `close`.
+fn accounted_after_close(stats: &Stats) -> u64 {
+    stats.flushed
+        + stats.superseded
+        + stats.rejected
+        + stats.retention_dropped
+        + stats.lost_to_panics
+        + stats.unwritten_at_shutdown
+}
+
+fn registered(agents: u128) -> MemoryStore {
+    let store = MemoryStore::new();
+    for i in 0..agents {
+        store.register(agent(i), ["a"]);
+    }
+    store
+}
+
+/// Issue 21's third confirmed case: a `Clock` that panicked on the worker thread killed
+/// it; 601 accepted updates were lost while `add` kept accepting, `health()` said the
+/// worker was alive, and neither `stats()` nor `close()` counted anything lost.
+#[test]
+fn a_worker_killed_by_a_panicking_clock_closes_the_batcher_and_counts_what_it_held() {
+    let clock = TestClock::new();
+    let store = registered(601);
+    let b = Batcher::builder(store.clone(), MemoryPubsub::new())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
+    b.sync();
+    clock.panic_once_on("mdbatch-worker");
+    let mut accepted = 1;
+    for i in 1..601 {
+        match b.add(agent(i), vec![md("a", "v", 1)]) {
+            Ok(report) => accepted += report.accepted as u64,
+            Err(AddError::Closed) => break,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    // 601 entries pass the batch size (500): the capacity flush reads the clock, by the
+    // end of this `sync` at the latest. The worker may die while handling it, so its
+    // answer may come before the worker has ended; the next `sync` is answered after.
+    b.sync();
+    b.sync();
+    assert!(!b.health().worker_alive);
+    assert_eq!(
+        b.add(agent(0), vec![md("a", "w", 2)]),
+        Err(AddError::Closed)
+    );
+    assert!(b.flush().is_none());
+    let report = b.close();
+    let stats = b.stats();
+    assert_eq!(stats.accepted, accepted);
+    assert_eq!(stats.panics, 1);
+    assert_eq!(report.unwritten, stats.unwritten_at_shutdown);
+    assert_eq!(report.unwritten + stats.flushed, accepted, "{stats:?}");
+    assert_eq!(accounted_after_close(&stats), stats.accepted, "{stats:?}");
+    assert_eq!((stats.queued, stats.batched, stats.in_flight), (0, 0, 0));
+    assert!(!report.deadline_hit);
+}
+
+/// A panic on the flusher thread outside the store (here the clock, read as the flush
+/// starts) loses that flush's rows, counted, and the next flush writes as usual. (Before,
+/// the flusher thread died, and its rows were lost uncounted.)
+#[test]
+fn a_flush_that_panics_outside_the_store_loses_its_rows_counted_and_the_next_one_writes() {
+    {
+        let clock = TestClock::new();
+        let store = registered(10);
+        let b = Batcher::builder(store.clone(), MemoryPubsub::new())
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        for i in 0..10 {
+            b.add(agent(i), vec![md("a", "lost", 1)]).unwrap();
+        }
+        b.sync();
+        clock.panic_once_on("mdbatch-flush");
+        let failed = b.flush().expect("the flush reports");
+        assert_eq!((failed.stored, failed.retained), (0, 0));
+        assert!(failed.error.is_some());
+        let stats = b.stats();
+        assert_eq!((stats.lost_to_panics, stats.panics), (10, 1));
+        assert_eq!(stats.in_flight, 0);
+        assert!(b.health().worker_alive);
+
+        b.add(agent(0), vec![md("a", "written", 2)]).unwrap();
+        // The failed flush backs off; a manual flush does not wait for it.
+        let written = b.flush().expect("the next flush reports");
+        assert_eq!(written.stored, 1);
+        assert_eq!(store.get(agent(0), "a").unwrap().value, "written");
+        let report = b.close();
+        assert_eq!(report.unwritten, 0);
+        let stats = b.stats();
+        assert_eq!(accounted_after_close(&stats), stats.accepted, "{stats:?}");
+    }
+}

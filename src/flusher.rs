@@ -381,9 +381,11 @@ impl Flusher {
         let rows = chunk.len();
         match result {
             Ok(updated) => {
-                self.count_stored(&chunk, updated);
                 written.updated += updated;
-                written.agent_ids.append(&mut chunk.agent_ids);
+                // Recorded before the metrics recorder (user code) runs: a stored row is
+                // announced even if that panics.
+                written.agent_ids.extend_from_slice(&chunk.agent_ids);
+                self.count_stored(&chunk, updated);
             }
             Err(StoreError::Rejected(message)) => {
                 self.count_store_error();
@@ -500,37 +502,49 @@ impl Flusher {
     ) -> Result<Vec<Result<u64, StoreError>>, StoreCall> {
         let store = &mut self.store;
         let counters = &self.shared.counters;
+        // Read before the call: a clock that panics here has cost no write.
+        let started = self.shared.clock.now();
         let result = catch_unwind(AssertUnwindSafe(|| {
             let interrupt = store.interrupt_handle();
             if !self.shared.cancellation.arm(interrupt) {
                 return None;
             }
             let conflicts_before = store.conflicts();
-            let started = self.shared.clock.now();
             counters.set_store_call_started(Some(started));
             let results = match chunks {
                 [chunk] => vec![store.batch_update(chunk)],
                 _ => store.batch_update_many(chunks),
             };
-            let took = self.shared.clock.now().saturating_duration_since(started);
-            Some((
-                results,
-                store.conflicts().saturating_sub(conflicts_before),
-                took,
-            ))
+            Some((results, store.conflicts().saturating_sub(conflicts_before)))
         }));
         counters.set_store_call_started(None);
         self.shared.cancellation.disarm();
         match result {
-            Ok(Some((results, conflicts, took))) => {
+            Ok(Some((results, conflicts))) => {
+                // What the store answered stands whatever the clock does after it: rows it
+                // wrote are counted and announced.
+                let took = catch_unwind(AssertUnwindSafe(|| self.shared.clock.now()));
+                let took = match took {
+                    Ok(now) => Some(now.saturating_duration_since(started)),
+                    Err(panic) => {
+                        counters.panics.fetch_add(1, Relaxed);
+                        tracing::error!(
+                            panic = %panic_message(&*panic),
+                            "the clock panicked after a store call; its results are kept"
+                        );
+                        None
+                    }
+                };
                 let rows = chunks.iter().map(MetadataBatch::len).sum();
                 self.count_conflicts(rows, conflicts, results.iter().all(Result::is_ok));
                 // Statements in one call run at once: each took the call's time. A
                 // retried statement's time includes the wait for the conflict.
                 for (chunk, result) in chunks.iter().zip(&results) {
-                    match result {
-                        Ok(_) if conflicts == 0 => self.size.observe(chunk.len(), took),
-                        Err(StoreError::Canceled) => self.size.reset(),
+                    match (result, took) {
+                        (Ok(_), Some(took)) if conflicts == 0 => {
+                            self.size.observe(chunk.len(), took)
+                        }
+                        (Err(StoreError::Canceled), _) => self.size.reset(),
                         _ => {}
                     }
                 }

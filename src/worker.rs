@@ -150,6 +150,10 @@ pub(crate) struct Worker {
     last_started: Instant,
     /// When trimming last logged at warn level, by the injected clock.
     last_trim_warning: Option<Instant>,
+    /// Keys of the update being taken in that are not in the batch yet, while a capacity
+    /// flush it triggered starts (and, inline, runs): they count as batched, so that
+    /// `close`, counting what is unwritten meanwhile, sees them.
+    in_hand: usize,
 }
 
 impl Worker {
@@ -187,6 +191,7 @@ impl Worker {
             collected: Instant::now(),
             last_started: shared_now,
             last_trim_warning: None,
+            in_hand: 0,
         }
     }
 
@@ -340,7 +345,7 @@ impl Worker {
             .fetch_add(keys as u64, Relaxed);
         self.shared.counters.queued.fetch_sub(keys, Relaxed);
         let agent_id = update.agent_id;
-        for metadata in update.metadata {
+        for (taken, metadata) in update.metadata.into_iter().enumerate() {
             if self.batch_since.is_none() {
                 self.batch_since = Some(self.shared.clock.now());
                 self.shared.counters.set_oldest_batched(self.batch_since);
@@ -348,7 +353,9 @@ impl Worker {
             self.batch.insert(agent_id, metadata);
             let len = self.batch.len();
             if len >= self.config.batch_size && self.can_flush_for_capacity() {
+                self.in_hand = keys - taken - 1;
                 self.start(FlushReason::Capacity);
+                self.in_hand = 0;
             } else if len
                 >= self
                     .config
@@ -421,10 +428,10 @@ impl Worker {
         }
         let since = self.batch_since.take();
         self.in_flight = Some((seq, reason, since));
-        let counters = &self.shared.counters;
+        let (counters, in_hand) = (&self.shared.counters, self.in_hand);
         self.shared.cancellation.moving_rows(|| {
             counters.in_flight.store(batch.len(), Relaxed);
-            counters.batched.store(0, Relaxed);
+            counters.batched.store(in_hand, Relaxed);
         });
         self.shared.counters.in_flight_bytes.store(bytes, Relaxed);
         self.byte_budget = self.config.max_pending_bytes.saturating_sub(bytes);
@@ -469,7 +476,7 @@ impl Worker {
             self.shared.counters.set_oldest_batched(self.batch_since);
             self.trim();
         }
-        let (counters, batched) = (&self.shared.counters, self.batch.len());
+        let (counters, batched) = (&self.shared.counters, self.batch.len() + self.in_hand);
         let superseded = self.batch.superseded();
         self.shared.cancellation.moving_rows(|| {
             counters.in_flight.store(0, Relaxed);
@@ -569,6 +576,11 @@ impl Worker {
         let dropped = self.batch.trim(max_entries, max_bytes);
         if dropped == 0 {
             return;
+        }
+        if self.batch.is_empty() {
+            // Nothing waits: `health()` must not report the age of what was dropped.
+            self.batch_since = None;
+            self.shared.counters.set_oldest_batched(None);
         }
         self.shared
             .counters
@@ -698,13 +710,13 @@ impl Worker {
         // First, so that no caller answered below sees the worker alive.
         counters.worker_alive.store(false, Relaxed);
         *shared.intake.write() = false;
-        // No `add` can send any more: what is queued is all there will be.
-        for update in self.updates.try_iter() {
-            let keys = update.metadata.len();
-            counters.taken_in.fetch_add(keys as u64, Relaxed);
-            counters.queued.fetch_sub(keys, Relaxed);
-        }
-        self.answer_waiters_now();
+        // No `add` can send any more: what is queued is all there will be. Keys still
+        // counted as queued after the drain were in messages the panic dropped (the
+        // shutdown drains the channel before it takes the messages in): taken in, and
+        // lost with the rest.
+        self.updates.try_iter().for_each(drop);
+        let stranded = counters.queued.swap(0, Relaxed);
+        counters.taken_in.fetch_add(stranded as u64, Relaxed);
         if self.in_flight.take().is_some() {
             self.wait_for_flusher_while_dying();
         }
@@ -726,6 +738,7 @@ impl Worker {
             counters.set_oldest_batched(None);
             counters.set_oldest_in_flight(None);
         });
+        self.answer_waiters_now();
         tracing::error!(
             panic = %message,
             lost,
@@ -753,7 +766,8 @@ impl Worker {
 
     /// While dying: the flush in flight holds rows the flusher counts as it writes them,
     /// so the count waits for its outcome (whose kept rows are lost), or for `close` to
-    /// give up, answering callers meanwhile.
+    /// give up. Callers that ask meanwhile are answered once the count is done (by
+    /// [`answer_waiters_now`](Self::answer_waiters_now), or by the end of the thread).
     fn wait_for_flusher_while_dying(&mut self) {
         let Flushing::Thread { completed, .. } = &self.flushing else {
             return;
@@ -765,12 +779,8 @@ impl Worker {
                 recv(completed) -> _ => return,
                 recv(given_up) -> _ => return,
                 recv(control) -> message => match message {
-                    Ok(Control::Sync(reply)) => {
-                        let _ = reply.send(());
-                    }
-                    Ok(Control::Flush(reply)) => {
-                        let _ = reply.send(None);
-                    }
+                    Ok(Control::Sync(reply)) => self.sync_waiting.push((0, reply)),
+                    Ok(Control::Flush(reply)) => self.manual_waiting.push(reply),
                     // `close` waits for this thread to end.
                     Ok(Control::Shutdown) => {}
                     Err(_) => control = never(),

@@ -186,9 +186,16 @@ pub fn rows(batch: &MetadataBatch) -> Vec<(Uuid, String, String, String, SystemT
 #[derive(Clone)]
 pub struct TestClock {
     pub mock: metadata_batcher::MockClock,
-    armed: crossbeam_channel::Sender<Duration>,
-    timers: crossbeam_channel::Receiver<Duration>,
+    armed: crossbeam_channel::Sender<Armed>,
+    timers: crossbeam_channel::Receiver<Armed>,
     panic_on: Arc<Mutex<Option<&'static str>>>,
+}
+
+/// A timer armed: by which thread, for how long, and when.
+pub struct Armed {
+    pub thread: Option<String>,
+    pub duration: Duration,
+    pub at: std::time::Instant,
 }
 
 impl TestClock {
@@ -204,15 +211,32 @@ impl TestClock {
 
     /// Waits until a timer of `d` is armed (by the real clock, at most 10 s).
     pub fn wait_for_timer(&self, d: Duration) {
+        self.wait_for(|armed| armed.duration == d)
+            .unwrap_or_else(|| panic!("no timer of {d:?} was armed within 10 s"));
+    }
+
+    /// Waits until the thread named `thread` arms a timer of `d` (by the real clock, at
+    /// most 10 s); returns the mock instant it fires at.
+    pub fn timer_armed_by(&self, thread: &str, d: Duration) -> Option<std::time::Instant> {
+        self.wait_for(|armed| armed.duration == d && armed.thread.as_deref() == Some(thread))
+            .map(|armed| armed.at + armed.duration)
+    }
+
+    fn wait_for(&self, wanted: impl Fn(&Armed) -> bool) -> Option<Armed> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.timers.recv_timeout(left) {
-                Ok(armed) if armed == d => return,
+                Ok(armed) if wanted(&armed) => return Some(armed),
                 Ok(_) => {}
-                Err(_) => panic!("no timer of {d:?} was armed within 10 s"),
+                Err(_) => return None,
             }
         }
+    }
+
+    /// Every timer armed, as it is armed.
+    pub fn timers(&self) -> &crossbeam_channel::Receiver<Armed> {
+        &self.timers
     }
 
     /// The next `now()` on the thread named `thread` panics.
@@ -235,9 +259,16 @@ impl metadata_batcher::Clock for TestClock {
     }
 
     fn after(&self, d: Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
-        // Armed before the test hears of it, so the test's next `advance` reaches it.
+        // Armed before the test hears of it, so the test's next `advance` reaches it; the
+        // time read after arming, so `at + d` is never before the timer's deadline (a
+        // store may move the clock in between).
         let timer = self.mock.after(d);
-        let _ = self.armed.send(d);
+        let at = self.mock.now();
+        let _ = self.armed.send(Armed {
+            thread: std::thread::current().name().map(str::to_owned),
+            duration: d,
+            at,
+        });
         timer
     }
 

@@ -207,3 +207,40 @@ fn inline_a_stuck_publisher_does_not_hold_close() {
     );
     drop(release);
 }
+
+/// Found by the simulation (seed 2570): inline, a capacity flush that an update's second
+/// key triggered ran with the update's third key in neither the batch nor the flush, so
+/// a `close()` that gave up during it counted two unwritten of three.
+#[test]
+fn inline_a_close_that_gives_up_mid_update_counts_every_key() {
+    let clock = TestClock::new();
+    let timeout = Duration::from_millis(500);
+    let (store, started) = hung_until_interrupted();
+    let b = std::sync::Arc::new(
+        Batcher::builder(store, MemoryPubsub::new())
+            .clock(clock.clone())
+            .flush_mode(FlushMode::Inline)
+            .batch_size(2)
+            .final_flush_timeout(timeout)
+            .build()
+            .unwrap(),
+    );
+    b.add(
+        agent(0),
+        vec![md("a", "v", 1), md("b", "v", 1), md("c", "v", 1)],
+    )
+    .unwrap();
+    started
+        .recv_timeout(HANG)
+        .expect("the capacity flush reached the store");
+    let closer = b.clone();
+    let (closed_tx, closed) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = closed_tx.send(closer.close());
+    });
+    clock.wait_for_timer(timeout);
+    clock.mock.advance(timeout);
+    let report = closed.recv_timeout(HANG).expect("close() returned");
+    assert!(report.deadline_hit);
+    assert_eq!(report.unwritten, 3);
+}

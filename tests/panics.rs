@@ -6,7 +6,9 @@
 mod common;
 
 use common::{agent, md, TestClock};
-use metadata_batcher::{AddError, Batcher, MemoryPubsub, MemoryStore, Stats};
+use metadata_batcher::{
+    AddError, Batcher, MemoryPubsub, MemoryStore, Stats, METADATA_BATCH_CHANNEL,
+};
 
 /// Every accepted key, accounted for: the identity `Stats` documents, after `close`.
 fn accounted_after_close(stats: &Stats) -> u64 {
@@ -102,6 +104,78 @@ fn a_flush_that_panics_outside_the_store_loses_its_rows_counted_and_the_next_one
         assert_eq!(store.get(agent(0), "a").unwrap().value, "written");
         let report = b.close();
         assert_eq!(report.unwritten, 0);
+        let stats = b.stats();
+        assert_eq!(accounted_after_close(&stats), stats.accepted, "{stats:?}");
+    }
+}
+
+/// Found by the simulation (seed 227): a clock that panicked when read after a store call
+/// threw the call's results away, so rows it wrote were counted lost and never announced.
+#[test]
+fn a_clock_that_panics_after_a_store_call_keeps_its_results() {
+    let clock = TestClock::new();
+    let store = registered(1);
+    let pubsub = MemoryPubsub::new();
+    let announced = pubsub.subscribe(METADATA_BATCH_CHANNEL);
+    let b = Batcher::builder(store.clone(), pubsub)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
+    b.sync();
+    // The flusher reads the clock as the flush starts, before the store call and after
+    // it: the third reading is the one after.
+    clock.panic_on_reading("mdbatch-flush", 3);
+    let report = b.flush().expect("the flush reports");
+    assert_eq!((report.stored, report.agents), (1, 1));
+    assert_eq!(store.get(agent(0), "a").unwrap().value, "v");
+    assert!(
+        announced.try_recv().is_ok(),
+        "the stored agent is announced"
+    );
+    let stats = b.stats();
+    assert_eq!(
+        (stats.flushed, stats.lost_to_panics, stats.panics),
+        (1, 0, 1)
+    );
+}
+
+/// Found by the simulation (seed 1087): a worker dying while a flush was in flight
+/// answered `sync()` before it had counted what it held, so a caller saw rows in flight
+/// and none unwritten after the sync. Looped: the bug needed the sync to arrive while
+/// the flush was still held.
+#[test]
+fn a_sync_to_a_dying_worker_returns_once_it_has_counted() {
+    for _ in 0..50 {
+        let clock = TestClock::new();
+        let (store, gate) = common::ScriptedStore::gated();
+        let b = std::sync::Arc::new(
+            Batcher::builder(store, MemoryPubsub::new())
+                .clock(clock.clone())
+                .batch_size(1)
+                .build()
+                .unwrap(),
+        );
+        let gate = gate;
+        b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
+        gate.entered.recv().unwrap(); // the capacity flush is held in the store
+        clock.panic_once_on("mdbatch-worker");
+        b.add(agent(1), vec![md("a", "v", 1)]).unwrap();
+        let syncer = b.clone();
+        let (synced_tx, synced) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            syncer.sync();
+            let _ = synced_tx.send(syncer.stats());
+        });
+        gate.open();
+        let stats = synced
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("sync() returned");
+        if !b.health().worker_alive {
+            assert_eq!(accounted_after_close(&stats), stats.accepted, "{stats:?}");
+            assert_eq!((stats.queued, stats.batched, stats.in_flight), (0, 0, 0));
+        }
+        b.close();
         let stats = b.stats();
         assert_eq!(accounted_after_close(&stats), stats.accepted, "{stats:?}");
     }

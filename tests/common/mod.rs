@@ -188,7 +188,8 @@ pub struct TestClock {
     pub mock: metadata_batcher::MockClock,
     armed: crossbeam_channel::Sender<Armed>,
     timers: crossbeam_channel::Receiver<Armed>,
-    panic_on: Arc<Mutex<Option<&'static str>>>,
+    /// The thread whose `now()` panics, after how many more readings.
+    panic_on: Arc<Mutex<Option<(&'static str, usize)>>>,
 }
 
 /// A timer armed: by which thread, for how long, and when.
@@ -241,7 +242,12 @@ impl TestClock {
 
     /// The next `now()` on the thread named `thread` panics.
     pub fn panic_once_on(&self, thread: &'static str) {
-        *self.panic_on.lock() = Some(thread);
+        self.panic_on_reading(thread, 1);
+    }
+
+    /// The `nth` `now()` from here on the thread named `thread` panics (1: the next).
+    pub fn panic_on_reading(&self, thread: &'static str, nth: usize) {
+        *self.panic_on.lock() = Some((thread, nth));
     }
 }
 
@@ -249,10 +255,15 @@ impl metadata_batcher::Clock for TestClock {
     fn now(&self) -> std::time::Instant {
         let name = std::thread::current().name().map(str::to_owned);
         let mut panic_on = self.panic_on.lock();
-        if panic_on.is_some() && name.as_deref() == *panic_on {
-            *panic_on = None;
-            drop(panic_on);
-            panic!("clock failure on {name:?}");
+        if let Some((thread, left)) = panic_on.as_mut() {
+            if name.as_deref() == Some(*thread) {
+                *left -= 1;
+                if *left == 0 {
+                    *panic_on = None;
+                    drop(panic_on);
+                    panic!("clock failure on {name:?}");
+                }
+            }
         }
         drop(panic_on);
         self.mock.now()

@@ -412,6 +412,51 @@ fn interrupt_cancels_a_statement_blocked_on_a_row_lock() {
     );
 }
 
+/// Issue 21's suspected case, confirmed: an interrupt fired after the batcher took it but
+/// before the statement started (while its parameters were encoded) was drained as
+/// stale, so the statement ran on to its deadline. The store goes through a proxy that
+/// black-holes new connections, so the cancel request never arrives: only the stop the
+/// interrupt left for the session can end the statement.
+#[test]
+fn an_interrupt_fired_before_the_statement_starts_stops_it() {
+    let db = TestDb::new();
+    let mut locker = db.client("mb-test early locker");
+    mbpg::register(&mut locker, agent(1), &["a"]).unwrap();
+    let proxy = pg::proxy::Proxy::in_front_of(&db.url);
+    let mut store =
+        PgStore::connect_with(&proxy.url(&db.url), options("mb-test early store")).unwrap();
+    let mut transaction = locker.transaction().unwrap();
+    transaction
+        .execute("SELECT 1 FROM workspace_agent_metadata FOR UPDATE", &[])
+        .unwrap();
+
+    proxy.black_hole_new();
+    let interrupt = store
+        .interrupt_handle()
+        .expect("an open session can be interrupted");
+    interrupt.fire();
+    let started = Instant::now();
+    let result = store.batch_update(&batch(&[(agent(1), "a", "v", 1)]));
+    assert_eq!(result, Err(StoreError::Canceled));
+    // Well below the 2 s lock timeout it would otherwise wait for.
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    proxy.heal_all();
+    transaction.rollback().unwrap();
+    // A handle taken now is fresh: the next call runs.
+    drop(store.interrupt_handle());
+    assert_eq!(
+        store
+            .batch_update(&batch(&[(agent(1), "a", "v", 1)]))
+            .unwrap(),
+        1
+    );
+}
+
 #[test]
 fn connect_failures_are_unavailable_and_say_why() {
     let err = PgStore::connect("not a url at all").expect_err("invalid URL");

@@ -173,8 +173,11 @@ impl DeadlineClient {
         (&self.client, &mut self.driver)
     }
 
-    /// A handle that sends a cancel request for the running call and stops the wait for it.
-    pub(crate) fn abort(&self) -> Abort {
+    /// A handle that sends a cancel request for the running call, or the next one if none
+    /// runs yet, and stops the wait for it. Aborts fired before this are stale: they were
+    /// for calls that had answered already.
+    pub(crate) fn abort(&mut self) -> Abort {
+        while self.driver.abort.try_recv().is_ok() {}
         self.driver.abort()
     }
 }
@@ -187,8 +190,9 @@ impl Driver {
         deadline: Option<Duration>,
         call: impl Future<Output = R>,
     ) -> Result<R, NoAnswer> {
-        // An abort fired after the previous call had already answered is stale.
-        while self.abort.try_recv().is_ok() {}
+        // An abort fired before this call starts is for it (it was taken for the store
+        // call this one belongs to, perhaps while its parameters were encoded): not
+        // drained here, but when the next handle is taken.
         let Some(deadline) = deadline else {
             return self.abortable(call).await;
         };

@@ -222,9 +222,9 @@ impl PreparedSession {
         }
     }
 
-    /// Stops the statement running now, if any: see [`Abort`].
-    pub(crate) fn abort_handle(&self) -> Option<Abort> {
-        Some(self.session.as_ref()?.client.abort())
+    /// Stops the statement running now, or the session's next one: see [`Abort`].
+    pub(crate) fn abort_handle(&mut self) -> Option<Abort> {
+        Some(self.session.as_mut()?.client.abort())
     }
 
     pub(crate) fn connector(&self) -> &Connector {

@@ -299,13 +299,16 @@ impl Store for PgStore {
 
     /// Cancels the running statements with PostgreSQL's cancel request and stops waiting
     /// for them at once; the call fails with [`StoreError::Canceled`] and the sessions are
-    /// replaced. It reaches the sessions open when it is taken: `None` while there is none,
+    /// replaced. Fired before the call's statements start (while their parameters are
+    /// encoded, say), it stops them as they start; fired after the call returned, it
+    /// stops the next call, unless a new handle is taken first (the batcher takes one
+    /// before every call). It reaches the sessions open when it is taken: `None` while there is none,
     /// and a session the call itself opens (the first backlog's, or one replacing a session
     /// lost) runs on, bounded by the connect timeout and the statement deadline.
     fn interrupt_handle(&mut self) -> Option<Interrupt> {
         let aborts: Vec<_> = self
             .sessions
-            .iter()
+            .iter_mut()
             .filter_map(PreparedSession::abort_handle)
             .collect();
         if aborts.is_empty() {

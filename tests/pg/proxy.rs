@@ -68,6 +68,8 @@ struct Shared {
     stop: AtomicBool,
     /// Every connection, existing and new, is black-holed.
     all_black_holed: AtomicBool,
+    /// Connections accepted from now on are black-holed; those open go on working.
+    new_black_holed: AtomicBool,
     /// Added before each chunk is forwarded, either way: a network's latency, in µs.
     latency_micros: AtomicU64,
     next_id: AtomicU64,
@@ -125,6 +127,7 @@ impl Proxy {
             target,
             stop: AtomicBool::new(false),
             all_black_holed: AtomicBool::new(false),
+            new_black_holed: AtomicBool::new(false),
             latency_micros: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             conns: Mutex::new(Vec::new()),
@@ -229,9 +232,17 @@ impl Proxy {
         self.shared.all_black_holed.store(true, SeqCst);
     }
 
-    /// Undoes [`black_hole_all`](Self::black_hole_all) and every per-connection black hole.
+    /// Black-holes the connections accepted from now on; those open go on working (a
+    /// PostgreSQL cancel request, which opens a connection of its own, never arrives).
+    pub fn black_hole_new(&self) {
+        self.shared.new_black_holed.store(true, SeqCst);
+    }
+
+    /// Undoes [`black_hole_all`](Self::black_hole_all), [`black_hole_new`](Self::black_hole_new)
+    /// and every per-connection black hole.
     pub fn heal_all(&self) {
         self.shared.all_black_holed.store(false, SeqCst);
+        self.shared.new_black_holed.store(false, SeqCst);
         for conn in self.shared.conns.lock().unwrap().iter() {
             conn.black_holed.store(false, SeqCst);
         }
@@ -327,7 +338,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 let conn = Arc::new(Conn {
                     id: shared.next_id.fetch_add(1, SeqCst),
                     application_name: Mutex::new(None),
-                    black_holed: AtomicBool::new(false),
+                    black_holed: AtomicBool::new(shared.new_black_holed.load(SeqCst)),
                     closed: AtomicBool::new(false),
                     sockets: Mutex::new(Vec::new()),
                 });

@@ -351,10 +351,24 @@ impl Batcher {
     pub fn sync(&self) {
         let (reply, done) = crossbeam_channel::bounded(1);
         if self.control.send(Control::Sync(reply)).is_ok() {
-            select! {
-                recv(done) -> _ => {}
-                recv(self.closed) -> _ => {}
-            }
+            self.answer(&done);
+        }
+    }
+
+    /// Waits for the worker's answer, but not past `close`'s return. An answer dropped
+    /// unsent means the worker panicked while handling the request: what the caller waits
+    /// for is settled once the dying worker has counted what it held and ended.
+    fn answer<T>(&self, answer: &Receiver<T>) -> Option<T> {
+        select! {
+            recv(answer) -> answered => answered.ok().or_else(|| {
+                select! {
+                    recv(self.worker_ended) -> _ => {}
+                    recv(self.closed) -> _ => {}
+                }
+                None
+            }),
+            // Both may be ready: `close` answers what it can before it returns.
+            recv(self.closed) -> _ => answer.try_recv().ok(),
         }
     }
 
@@ -371,11 +385,7 @@ impl Batcher {
     pub fn flush(&self) -> Option<FlushReport> {
         let (reply, report) = crossbeam_channel::bounded(1);
         self.control.send(Control::Flush(reply)).ok()?;
-        select! {
-            recv(report) -> report => report.ok().flatten(),
-            // Both may be ready: `close` answers what it can before it returns.
-            recv(self.closed) -> _ => report.try_recv().ok().flatten(),
-        }
+        self.answer(&report).flatten()
     }
 
     /// Running totals; never waits on the worker.

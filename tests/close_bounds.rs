@@ -5,16 +5,40 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use common::{agent, md, ScriptedStore, TestClock};
 use metadata_batcher::{
-    Batcher, FlushMode, Interrupt, MemoryPubsub, MemoryStore, PublishError, Publisher, StoreError,
+    Batcher, CloseReport, FlushMode, Interrupt, MemoryPubsub, MemoryStore, PublishError, Publisher,
+    StoreError,
 };
 
 /// Far longer than any of these calls takes once released: only a hang reaches it.
 const HANG: Duration = Duration::from_secs(10);
+
+/// Calls `call` on `b` on a thread of its own; its result arrives on the receiver.
+fn in_background<T: Send + 'static>(
+    b: &Arc<Batcher>,
+    call: impl FnOnce(&Batcher) -> T + Send + 'static,
+) -> crossbeam_channel::Receiver<T> {
+    let b = b.clone();
+    let (sender, result) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let _ = sender.send(call(&b));
+    });
+    result
+}
+
+/// Closes `b` on a thread of its own, moves the clock to the deadline `close` armed, and
+/// returns its report.
+fn close_at_the_deadline(b: &Arc<Batcher>, clock: &TestClock, timeout: Duration) -> CloseReport {
+    let closed = in_background(b, Batcher::close);
+    clock.wait_for_timer(timeout);
+    clock.mock.advance(timeout);
+    closed.recv_timeout(HANG).expect("close() returned")
+}
 
 /// A store call that blocks until its interrupt fires, then fails `Unavailable`, as a
 /// PostgreSQL session does when its cancel request arrives. Reports each call's start.
@@ -44,7 +68,7 @@ fn a_flush_waiting_on_a_hung_store_returns_when_close_gives_up() {
     let clock = TestClock::new();
     let timeout = Duration::from_millis(500);
     let (store, started) = hung_until_interrupted();
-    let b = std::sync::Arc::new(
+    let b = Arc::new(
         Batcher::builder(store, MemoryPubsub::new())
             .clock(clock.clone())
             .final_flush_timeout(timeout)
@@ -52,28 +76,12 @@ fn a_flush_waiting_on_a_hung_store_returns_when_close_gives_up() {
             .unwrap(),
     );
     b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
-    let flusher = b.clone();
-    let (flushed_tx, flushed) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = flushed_tx.send(flusher.flush());
-    });
+    let flushed = in_background(&b, Batcher::flush);
     started
         .recv_timeout(HANG)
         .expect("the flush reached the store");
-    let syncer = b.clone();
-    let (synced_tx, synced) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        syncer.sync();
-        let _ = synced_tx.send(());
-    });
-    let closer = b.clone();
-    let (closed_tx, closed) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = closed_tx.send(closer.close());
-    });
-    clock.wait_for_timer(timeout);
-    clock.mock.advance(timeout);
-    let report = closed.recv_timeout(HANG).expect("close() returned");
+    let synced = in_background(&b, Batcher::sync);
+    let report = close_at_the_deadline(&b, &clock, timeout);
     assert!(report.deadline_hit);
     assert_eq!((report.written, report.unwritten), (0, 1));
     let flush = flushed
@@ -128,7 +136,7 @@ fn a_stuck_publisher_holds_neither_close_nor_flush_and_its_agents_are_counted() 
     let (publisher, entries, release) = stuck_publisher();
     let store = MemoryStore::new();
     store.register(agent(0), ["a"]);
-    let b = std::sync::Arc::new(
+    let b = Arc::new(
         Batcher::builder(store.clone(), publisher)
             .clock(clock.clone())
             .final_flush_timeout(timeout)
@@ -136,20 +144,9 @@ fn a_stuck_publisher_holds_neither_close_nor_flush_and_its_agents_are_counted() 
             .unwrap(),
     );
     b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
-    let flusher = b.clone();
-    let (flushed_tx, flushed) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = flushed_tx.send(flusher.flush());
-    });
+    let flushed = in_background(&b, Batcher::flush);
     entries.recv_timeout(HANG).expect("the publish began");
-    let closer = b.clone();
-    let (closed_tx, closed) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = closed_tx.send(closer.close());
-    });
-    clock.wait_for_timer(timeout);
-    clock.mock.advance(timeout);
-    let report = closed.recv_timeout(HANG).expect("close() returned");
+    let report = close_at_the_deadline(&b, &clock, timeout);
     assert_eq!(
         (report.written, report.unwritten),
         (0, 0),
@@ -176,7 +173,7 @@ fn inline_a_stuck_publisher_does_not_hold_close() {
     let clock = TestClock::new();
     let timeout = Duration::from_secs(1);
     let (publisher, entries, release) = stuck_publisher();
-    let b = std::sync::Arc::new(
+    let b = Arc::new(
         Batcher::builder(MemoryStore::new(), publisher)
             .clock(clock.clone())
             .flush_mode(FlushMode::Inline)
@@ -185,20 +182,9 @@ fn inline_a_stuck_publisher_does_not_hold_close() {
             .unwrap(),
     );
     b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
-    let flusher = b.clone();
-    let (flushed_tx, flushed) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = flushed_tx.send(flusher.flush());
-    });
+    let flushed = in_background(&b, Batcher::flush);
     entries.recv_timeout(HANG).expect("the publish began");
-    let closer = b.clone();
-    let (closed_tx, closed) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = closed_tx.send(closer.close());
-    });
-    clock.wait_for_timer(timeout);
-    clock.mock.advance(timeout);
-    let report = closed.recv_timeout(HANG).expect("close() returned");
+    let report = close_at_the_deadline(&b, &clock, timeout);
     assert!(report.deadline_hit);
     assert_eq!(report.unwritten, 0);
     assert!(
@@ -216,7 +202,7 @@ fn inline_a_close_that_gives_up_mid_update_counts_every_key() {
     let clock = TestClock::new();
     let timeout = Duration::from_millis(500);
     let (store, started) = hung_until_interrupted();
-    let b = std::sync::Arc::new(
+    let b = Arc::new(
         Batcher::builder(store, MemoryPubsub::new())
             .clock(clock.clone())
             .flush_mode(FlushMode::Inline)
@@ -233,14 +219,7 @@ fn inline_a_close_that_gives_up_mid_update_counts_every_key() {
     started
         .recv_timeout(HANG)
         .expect("the capacity flush reached the store");
-    let closer = b.clone();
-    let (closed_tx, closed) = crossbeam_channel::bounded(1);
-    thread::spawn(move || {
-        let _ = closed_tx.send(closer.close());
-    });
-    clock.wait_for_timer(timeout);
-    clock.mock.advance(timeout);
-    let report = closed.recv_timeout(HANG).expect("close() returned");
+    let report = close_at_the_deadline(&b, &clock, timeout);
     assert!(report.deadline_hit);
     assert_eq!(report.unwritten, 3);
 }

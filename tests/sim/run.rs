@@ -17,7 +17,7 @@ use super::faults::Profile;
 use super::model::Model;
 use super::publisher::SimPublisher;
 use super::store::{SimStore, Table, POISON};
-use crate::common::{agent, at, TestClock};
+use crate::common::{accounted, agent, at, TestClock};
 
 /// Far longer than anything here takes once it may return: only a hang reaches it.
 const HANG: Duration = Duration::from_secs(10);
@@ -321,7 +321,7 @@ impl<'a> Run<'a> {
             }
             let stats = stats.ok_or_else(|| format!("b{b}: never came to rest"))?;
             let waiting = stats.queued + stats.batched + stats.in_flight;
-            if stats.accepted != waiting as u64 + done(&stats) {
+            if stats.accepted != waiting as u64 + accounted(&stats) {
                 return Err(format!(
                     "b{b}: accepted keys unaccounted for at rest: {stats:?}"
                 ));
@@ -444,7 +444,7 @@ impl<'a> Run<'a> {
         replica.batcher.sync();
         if !report.deadline_hit {
             let waiting = stats.queued + stats.batched + stats.in_flight;
-            if waiting != 0 || stats.accepted != done(&stats) {
+            if waiting != 0 || stats.accepted != accounted(&stats) {
                 return Err(format!("unaccounted for after {report:?}: {stats:?}"));
             }
             self.check_announced(b, &stats)?;
@@ -484,14 +484,4 @@ impl<'a> Run<'a> {
         }
         Ok(())
     }
-}
-
-/// Accepted keys whose fate is settled: written, superseded, or lost and counted.
-fn done(stats: &Stats) -> u64 {
-    stats.flushed
-        + stats.superseded
-        + stats.rejected
-        + stats.retention_dropped
-        + stats.lost_to_panics
-        + stats.unwritten_at_shutdown
 }

@@ -476,12 +476,14 @@ impl Batcher {
         let mut unwritten = 0;
         let store_call = self.health().store_call_age;
         let interrupt = self.shared.cancellation.abandon(|| {
+            // Everything accepted and not settled, rather than `queued + batched +
+            // in_flight`: the keys of an update the worker is taking in (or was, when it
+            // panicked) are in none of those. A key superseded a moment ago may be counted
+            // too: the worker publishes that count once per update, not under this lock.
             let stats = counters.snapshot();
-            unwritten = stats.queued + stats.batched + stats.in_flight;
+            unwritten = stats.accepted.saturating_sub(stats.settled());
             // Added, not stored: a worker that died has counted what it held already.
-            counters
-                .unwritten_at_shutdown
-                .fetch_add(unwritten as u64, Relaxed);
+            counters.unwritten_at_shutdown.fetch_add(unwritten, Relaxed);
         });
         let unannounced = self.shared.notifier.abandon(&self.shared);
         let timeout = self.final_flush_timeout;

@@ -65,9 +65,10 @@ impl Cancellation {
         state.interrupt.take()
     }
 
-    /// Moves rows between the batch and the flush in flight in `counters`: under the lock
-    /// [`abandon`](Self::abandon) counts under, so that count never sees the rows in
-    /// neither place (zero unwritten while they are) or in both (twice). Once per flush.
+    /// Moves rows between the batch, the flush in flight and where they end (written,
+    /// refused, lost) in `counters`: under the lock [`abandon`](Self::abandon) and a dying
+    /// worker count under, so that a count never sees the rows in neither place or in
+    /// both. Once per flush on the worker, once per statement on the flusher.
     pub(crate) fn moving_rows(&self, update: impl FnOnce()) {
         let _state = self.state.lock();
         update();

@@ -239,12 +239,14 @@ impl Flusher {
         self.shared.cancellation.disarm();
         counters.set_store_call_started(None);
         let kept = written.retained.len();
-        let lost = counters.in_flight.load(Relaxed).saturating_sub(kept);
-        counters.release_in_flight(lost, 0);
-        counters
-            .in_flight_bytes
-            .store(crate::batch::batch_bytes(&written.retained), Relaxed);
-        counters.lost_to_panics.fetch_add(lost as u64, Relaxed);
+        let kept_bytes = crate::batch::batch_bytes(&written.retained);
+        let mut lost = 0;
+        self.shared.cancellation.moving_rows(|| {
+            lost = counters.in_flight.load(Relaxed).saturating_sub(kept);
+            counters.release_in_flight(lost, 0);
+            counters.in_flight_bytes.store(kept_bytes, Relaxed);
+            counters.lost_to_panics.fetch_add(lost as u64, Relaxed);
+        });
         counters.panics.fetch_add(1, Relaxed);
         tracing::error!(
             lost,
@@ -325,12 +327,12 @@ impl Flusher {
                 written.statements += chunks.len();
                 self.count_store_error();
                 self.shared.counters.panics.fetch_add(1, Relaxed);
-                self.shared
-                    .counters
-                    .lost_to_panics
-                    .fetch_add(rows as u64, Relaxed);
                 let bytes = chunks.iter().map(crate::batch::batch_bytes).sum();
-                self.shared.counters.release_in_flight(rows, bytes);
+                let counters = &self.shared.counters;
+                self.shared.cancellation.moving_rows(|| {
+                    counters.lost_to_panics.fetch_add(rows as u64, Relaxed);
+                    counters.release_in_flight(rows, bytes);
+                });
                 tracing::error!(
                     rows,
                     panic = %message,
@@ -577,10 +579,13 @@ impl Flusher {
     fn count_stored(&self, chunk: &MetadataBatch, updated: u64) {
         let c = &self.shared.counters;
         let rows = chunk.len();
-        c.flushed.fetch_add(rows as u64, Relaxed);
+        let bytes = crate::batch::batch_bytes(chunk);
+        self.shared.cancellation.moving_rows(|| {
+            c.flushed.fetch_add(rows as u64, Relaxed);
+            c.release_in_flight(rows, bytes);
+        });
         c.unmatched
             .fetch_add((rows as u64).saturating_sub(updated), Relaxed);
-        c.release_in_flight(rows, crate::batch::batch_bytes(chunk));
         self.shared.metrics.flushed.increment(rows as u64);
     }
 
@@ -590,10 +595,12 @@ impl Flusher {
     }
 
     fn reject(&self, row: &MetadataBatch, message: &str) {
-        self.shared.counters.rejected.fetch_add(1, Relaxed);
-        self.shared
-            .counters
-            .release_in_flight(1, crate::batch::batch_bytes(row));
+        let counters = &self.shared.counters;
+        let bytes = crate::batch::batch_bytes(row);
+        self.shared.cancellation.moving_rows(|| {
+            counters.rejected.fetch_add(1, Relaxed);
+            counters.release_in_flight(1, bytes);
+        });
         self.shared.metrics.rejected.increment(1);
         tracing::warn!(
             agent_id = %row.agent_ids[0],

@@ -108,7 +108,8 @@ pub struct FlushCounts {
 ///          + rejected + retention_dropped + lost_to_panics + unwritten_at_shutdown   (lost, counted)
 /// ```
 ///
-/// Keys dropped at `add` were never accepted: they are in `dropped` alone. After `close`,
+/// [`Stats::settled`] sums the second and third lines. Keys dropped at `add` were never
+/// accepted: they are in `dropped` alone. After `close`,
 /// `queued`, `batched` and `in_flight` are 0: what was left is `unwritten_at_shutdown`.
 /// After a `close` that gave up on a hung store, a call it abandoned may still write rows
 /// it counted as unwritten, so the right side may then exceed `accepted`.
@@ -155,6 +156,36 @@ pub struct Stats {
     pub unwritten_at_shutdown: u64,
     /// The most recent flush that carried entries.
     pub last_flush: Option<FlushReport>,
+}
+
+impl Stats {
+    /// Accepted keys whose fate is settled: written (`flushed`), `superseded`, or lost and
+    /// counted (`rejected`, `retention_dropped`, `lost_to_panics`,
+    /// `unwritten_at_shutdown`). At rest, `accepted - settled()` is what waits
+    /// (`queued + batched + in_flight`); after a `close` that met its deadline, nothing.
+    ///
+    /// ```
+    /// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore, Metadata};
+    /// use uuid::Uuid;
+    ///
+    /// let batcher = Batcher::builder(MemoryStore::new(), MemoryPubsub::new()).build().unwrap();
+    /// let now = std::time::SystemTime::now();
+    /// let agent = Uuid::from_u128(1);
+    /// batcher.add(agent, vec![Metadata::new("cpu", "1%", "", now)]).unwrap();
+    /// batcher.add(agent, vec![Metadata::new("cpu", "2%", "", now)]).unwrap();
+    /// batcher.sync();
+    /// let stats = batcher.stats();
+    /// assert_eq!((stats.accepted, stats.superseded, stats.batched), (2, 1, 1));
+    /// assert_eq!(stats.accepted - stats.settled(), stats.batched as u64);
+    /// ```
+    pub fn settled(&self) -> u64 {
+        self.flushed
+            + self.superseded
+            + self.rejected
+            + self.retention_dropped
+            + self.lost_to_panics
+            + self.unwritten_at_shutdown
+    }
 }
 
 /// What a readiness probe needs to know.

@@ -717,25 +717,31 @@ impl Worker {
         self.updates.try_iter().for_each(drop);
         let stranded = counters.queued.swap(0, Relaxed);
         counters.taken_in.fetch_add(stranded as u64, Relaxed);
-        if self.in_flight.take().is_some() {
-            self.wait_for_flusher_while_dying();
-        }
         counters.superseded.store(self.batch.superseded(), Relaxed);
+        // What this worker held, the batch and whatever the panic dropped halfway, is
+        // everything accepted that is neither accounted for nor in the flush in flight:
+        // counted now, under the lock the flusher counts rows under, so that a `close`
+        // that gives up while that flush is awaited counts only the flush.
         let mut lost = 0;
         shared.cancellation.unless_abandoned(|| {
             let stats = counters.snapshot();
-            let accounted = stats.flushed
-                + stats.superseded
-                + stats.rejected
-                + stats.retention_dropped
-                + stats.lost_to_panics
-                + stats.unwritten_at_shutdown;
-            lost = stats.accepted.saturating_sub(accounted);
+            let settled = stats.settled() + stats.in_flight as u64;
+            lost = stats.accepted.saturating_sub(settled);
             counters.unwritten_at_shutdown.fetch_add(lost, Relaxed);
             counters.batched.store(0, Relaxed);
-            counters.in_flight.store(0, Relaxed);
-            counters.in_flight_bytes.store(0, Relaxed);
             counters.set_oldest_batched(None);
+        });
+        if self.in_flight.take().is_some() {
+            self.wait_for_flusher_while_dying();
+        }
+        // What the flush in flight did not write, refuse or lose: its kept rows.
+        shared.cancellation.unless_abandoned(|| {
+            let kept = counters.in_flight.swap(0, Relaxed);
+            lost += kept as u64;
+            counters
+                .unwritten_at_shutdown
+                .fetch_add(kept as u64, Relaxed);
+            counters.in_flight_bytes.store(0, Relaxed);
             counters.set_oldest_in_flight(None);
         });
         self.answer_waiters_now();

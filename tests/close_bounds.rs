@@ -223,3 +223,36 @@ fn inline_a_close_that_gives_up_mid_update_counts_every_key() {
     assert!(report.deadline_hit);
     assert_eq!(report.unwritten, 3);
 }
+
+/// Found by the long simulation run (seed 1022965): a worker that died while a flush was
+/// held in the store counted what it held only after that flush; a `close()` that gave
+/// up meanwhile counted the flush alone, and the keys the worker held were lost uncounted.
+#[test]
+fn a_close_that_gives_up_on_a_dying_worker_counts_what_it_held() {
+    let clock = TestClock::new();
+    let timeout = Duration::from_millis(500);
+    let (store, started) = hung_until_interrupted();
+    let b = Arc::new(
+        Batcher::builder(store, MemoryPubsub::new())
+            .clock(clock.clone())
+            .batch_size(1)
+            .final_flush_timeout(timeout)
+            .build()
+            .unwrap(),
+    );
+    b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
+    started
+        .recv_timeout(HANG)
+        .expect("the capacity flush reached the store");
+    clock.panic_once_on("mdbatch-worker");
+    b.add(
+        agent(1),
+        vec![md("a", "v", 1), md("b", "v", 1), md("c", "v", 1)],
+    )
+    .unwrap();
+    let report = close_at_the_deadline(&b, &clock, timeout);
+    assert!(report.deadline_hit);
+    assert_eq!(report.unwritten, 4, "{:?}", b.stats());
+    // Whether the worker has begun dying by then or not, the count is the same.
+    assert_eq!(b.stats().accepted, 4);
+}

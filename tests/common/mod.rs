@@ -163,18 +163,6 @@ pub fn md(key: &str, value: &str, secs: u64) -> Metadata {
     Metadata::new(key, value, "", at(secs))
 }
 
-/// Accepted keys whose fate is settled: written, superseded, or lost and counted. At rest
-/// it is `accepted` less what waits (`Stats` documents the identity); after a `close`
-/// that met its deadline, all of `accepted`.
-pub fn accounted(stats: &metadata_batcher::Stats) -> u64 {
-    stats.flushed
-        + stats.superseded
-        + stats.rejected
-        + stats.retention_dropped
-        + stats.lost_to_panics
-        + stats.unwritten_at_shutdown
-}
-
 /// The rows of a batch as sortable tuples.
 pub fn rows(batch: &MetadataBatch) -> Vec<(Uuid, String, String, String, SystemTime)> {
     let mut rows: Vec<_> = (0..batch.len())

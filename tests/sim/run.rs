@@ -17,7 +17,7 @@ use super::faults::Profile;
 use super::model::Model;
 use super::publisher::SimPublisher;
 use super::store::{SimStore, Table, POISON};
-use crate::common::{accounted, agent, at, TestClock};
+use crate::common::{agent, at, TestClock};
 
 /// Far longer than anything here takes once it may return: only a hang reaches it.
 const HANG: Duration = Duration::from_secs(10);
@@ -321,7 +321,7 @@ impl<'a> Run<'a> {
             }
             let stats = stats.ok_or_else(|| format!("b{b}: never came to rest"))?;
             let waiting = stats.queued + stats.batched + stats.in_flight;
-            if stats.accepted != waiting as u64 + accounted(&stats) {
+            if stats.accepted != waiting as u64 + stats.settled() {
                 return Err(format!(
                     "b{b}: accepted keys unaccounted for at rest: {stats:?}"
                 ));
@@ -444,7 +444,7 @@ impl<'a> Run<'a> {
         replica.batcher.sync();
         if !report.deadline_hit {
             let waiting = stats.queued + stats.batched + stats.in_flight;
-            if waiting != 0 || stats.accepted != accounted(&stats) {
+            if waiting != 0 || stats.accepted != stats.settled() {
                 return Err(format!("unaccounted for after {report:?}: {stats:?}"));
             }
             self.check_announced(b, &stats)?;

@@ -67,6 +67,11 @@
 //! | subscriber of each replica | `--listen-url`, else `LISTEN_DATABASE_URL`, else DATABASE_URL (never through the proxy) |
 //! | admin (CREATE/DROP DATABASE, `pg_stat_database`) and set-up (migrate, register, VACUUM) | the same as the subscribers |
 //!
+//! loadgen's own sessions (admin and `--verify`) reconnect for up to a minute after losing
+//! their connection, so a restart or a failover mid-run (a multi-host URL with
+//! `target_session_attrs=read-write`) still ends with the summary, the verification and the
+//! database dropped.
+//!
 //! Every statement loadgen sends itself is unnamed (`query_typed`, or the simple query
 //! protocol), so it works through a transaction pooler.
 //!
@@ -94,6 +99,8 @@ mod pg_url;
 mod pgbouncer;
 #[path = "support/pgbouncer_ini.rs"]
 mod pgbouncer_ini;
+#[path = "support/reconnecting.rs"]
+mod reconnecting;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -115,6 +122,7 @@ use uuid::Uuid;
 
 use delay_proxy::DelayProxy;
 use pgbouncer::Pooler;
+use reconnecting::Reconnecting;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// The simulated store's cost per row, as PostgreSQL's batched update costs here.
@@ -134,6 +142,9 @@ const RTT_CALIBRATIONS: usize = 2;
 /// How long loadgen waits for its database's sessions to end after a run, before it reads
 /// `pg_stat_database` (a backend reports its deadlocks when it exits, at the latest).
 const SESSIONS_END_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long loadgen's own sessions (admin, `--verify`) keep reconnecting after losing their
+/// connection: a restart or a failover (promotion, then the URL's next host) mid-run.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
 /// How often that wait looks: PostgreSQL offers nothing to block on for another backend's
 /// exit.
 const SESSIONS_END_POLL: Duration = Duration::from_millis(20);
@@ -667,9 +678,10 @@ fn select1_round_trip(url: &str, statement_mode: StatementMode) -> Result<Durati
     Ok(samples[samples.len() / 2])
 }
 
-/// The database a postgres run works in, dropped at the end.
+/// The database a postgres run works in, dropped at the end. Its admin session reconnects
+/// (a restart or a failover mid-run), so the summary and the drop still run.
 struct Database {
-    admin: postgres::Client,
+    admin: Reconnecting,
     name: String,
     /// The run's database on the data path and on the direct one.
     data_url: String,
@@ -678,14 +690,15 @@ struct Database {
 
 impl Database {
     fn create(paths: &Paths, agents: usize, keys: &[String]) -> Result<Database, String> {
-        let mut admin = pg::connect_client(
+        let mut admin = Reconnecting::new(
             &paths.direct,
-            &session_options("admin", paths.statement_mode),
+            session_options("admin", paths.statement_mode),
+            RECONNECT_PATIENCE,
         )
         .map_err(|err| {
             format!(
-                "connecting to {} (set DATABASE_URL, and LISTEN_DATABASE_URL or --listen-url \
-                 when DATABASE_URL is a pooler): {err}",
+                "{} (set DATABASE_URL, and LISTEN_DATABASE_URL or --listen-url when \
+                 DATABASE_URL is a pooler): {err}",
                 pg_url::redact(&paths.direct)
             )
         })?;
@@ -694,9 +707,7 @@ impl Database {
             format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
             format!("CREATE DATABASE {name}"),
         ] {
-            admin
-                .batch_execute(&sql)
-                .map_err(|err| format!("{sql}: {}", db_error(&err)))?;
+            admin.run(&sql, |client| client.batch_execute(&sql))?;
         }
         // From here on, dropping `database` drops the database, whatever fails next.
         let database = Database {
@@ -722,13 +733,13 @@ impl Database {
 
     /// `pg_stat_database.deadlocks` of this database, as far as backends have reported.
     fn deadlocks(&mut self) -> Result<i64, String> {
-        let rows = self
-            .admin
-            .query_typed(
+        let name = &self.name;
+        let rows = self.admin.run("reading pg_stat_database", |client| {
+            client.query_typed(
                 "SELECT deadlocks FROM pg_stat_database WHERE datname = $1",
-                &[(&self.name as &(dyn ToSql + Sync), Type::TEXT)],
+                &[(name as &(dyn ToSql + Sync), Type::TEXT)],
             )
-            .map_err(|err| format!("reading pg_stat_database: {}", db_error(&err)))?;
+        })?;
         match rows.first() {
             Some(row) => row
                 .try_get::<_, i64>(0)
@@ -741,37 +752,38 @@ impl Database {
     /// session given up on) and waits until they are gone: an exiting backend reports its
     /// statistics, deadlocks included, so `deadlocks` is complete afterwards.
     fn end_sessions(&mut self) -> Result<(), String> {
-        let failed =
-            |err: postgres::Error| format!("ending the run's sessions: {}", db_error(&err));
+        let name = &self.name;
         // Two statements: in one, PostgreSQL may call pg_terminate_backend before it checks
         // the database, and end the admin session itself.
         let pids: Vec<i32> = self
             .admin
-            .query_typed(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1",
-                &[(&self.name as &(dyn ToSql + Sync), Type::TEXT)],
-            )
-            .map_err(failed)?
+            .run("ending the run's sessions", |client| {
+                client.query_typed(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1",
+                    &[(name as &(dyn ToSql + Sync), Type::TEXT)],
+                )
+            })?
             .iter()
             .filter_map(|row| row.try_get(0).ok())
             .collect();
-        self.admin
-            .query_typed(
+        self.admin.run("ending the run's sessions", |client| {
+            client.query_typed(
                 "SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid",
                 &[(&pids as &(dyn ToSql + Sync), Type::INT4_ARRAY)],
             )
-            .map_err(failed)?;
+        })?;
         let deadline = Instant::now() + SESSIONS_END_TIMEOUT;
         loop {
             // Only the terminated ones: a pooler with `min_pool_size` opens new sessions at
             // once, and those have nothing to report.
             let left: i64 = self
                 .admin
-                .query_typed(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
-                    &[(&pids as &(dyn ToSql + Sync), Type::INT4_ARRAY)],
-                )
-                .map_err(|err| format!("waiting for the run's sessions: {}", db_error(&err)))?
+                .run("waiting for the run's sessions", |client| {
+                    client.query_typed(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                        &[(&pids as &(dyn ToSql + Sync), Type::INT4_ARRAY)],
+                    )
+                })?
                 .first()
                 .and_then(|row| row.try_get(0).ok())
                 .unwrap_or(0);
@@ -791,8 +803,8 @@ impl Database {
 impl Drop for Database {
     fn drop(&mut self) {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        if let Err(err) = self.admin.batch_execute(&sql) {
-            eprintln!("loadgen: {sql}: {} (drop it by hand)", db_error(&err));
+        if let Err(err) = self.admin.run(&sql, |client| client.batch_execute(&sql)) {
+            eprintln!("loadgen: {err} (drop it by hand)");
         }
     }
 }
@@ -1401,20 +1413,24 @@ fn verify(
     key_names: &[String],
     newest: &[(u64, usize)],
 ) -> Result<(u64, u64), String> {
-    let mut client = pg::connect_client(&db.data_url, &session_options("verify", statement_mode))
-        .map_err(|err| format!("--verify: connecting: {err}"))?;
+    let mut session = Reconnecting::new(
+        &db.data_url,
+        session_options("verify", statement_mode),
+        RECONNECT_PATIENCE,
+    )
+    .map_err(|err| format!("--verify: {err}"))?;
     let key_index: HashMap<&str, usize> = key_names
         .iter()
         .enumerate()
         .map(|(i, k)| (k.as_str(), i))
         .collect();
     let keys = key_names.len();
-    let rows = client
-        .query_typed(
+    let rows = session.run("--verify: reading the table", |client| {
+        client.query_typed(
             "SELECT workspace_agent_id, key, value FROM workspace_agent_metadata",
             &[],
         )
-        .map_err(|err| format!("--verify: reading the table: {}", db_error(&err)))?;
+    })?;
     let (mut checked, mut wrong) = (0u64, 0u64);
     for row in rows {
         let read = |err: postgres::Error| format!("--verify: reading a row: {err}");

@@ -93,6 +93,8 @@
 
 #[path = "support/delay_proxy.rs"]
 mod delay_proxy;
+#[path = "support/load.rs"]
+mod load;
 #[path = "support/pg_url.rs"]
 mod pg_url;
 #[path = "support/pgbouncer.rs"]
@@ -102,12 +104,11 @@ mod pgbouncer_ini;
 #[path = "support/reconnecting.rs"]
 mod reconnecting;
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
 use metadata_batcher::postgres::{
@@ -121,6 +122,7 @@ use postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use delay_proxy::DelayProxy;
+use load::{agent, agent_index, micros_to_time, Clock, Generator, VisitOrder};
 use pgbouncer::Pooler;
 use reconnecting::Reconnecting;
 
@@ -153,8 +155,6 @@ const SESSIONS_END_POLL: Duration = Duration::from_millis(20);
 const SUBSCRIBER_QUIET: Duration = Duration::from_secs(1);
 /// ...and at the latest this long after the run, whatever it still hears.
 const SUBSCRIBER_MAX_WAIT: Duration = Duration::from_secs(10);
-/// The generator's pacing step: it issues what is due, then sleeps this long.
-const PACING_STEP: Duration = Duration::from_micros(500);
 /// How often the progress line is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// After the generators' end, how often the progress loop looks whether they have stopped.
@@ -335,17 +335,6 @@ fn parse_args() -> Result<Config, String> {
     Ok(config)
 }
 
-/// Agent `i` of the fleet, and back.
-fn agent(i: usize) -> Uuid {
-    Uuid::from_u128(0x6c67_0000_0000_0000_0000_0000_0000_0000 | (i as u128 + 1))
-}
-fn agent_index(id: Uuid) -> Option<usize> {
-    let n = id.as_u128();
-    (n >> 112 == 0x6c67)
-        .then_some((n & 0xffff_ffff) as usize)
-        .and_then(|i| i.checked_sub(1))
-}
-
 /// A lock whose holder panicked still guards plain counters: keep using them.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
@@ -375,84 +364,6 @@ fn session_options(role: &str, statement_mode: StatementMode) -> PgOptions {
         statement_mode,
         ..PgOptions::default()
     }
-}
-
-/// One clock for every replica's `collected_at`: whole microseconds (what `timestamptz`
-/// keeps), strictly increasing across all replicas, so that per key the newest update any
-/// replica accepted is well defined and is the one the table must end with.
-#[derive(Default)]
-struct Clock(AtomicU64);
-
-impl Clock {
-    /// The next instant, in microseconds since the epoch: now, or one more than the last.
-    fn next_micros(&self) -> u64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_micros() as u64);
-        // The closure never refuses, so both arms hold the previous value.
-        let (Ok(previous) | Err(previous)) = self
-            .0
-            .fetch_update(Relaxed, Relaxed, |last| Some(now.max(last + 1)));
-        now.max(previous + 1)
-    }
-}
-
-fn micros_to_time(micros: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(micros)
-}
-
-/// The value a call writes: its `collected_at` and its replica, so the check can tell which
-/// update a row holds.
-fn value_of(micros: u64, replica: usize) -> String {
-    format!("{micros}/r{replica}")
-}
-
-/// The order replica `r` visits the agents in: call `i` goes to agent
-/// `(offset + (i mod agents) × stride) mod agents`. Replica 0 goes 0, 1, 2, ... (what
-/// loadgen did before it had replicas); the others start elsewhere and stride by a number
-/// coprime with the fleet size, so each still visits every agent once per round, but next
-/// to other neighbours than any other replica: their flushes hold different mixes of the
-/// same rows.
-#[derive(Clone, Copy, Debug)]
-struct VisitOrder {
-    offset: usize,
-    stride: usize,
-}
-
-impl VisitOrder {
-    fn of(replica: usize, replicas: usize, agents: usize) -> VisitOrder {
-        if replica == 0 || agents < 2 {
-            return VisitOrder {
-                offset: 0,
-                stride: 1,
-            };
-        }
-        let start = 1 + replica * agents / (replicas + 1);
-        // Among any `agents` consecutive numbers one is ≡ 1 (mod agents), so coprime: this
-        // finds a stride within `agents` steps.
-        let stride = (start..start + agents)
-            .map(|candidate| candidate % agents)
-            .find(|&candidate| candidate > 0 && gcd(candidate, agents) == 1)
-            .unwrap_or(1);
-        VisitOrder {
-            offset: replica * agents / replicas,
-            stride,
-        }
-    }
-
-    fn agent(&self, call: u64, agents: usize) -> usize {
-        let i = (call % agents as u64) as usize;
-        // i < agents and stride < agents: the product fits in a u64 for any fleet that fits
-        // in memory.
-        ((self.offset as u64 + i as u64 * self.stride as u64) % agents as u64) as usize
-    }
-}
-
-fn gcd(mut a: usize, mut b: usize) -> usize {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
 }
 
 /// What the store wrappers saw: one entry per successful store call, all replicas together.
@@ -911,89 +822,6 @@ impl Summary {
     }
 }
 
-/// What one replica's generator offered and how its `add` calls went.
-struct Offered {
-    accepted: u64,
-    dropped: u64,
-    /// Per (agent, key): the `collected_at` (µs) of the newest update this replica's batcher
-    /// accepted; 0 for none.
-    newest: Vec<u64>,
-    elapsed: Duration,
-    add_ns: Histogram<u64>,
-}
-
-/// One replica's generator: its agents in its own order, paced to `rate`.
-struct Generator {
-    replica: usize,
-    batcher: Arc<Batcher>,
-    clock: Arc<Clock>,
-    order: VisitOrder,
-    agents: usize,
-    key_names: Vec<String>,
-    rate: f64,
-    duration: Duration,
-    offered: Arc<AtomicU64>,
-}
-
-impl Generator {
-    fn run(self) -> Result<Offered, String> {
-        let keys = self.key_names.len();
-        let mut newest = vec![0u64; self.agents * keys];
-        let (mut accepted, mut dropped) = (0u64, 0u64);
-        // How long each `add` call takes, waking the worker included (two clock reads of
-        // ~20 ns each are in it too).
-        let mut add_ns =
-            Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds");
-        let calls_per_second = self.rate / keys as f64;
-        let start = Instant::now();
-        let mut issued = 0u64;
-        loop {
-            let elapsed = start.elapsed();
-            if elapsed >= self.duration {
-                break;
-            }
-            let due = (elapsed.as_secs_f64() * calls_per_second) as u64;
-            while issued < due {
-                let a = self.order.agent(issued, self.agents);
-                let micros = self.clock.next_micros();
-                let value = value_of(micros, self.replica);
-                let collected_at = micros_to_time(micros);
-                let metadata: Vec<Metadata> = self
-                    .key_names
-                    .iter()
-                    .map(|key| Metadata {
-                        key: key.clone(),
-                        value: value.clone(),
-                        error: String::new(),
-                        collected_at,
-                    })
-                    .collect();
-                let called = Instant::now();
-                let added = self.batcher.add(agent(a), metadata);
-                add_ns.saturating_record(called.elapsed().as_nanos() as u64);
-                let report =
-                    added.map_err(|err| format!("replica {}: add failed: {err}", self.replica))?;
-                accepted += report.accepted as u64;
-                dropped += report.dropped as u64;
-                // The call's first `accepted` entries are the kept ones.
-                for slot in &mut newest[a * keys..a * keys + report.accepted] {
-                    *slot = micros;
-                }
-                issued += 1;
-                self.offered.fetch_add(keys as u64, Relaxed);
-            }
-            thread::sleep(PACING_STEP);
-        }
-        Ok(Offered {
-            accepted,
-            dropped,
-            newest,
-            elapsed: start.elapsed(),
-            add_ns,
-        })
-    }
-}
-
 /// What one subscriber heard.
 struct Heard {
     announced: Vec<bool>,
@@ -1341,17 +1169,8 @@ fn run(
         summary.fresh_max_ms = r.freshness_us.max() as f64 / 1e3;
     }
 
-    // Per (agent, key): the newest update any replica's batcher accepted, as
-    // (collected_at µs, replica); (0, 0) for none. The clock makes the maximum unique.
     let keys = config.keys;
-    let mut newest = vec![(0u64, 0usize); config.agents * keys];
-    for (replica, offer) in offers.iter().enumerate() {
-        for (slot, &micros) in newest.iter_mut().zip(&offer.newest) {
-            if micros > slot.0 {
-                *slot = (micros, replica);
-            }
-        }
-    }
+    let newest = load::newest_by_key(&offers, config.agents * keys);
     let updated: Vec<bool> = newest
         .chunks(keys)
         .map(|agent_keys| agent_keys.iter().any(|&(micros, _)| micros > 0))
@@ -1374,7 +1193,13 @@ fn run(
         summary.announced = Some((updated.iter().filter(|&&u| u).count() as u64, unheard_total));
     }
     if let (Some(db), true) = (&database, config.verify) {
-        summary.verified_rows = Some(verify(db, statement_mode, &key_names, &newest)?);
+        let mut session = Reconnecting::new(
+            &db.data_url,
+            session_options("verify", statement_mode),
+            RECONNECT_PATIENCE,
+        )
+        .map_err(|err| format!("--verify: {err}"))?;
+        summary.verified_rows = Some(load::verify(&mut session, &key_names, &newest)?);
     }
     drop(batchers);
     if let Some(db) = &mut database {
@@ -1403,56 +1228,6 @@ fn total_stats(batchers: &[Arc<Batcher>]) -> Stats {
         total.store_errors += stats.store_errors;
     }
     total
-}
-
-/// Reads every row back on the data path (unnamed, so it works through a transaction
-/// pooler) and counts the rows checked and those not at their newest value.
-fn verify(
-    db: &Database,
-    statement_mode: StatementMode,
-    key_names: &[String],
-    newest: &[(u64, usize)],
-) -> Result<(u64, u64), String> {
-    let mut session = Reconnecting::new(
-        &db.data_url,
-        session_options("verify", statement_mode),
-        RECONNECT_PATIENCE,
-    )
-    .map_err(|err| format!("--verify: {err}"))?;
-    let key_index: HashMap<&str, usize> = key_names
-        .iter()
-        .enumerate()
-        .map(|(i, k)| (k.as_str(), i))
-        .collect();
-    let keys = key_names.len();
-    let rows = session.run("--verify: reading the table", |client| {
-        client.query_typed(
-            "SELECT workspace_agent_id, key, value FROM workspace_agent_metadata",
-            &[],
-        )
-    })?;
-    let (mut checked, mut wrong) = (0u64, 0u64);
-    for row in rows {
-        let read = |err: postgres::Error| format!("--verify: reading a row: {err}");
-        let id: Uuid = row.try_get(0).map_err(read)?;
-        let key: String = row.try_get(1).map_err(read)?;
-        let value: String = row.try_get(2).map_err(read)?;
-        let (Some(a), Some(&k)) = (agent_index(id), key_index.get(key.as_str())) else {
-            continue;
-        };
-        let Some(&(micros, replica)) = newest.get(a * keys + k) else {
-            continue;
-        };
-        let expected = match micros {
-            0 => String::new(),
-            _ => value_of(micros, replica),
-        };
-        checked += 1;
-        if value != expected {
-            wrong += 1;
-        }
-    }
-    Ok((checked, wrong))
 }
 
 fn mode_name(mode: FlushMode) -> &'static str {

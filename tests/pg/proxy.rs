@@ -55,9 +55,12 @@ struct Conn {
 }
 
 impl Conn {
+    /// Shuts both sockets down and drops the proxy's clones of them, so a long-lived proxy
+    /// (the soak's) holds no descriptor of a closed connection; the pumps drop their own as
+    /// they exit.
     fn close(&self) {
         self.closed.store(true, SeqCst);
-        for socket in self.sockets.lock().unwrap().iter() {
+        for socket in self.sockets.lock().unwrap().drain(..) {
             let _ = socket.shutdown(Shutdown::Both);
         }
     }
@@ -100,7 +103,10 @@ impl Shared {
             .name("mb-proxy".into())
             .spawn(f)
             .expect("spawn a proxy thread");
-        self.threads.lock().unwrap().push(handle);
+        let mut threads = self.threads.lock().unwrap();
+        // Finished ones need no join: a long-lived proxy keeps only the running.
+        threads.retain(|thread| !thread.is_finished());
+        threads.push(handle);
     }
 }
 

@@ -1032,6 +1032,7 @@ fn run(
             rate,
             duration,
             offered: offered.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
         };
         generators.push(
             thread::Builder::new()

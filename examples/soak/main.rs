@@ -53,13 +53,14 @@ mod resources;
 mod schedule;
 
 use std::process::ExitCode;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metadata_batcher::postgres::{PgOptions, PgPublisher, PgStore, PgSubscriber};
 use metadata_batcher::{Batcher, Metadata, METADATA_BATCH_CHANNEL};
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use fleet::{lock, Listener, Observed, Watched};
 use parts::Parts;
@@ -69,6 +70,11 @@ use schedule::{Kind, Schedule};
 /// The longest a fault may take to inject (a failover with its rejoin included); no fault
 /// starts later than this before the quiet end.
 const LONGEST_FAULT: Duration = Duration::from_secs(15);
+/// How often the wait for the next fault looks for an interrupt.
+const INTERRUPT_POLL: Duration = Duration::from_millis(200);
+/// Priming adds this many agents' keys between waits for the worker to take them in, so
+/// the channel (5 × the batch size, in keys) never overflows.
+const PRIME_AGENTS_PER_SYNC: usize = 200;
 /// How long the verification's session keeps reconnecting.
 const VERIFY_PATIENCE: Duration = Duration::from_secs(60);
 /// The fleet's connection bound: the URL lists two servers, and a frozen one costs this
@@ -175,6 +181,9 @@ fn prime(
             batcher
                 .add(load::agent(agent), metadata)
                 .map_err(|err| format!("priming replica {replica}: {err}"))?;
+            if agent % PRIME_AGENTS_PER_SYNC == PRIME_AGENTS_PER_SYNC - 1 {
+                batcher.sync();
+            }
         }
         batcher.flush();
     }
@@ -182,6 +191,13 @@ fn prime(
 }
 
 fn run(config: &Config) -> Result<Vec<String>, String> {
+    // SIGINT or SIGTERM ends the run early, through the same end as a full one: the load
+    // stops, the fleet closes, the checks and the report run, and the parts are stopped.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(signal, interrupted.clone())
+            .map_err(|err| format!("handling signal {signal}: {err}"))?;
+    }
     let key_names: Vec<String> = (0..config.keys).map(|k| format!("key{k}")).collect();
     // Each replica: a store (up to its parallel statements), a publisher, a subscriber.
     let sessions = 10 * config.replicas as u32 + 10;
@@ -218,6 +234,7 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
     }
     let clock = Arc::new(load::Clock::default());
     prime(&batchers, &clock, config.agents, &key_names)?;
+    let primed: u64 = batchers.iter().map(|batcher| batcher.stats().flushed).sum();
     let monitor = resources::Monitor::start(batchers.clone())?;
 
     let started = Instant::now();
@@ -234,6 +251,7 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
             rate: config.rate / config.replicas as f64,
             duration: config.duration,
             offered: offered.clone(),
+            stop: interrupted.clone(),
         };
         generators.push(
             thread::Builder::new()
@@ -253,9 +271,14 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
     let warmed_up = started + config.warmup;
     // A fault that took longer than `every` delays the next; none starts past `last_start`.
     while due <= last_start && Instant::now() <= started + last_start {
-        if let Some(wait) = (started + due).checked_duration_since(Instant::now()) {
-            // The schedule's pace: the load runs on its own threads meanwhile.
-            thread::sleep(wait);
+        // The schedule's pace (the load runs on its own threads meanwhile), in short steps
+        // so an interrupt is seen.
+        while Instant::now() < started + due && !interrupted.load(Relaxed) {
+            thread::sleep(INTERRUPT_POLL.min((started + due) - Instant::now()));
+        }
+        if interrupted.load(Relaxed) {
+            println!("interrupted: ending the load and reporting the run so far");
+            break;
         }
         let kind = schedule.next().ok_or("the schedule ran out")?;
         // The peak since the last fault started is that fault's.
@@ -343,8 +366,10 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
         outside,
         inside,
         samples,
-        offered: offered.load(std::sync::atomic::Ordering::Relaxed),
-        flushed: stats.iter().map(|s| s.flushed).sum(),
+        offered: offered.load(Relaxed),
+        accepted: offers.iter().map(|offer| offer.accepted).sum(),
+        dropped: offers.iter().map(|offer| offer.dropped).sum(),
+        flushed: stats.iter().map(|s| s.flushed).sum::<u64>() - primed,
         store_errors: stats.iter().map(|s| s.store_errors).sum(),
         conflicts: stats.iter().map(|s| s.conflicts).sum(),
         panics: stats.iter().map(|s| s.panics).sum(),

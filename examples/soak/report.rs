@@ -50,6 +50,9 @@ pub struct Run {
     pub inside: Histogram<u64>,
     pub samples: Vec<Sample>,
     pub offered: u64,
+    /// Updates the batchers accepted and dropped (a full channel), as `add` reported them.
+    pub accepted: u64,
+    pub dropped: u64,
     pub flushed: u64,
     pub store_errors: u64,
     pub conflicts: u64,
@@ -273,12 +276,14 @@ impl Run {
         let load_seconds = secs(self.load_ended, self.started);
         let rows_per_s = self.flushed as f64 / load_seconds.max(1e-9);
         println!(
-            "load               {:.0} s, {} replicas, offered {} updates ({:.0}/s; asked {:.0}/s), written {} ({rows_per_s:.0}/s)",
+            "load               {:.0} s, {} replicas, offered {} updates ({:.0}/s; asked {:.0}/s), accepted {}, dropped {}, written {} ({rows_per_s:.0}/s; an update a newer one replaced before its flush is not written)",
             load_seconds,
             self.replicas,
             self.offered,
             self.offered as f64 / load_seconds.max(1e-9),
             self.rate,
+            self.accepted,
+            self.dropped,
             self.flushed
         );
         println!(
@@ -400,7 +405,7 @@ impl Run {
         let max_outage = measured.iter().map(|m| m.outage).max().unwrap_or_default();
         println!(
             "\nRESULT duration_s={load_seconds:.0} replicas={} rate={:.0} every_s={} seed={} faults={} rows_per_s={rows_per_s:.0} \
-             wrong={wrong} verified={checked} unwritten={} panics={} unheard={unheard_total} store_errors={} conflicts={} \
+             dropped={} wrong={wrong} verified={checked} unwritten={} panics={} unheard={unheard_total} store_errors={} conflicts={} \
              fresh_out_p50_ms={:.1} fresh_out_p99_ms={:.1} fresh_out_max_ms={:.1} fresh_in_p50_ms={:.1} fresh_in_p99_ms={:.1} fresh_in_max_ms={:.1} \
              max_outage_s={:.2} rss_slope_mib_per_h={} rss_growth_mib={} threads_slope_per_h={} fds_slope_per_h={} gap_min_ms={} violations={}",
             self.replicas,
@@ -408,6 +413,7 @@ impl Run {
             self.every.as_secs(),
             self.seed,
             self.faults.len(),
+            self.dropped,
             self.unwritten,
             self.panics,
             self.store_errors,

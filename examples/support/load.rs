@@ -12,7 +12,7 @@
 #![allow(dead_code)] // each example uses a different part
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -137,6 +137,8 @@ pub struct Generator {
     pub rate: f64,
     pub duration: Duration,
     pub offered: Arc<AtomicU64>,
+    /// Set to end the load before `duration` (the soak, interrupted).
+    pub stop: Arc<AtomicBool>,
 }
 
 impl Generator {
@@ -153,7 +155,7 @@ impl Generator {
         let mut issued = 0u64;
         loop {
             let elapsed = start.elapsed();
-            if elapsed >= self.duration {
+            if elapsed >= self.duration || self.stop.load(Relaxed) {
                 break;
             }
             let due = (elapsed.as_secs_f64() * calls_per_second) as u64;

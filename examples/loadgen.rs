@@ -405,11 +405,7 @@ impl<S: Store> Store for Timed<S> {
         if result.is_ok() {
             // Shared by the replicas' flusher threads: a lock per statement, not per row.
             let mut r = lock(&self.recorder);
-            for &collected_at in &batch.collected_at {
-                let age = committed.duration_since(collected_at).unwrap_or_default();
-                r.freshness_us
-                    .saturating_record(age.as_micros().max(1) as u64);
-            }
+            load::record_freshness(&mut r.freshness_us, batch, committed);
             r.calls += 1;
             r.rows += batch.len() as u64;
             r.max_rows = r.max_rows.max(batch.len());
@@ -1080,14 +1076,7 @@ fn run(
             last = (o, s.flushed);
         }
     }
-    let mut offers = Vec::new();
-    for (replica, generator) in generators.into_iter().enumerate() {
-        offers.push(
-            generator
-                .join()
-                .map_err(|_| format!("replica {replica}'s generator panicked"))??,
-        );
-    }
+    let offers = load::join_generators(generators)?;
     // Closed together, as replicas shut down independently; each close is timed.
     let closes: Vec<(CloseReport, Duration)> = thread::scope(|scope| -> Result<_, String> {
         let closing: Vec<_> = batchers

@@ -226,20 +226,25 @@ impl Drop for Listener {
     }
 }
 
-/// The subscriber reported `Reconnected`, then heard every agent.
-fn assert_reconnected_then_heard_everyone(heard: &[Heard]) {
-    let reconnected = heard
-        .iter()
-        .position(|event| *event == Heard::Reconnected)
-        .unwrap_or_else(|| panic!("no Reconnected among {} events", heard.len()));
-    let after: HashSet<Uuid> = heard[reconnected..]
+/// Every agent announced among `heard`.
+fn agents_in(heard: &[Heard]) -> HashSet<Uuid> {
+    heard
         .iter()
         .filter_map(|event| match event {
             Heard::Agents(agents) => Some(agents.iter().copied()),
             Heard::Reconnected => None,
         })
         .flatten()
-        .collect();
+        .collect()
+}
+
+/// The subscriber reported `Reconnected`, then heard every agent.
+fn assert_reconnected_then_heard_everyone(heard: &[Heard]) {
+    let reconnected = heard
+        .iter()
+        .position(|event| *event == Heard::Reconnected)
+        .unwrap_or_else(|| panic!("no Reconnected among {} events", heard.len()));
+    let after = agents_in(&heard[reconnected..]);
     let missing = agents().iter().filter(|id| !after.contains(id)).count();
     assert_eq!(missing, 0, "agents not heard after Reconnected");
 }
@@ -282,16 +287,21 @@ fn sessions(client: &mut postgres::Client, role: &str) -> i64 {
         .get(0)
 }
 
-#[test]
-fn a_failover_under_load_loses_nothing_and_the_subscriber_hears_the_new_primary() {
-    let mut pair = ReplicatedPair::start(None);
-    let url = pair.create_migrated_db("failover");
-    register(&pair, "failover");
+/// A pair with database `dbname`, a subscriber, a batcher and its loader 10 rounds in.
+fn under_load(dbname: &str) -> (ReplicatedPair, String, Listener, Arc<Batcher>, Loader) {
+    let pair = ReplicatedPair::start(None);
+    let url = pair.create_migrated_db(dbname);
+    register(&pair, dbname);
     let listener = Listener::start(&url);
     let batcher = batcher(&url);
     let mut loader = Loader::start(batcher.clone(), 0);
-
     loader.wait_rounds(10);
+    (pair, url, listener, batcher, loader)
+}
+
+#[test]
+fn a_failover_under_load_loses_nothing_and_the_subscriber_hears_the_new_primary() {
+    let (mut pair, url, listener, batcher, mut loader) = under_load("failover");
     pair.primary_mut().stop_immediate();
     let promotion = pair.promote();
     eprintln!("promotion took {promotion:?}");
@@ -331,14 +341,7 @@ fn a_failover_under_load_loses_nothing_and_the_subscriber_hears_the_new_primary(
 
 #[test]
 fn a_standby_promoted_while_the_primary_is_frozen_gets_every_session_by_the_deadlines() {
-    let mut pair = ReplicatedPair::start(None);
-    let url = pair.create_migrated_db("frozen");
-    register(&pair, "frozen");
-    let listener = Listener::start(&url);
-    let batcher = batcher(&url);
-    let mut loader = Loader::start(batcher.clone(), 0);
-
-    loader.wait_rounds(10);
+    let (mut pair, _, listener, batcher, mut loader) = under_load("frozen");
     let frozen_at = Instant::now();
     pair.primary_mut().freeze();
     let promotion = pair.promote();
@@ -455,14 +458,7 @@ fn a_standby_listed_first_is_skipped_and_never_written_to() {
     close_all_written(&from_url.0);
     close_all_written(&from_config.0);
     let url_heard = from_url.1.stop();
-    let url_agents: HashSet<Uuid> = url_heard
-        .iter()
-        .filter_map(|event| match event {
-            Heard::Agents(agents) => Some(agents.iter().copied()),
-            Heard::Reconnected => None,
-        })
-        .flatten()
-        .collect();
+    let url_agents = agents_in(&url_heard);
     assert_eq!(
         url_agents.len(),
         ids.len(),

@@ -102,10 +102,7 @@ impl Observed {
                 true => &mut freshness.inside,
                 false => &mut freshness.outside,
             };
-            for &collected_at in &batch.collected_at {
-                let age = committed.duration_since(collected_at).unwrap_or_default();
-                histogram.saturating_record(age.as_micros().max(1) as u64);
-            }
+            load::record_freshness(histogram, batch, committed);
         }
         let now = Instant::now();
         let mut timeline = lock(&self.timelines[replica]);

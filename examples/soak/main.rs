@@ -306,14 +306,7 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
         faults.push((fault, 0));
         due += config.every;
     }
-    let mut offers = Vec::new();
-    for (replica, generator) in generators.into_iter().enumerate() {
-        offers.push(
-            generator
-                .join()
-                .map_err(|_| format!("replica {replica}'s generator panicked"))??,
-        );
-    }
+    let offers = load::join_generators(generators)?;
     let load_ended = Instant::now();
     let peak = monitor.take_backlog_peak();
     if let Some((_, last_peak)) = faults.last_mut() {

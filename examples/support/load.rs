@@ -18,7 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use metadata_batcher::{Batcher, Metadata};
+use metadata_batcher::{Batcher, Metadata, MetadataBatch};
 use uuid::Uuid;
 
 use super::reconnecting::Reconnecting;
@@ -197,6 +197,34 @@ impl Generator {
             elapsed: start.elapsed(),
             add_ns,
         })
+    }
+}
+
+/// Waits for every replica's generator; what each offered, in replica order.
+pub fn join_generators(
+    generators: Vec<thread::JoinHandle<Result<Offered, String>>>,
+) -> Result<Vec<Offered>, String> {
+    generators
+        .into_iter()
+        .enumerate()
+        .map(|(replica, generator)| {
+            generator
+                .join()
+                .map_err(|_| format!("replica {replica}'s generator panicked"))?
+        })
+        .collect()
+}
+
+/// Records the freshness of each row of `batch` committed at `committed` (commit instant −
+/// `collected_at`, the add instant), in µs, into `histogram`.
+pub fn record_freshness(
+    histogram: &mut Histogram<u64>,
+    batch: &MetadataBatch,
+    committed: SystemTime,
+) {
+    for &collected_at in &batch.collected_at {
+        let age = committed.duration_since(collected_at).unwrap_or_default();
+        histogram.saturating_record(age.as_micros().max(1) as u64);
     }
 }
 

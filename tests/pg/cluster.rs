@@ -92,6 +92,22 @@ impl Cluster {
         for (name, contents, mode) in &options.files {
             write_server_file(&dir, &format!("data/{name}"), contents, *mode);
         }
+        Cluster::start_on_a_free_port(dir, data, "a throwaway cluster", |cluster| {
+            append(
+                &cluster.data.join("postgresql.conf"),
+                &format!("port = {}", cluster.port),
+            )
+        })
+    }
+
+    /// Starts the cluster in `data`, on a free port of 127.0.0.1, after `prepare` (which
+    /// sees the port) has set it up; tries again on another port when the start fails.
+    fn start_on_a_free_port(
+        dir: ScratchDir,
+        data: PathBuf,
+        what: &str,
+        prepare: impl Fn(&Cluster),
+    ) -> Cluster {
         let mut cluster = Cluster {
             dir,
             data,
@@ -102,17 +118,14 @@ impl Cluster {
         let mut last_failure = String::new();
         for _ in 0..START_ATTEMPTS {
             cluster.port = free_port();
-            append(
-                &cluster.data.join("postgresql.conf"),
-                &format!("port = {}", cluster.port),
-            );
+            prepare(&cluster);
             let output = cluster.pg_ctl(&["start"]);
             if output.status.success() {
                 return cluster;
             }
             last_failure = format!("{}\n{}", describe(&output), cluster.log());
         }
-        panic!("could not start a throwaway cluster: {last_failure}");
+        panic!("could not start {what}: {last_failure}");
     }
 
     /// A streaming standby of `primary` (`pg_basebackup -R`), started and ready: its own
@@ -120,24 +133,9 @@ impl Cluster {
     pub fn standby_of(primary: &Cluster) -> Cluster {
         let dir = ScratchDir::new("cluster");
         let data = dir.path().join("data");
-        let mut cluster = Cluster {
-            dir,
-            data,
-            port: 0,
-            stopped_backends: Vec::new(),
-            postmaster_stopped: false,
-        };
-        let mut last_failure = String::new();
-        for _ in 0..START_ATTEMPTS {
-            cluster.port = free_port();
-            cluster.base_backup_from(primary);
-            let output = cluster.pg_ctl(&["start"]);
-            if output.status.success() {
-                return cluster;
-            }
-            last_failure = format!("{}\n{}", describe(&output), cluster.log());
-        }
-        panic!("could not start a standby: {last_failure}");
+        Cluster::start_on_a_free_port(dir, data, "a standby", |cluster| {
+            cluster.base_backup_from(primary)
+        })
     }
 
     /// Stops this cluster at once, replaces its data with a base backup of `primary` and

@@ -586,3 +586,58 @@ pub fn connect_client(url: &str, options: &PgOptions) -> Result<Client, ConnectE
 fn options_settings(connector: &Connector) -> String {
     connector.options.session_settings("SESSION", false)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use postgres::config::Host;
+
+    use super::{Connector, PgOptions};
+
+    fn hosts(url: &str) -> Vec<(String, u16)> {
+        let connector = Connector::from_url(url, PgOptions::default(), "test").unwrap();
+        connector
+            .hosts
+            .iter()
+            .map(
+                |(config, _)| match (config.get_hosts(), config.get_ports()) {
+                    ([Host::Tcp(host)], [port]) => (host.clone(), *port),
+                    other => panic!("one host and one port each, not {other:?}"),
+                },
+            )
+            .collect()
+    }
+
+    #[test]
+    fn several_hosts_are_tried_one_by_one_with_their_own_ports() {
+        assert_eq!(
+            hosts("postgres://u@a:1,b:2/db?target_session_attrs=read-write"),
+            [("a".to_owned(), 1), ("b".to_owned(), 2)]
+        );
+        // One port for every host, as libpq reads it.
+        assert_eq!(
+            hosts("host=a,b port=7 dbname=db"),
+            [("a".to_owned(), 7), ("b".to_owned(), 7)]
+        );
+        // One host: the client's own attempt, bounded once.
+        assert!(hosts("postgres://u@a:1/db").is_empty());
+        // Random order is the client's to apply.
+        assert!(hosts("postgres://u@a:1,b:2/db?load_balance_hosts=random").is_empty());
+    }
+
+    #[test]
+    fn the_whole_attempt_is_bounded_by_connect_timeout_per_host() {
+        let options = PgOptions {
+            connect_timeout: Duration::from_secs(2),
+            ..PgOptions::default()
+        };
+        let bound = |url: &str| {
+            Connector::from_url(url, options.clone(), "test")
+                .unwrap()
+                .attempt_timeout()
+        };
+        assert_eq!(bound("postgres://u@a,b,c/db"), Duration::from_secs(6));
+        assert_eq!(bound("postgres://u@a/db"), Duration::from_secs(2));
+    }
+}

@@ -17,6 +17,9 @@
 //!   --quiet-end S     seconds without a fault at the end, so the last checks see every
 //!                     agent announced again (20)
 //!   --min-per-kind N  a kind injected fewer times is a violation (0)
+//!   --retry-max S     the batchers' longest pause between retries (Builder::retry_backoff;
+//!                     default the library's, 5 s): a fault that fails calls fast can cost
+//!                     up to this much past its end
 //! ```
 //!
 //! It starts its own parts ([`parts`]): a throwaway primary with a synchronous streaming
@@ -59,7 +62,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metadata_batcher::postgres::{PgOptions, PgPublisher, PgStore, PgSubscriber};
-use metadata_batcher::{Batcher, Metadata, METADATA_BATCH_CHANNEL};
+use metadata_batcher::{
+    Batcher, Metadata, DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
+    METADATA_BATCH_CHANNEL,
+};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use fleet::{lock, Listener, Observed, Watched};
@@ -94,6 +100,7 @@ struct Config {
     warmup: Duration,
     quiet_end: Duration,
     min_per_kind: usize,
+    retry_max: Duration,
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
@@ -111,6 +118,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
         warmup: Duration::from_secs(20),
         quiet_end: Duration::from_secs(20),
         min_per_kind: 0,
+        retry_max: DEFAULT_RETRY_BACKOFF_MAX,
     };
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
@@ -138,6 +146,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
             "--warmup" => config.warmup = seconds()?,
             "--quiet-end" => config.quiet_end = seconds()?,
             "--min-per-kind" => config.min_per_kind = number()? as usize,
+            "--retry-max" => config.retry_max = seconds()?,
             other => return Err(format!("unknown flag {other}; see examples/soak/main.rs")),
         }
     }
@@ -228,6 +237,10 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
         };
         batchers.push(Arc::new(
             Batcher::builder(watched, publisher)
+                .retry_backoff(
+                    DEFAULT_RETRY_BACKOFF_INITIAL.min(config.retry_max),
+                    config.retry_max,
+                )
                 .build()
                 .map_err(|err| format!("replica {replica}: building the batcher: {err}"))?,
         ));
@@ -391,12 +404,13 @@ fn main() -> ExitCode {
     };
     let kinds: Vec<_> = config.kinds.iter().map(|kind| kind.name()).collect();
     println!(
-        "soak               {:?} at {:.0} updates/s over {} replicas, {} agents x {} keys; a fault every {:?} from {:?} (seed {}): {}",
+        "soak               {:?} at {:.0} updates/s over {} replicas, {} agents x {} keys; retries at most {:?} apart; a fault every {:?} from {:?} (seed {}): {}",
         config.duration,
         config.rate,
         config.replicas,
         config.agents,
         config.keys,
+        config.retry_max,
         config.every,
         config.warmup,
         config.seed,

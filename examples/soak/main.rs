@@ -103,6 +103,22 @@ struct Config {
     retry_max: Duration,
 }
 
+/// Every flag; each takes a value.
+const FLAGS: [&str; 12] = [
+    "--duration",
+    "--rate",
+    "--replicas",
+    "--agents",
+    "--keys",
+    "--every",
+    "--faults",
+    "--seed",
+    "--warmup",
+    "--quiet-end",
+    "--min-per-kind",
+    "--retry-max",
+];
+
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
     let mut config = Config {
         duration: Duration::from_secs(3600),
@@ -122,6 +138,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
     };
     let mut args = args.peekable();
     while let Some(flag) = args.next() {
+        if !FLAGS.contains(&flag.as_str()) {
+            return Err(format!("unknown flag {flag}; see examples/soak/main.rs"));
+        }
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         let number = || -> Result<f64, String> {
             match value.parse::<f64>() {
@@ -147,7 +166,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
             "--quiet-end" => config.quiet_end = seconds()?,
             "--min-per-kind" => config.min_per_kind = number()? as usize,
             "--retry-max" => config.retry_max = seconds()?,
-            other => return Err(format!("unknown flag {other}; see examples/soak/main.rs")),
+            other => unreachable!("{other} is in FLAGS but not handled"),
         }
     }
     Ok(config)

@@ -22,10 +22,14 @@
 //!
 //! Exits 0 when both checks pass, 1 when one fails or the set-up fails, 2 on bad flags.
 //! Against PostgreSQL, the rows it registers are removed on every exit path (a guard's
-//! `Drop`), also when the set-up fails half-way.
+//! `Drop`), also when the set-up fails half-way. The demo's own session (read-back, clean-up)
+//! reconnects for up to a minute after losing its connection, so with a multi-host URL
+//! (`...?target_session_attrs=read-write`) a failover mid-run costs neither.
 
 #[path = "support/pg_url.rs"]
 mod pg_url;
+#[path = "support/reconnecting.rs"]
+mod reconnecting;
 
 use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
@@ -46,8 +50,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
+use reconnecting::Reconnecting;
+
 /// How long, after `close`, the demo waits for the last announcements to arrive: NOTIFY is
 /// delivered asynchronously, after the final flush has returned.
+/// How long the demo's own session keeps reconnecting after losing its connection (a
+/// restart, a failover to the URL's next host), so the read-back and the clean-up still run.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
 const ANNOUNCEMENT_GRACE: Duration = Duration::from_secs(5);
 /// How often the announcement collector checks whether it should stop.
 const COLLECTOR_POLL: Duration = Duration::from_millis(100);
@@ -277,14 +286,17 @@ fn run_postgres(
     }
     // The crate's own client: the URL may say sslmode=verify-full, which the postgres
     // crate's parser refuses.
-    let client = pg::connect_client(url, &PgOptions::default())
-        .map_err(|err| format!("connecting to DATABASE_URL: {err}"))?;
+    let session = Reconnecting::new(url, PgOptions::default(), RECONNECT_PATIENCE)
+        .map_err(|err| format!("DATABASE_URL: {err}"))?;
     // From here on, whichever way `run_postgres` ends, the guard removes this run's rows.
-    let mut rows = RegisteredRows::new(client, agents);
-    pg::migrate(rows.client()).map_err(|err| err.to_string())?;
+    let mut rows = RegisteredRows::new(session, agents);
+    let mut set_up = pg::connect_client(url, &PgOptions::default())
+        .map_err(|err| format!("connecting to DATABASE_URL: {err}"))?;
+    pg::migrate(&mut set_up).map_err(|err| err.to_string())?;
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let created = pg::register_keys_for_agents(rows.client(), agents, &key_refs)
+    let created = pg::register_keys_for_agents(&mut set_up, agents, &key_refs)
         .map_err(|err| err.to_string())?;
+    drop(set_up);
     println!(
         "registered {created} rows ({} agents x {} keys)",
         agents.len(),
@@ -317,7 +329,7 @@ fn run_postgres(
                 )
             },
         )?;
-    let tls = tls_summary(rows.client())?;
+    let tls = tls_summary(rows.session())?;
     let announcements = Announcements::collect(move |timeout| match subscriber.next(timeout) {
         Ok(Some(SubscriberEvent::Agents(agents))) => Ok(Some(agents)),
         Ok(Some(SubscriberEvent::Reconnected)) => {
@@ -329,7 +341,7 @@ fn run_postgres(
 
     let outcome = drive(options, agents, keys, store, publisher)?;
     println!("{tls}");
-    let stored = read_back(rows.client(), agents)?;
+    let stored = read_back(rows.session(), agents)?;
     let removed = rows.remove()?;
     println!("removed this run's {removed} rows");
     Ok(outcome.finish(&stored, announcements))
@@ -337,16 +349,16 @@ fn run_postgres(
 
 /// Whether this run's store, publisher and subscriber sessions use TLS, as the server sees
 /// them (`pg_stat_ssl`).
-fn tls_summary(client: &mut postgres::Client) -> Result<String, String> {
+fn tls_summary(session: &mut Reconnecting) -> Result<String, String> {
     let pattern = format!("mb-demo-{} %", std::process::id());
-    let rows = client
-        .query_typed(
+    let rows = session.run("reading pg_stat_ssl", |client| {
+        client.query_typed(
             "SELECT a.application_name, s.ssl, coalesce(s.version, '') \
              FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
              WHERE a.application_name LIKE $1 ORDER BY 1",
             &[(&pattern as &(dyn ToSql + Sync), Type::TEXT)],
         )
-        .map_err(|err| format!("reading pg_stat_ssl: {}", describe(&err)))?;
+    })?;
     let read = |err: postgres::Error| format!("reading pg_stat_ssl: {err}");
     let mut sessions = Vec::new();
     let mut all_tls = true;
@@ -385,34 +397,36 @@ fn tls_summary(client: &mut postgres::Client) -> Result<String, String> {
 /// own: dropping the guard deletes them, whether the run ends normally, with an error (a
 /// build error, a lost connection) or with a panic, and the database is left as it was.
 struct RegisteredRows<'a> {
-    client: postgres::Client,
+    session: Reconnecting,
     agents: &'a [Uuid],
     removed: bool,
 }
 
 impl<'a> RegisteredRows<'a> {
-    fn new(client: postgres::Client, agents: &'a [Uuid]) -> Self {
+    fn new(session: Reconnecting, agents: &'a [Uuid]) -> Self {
         RegisteredRows {
-            client,
+            session,
             agents,
             removed: false,
         }
     }
 
-    /// The connection the rows were registered on, for the demo's own statements.
-    fn client(&mut self) -> &mut postgres::Client {
-        &mut self.client
+    /// The demo's own session (it reconnects), for its own statements.
+    fn session(&mut self) -> &mut Reconnecting {
+        &mut self.session
     }
 
-    /// Deletes the rows now; returns how many there were.
+    /// Deletes the rows now; returns how many there were. Safe to repeat after a lost
+    /// connection: a second DELETE finds what the first left.
     fn remove(&mut self) -> Result<u64, String> {
         self.removed = true;
-        self.client
-            .execute_typed(
+        let agents = self.agents;
+        self.session.run("removing this run's rows", |client| {
+            client.execute_typed(
                 "DELETE FROM workspace_agent_metadata WHERE workspace_agent_id = ANY($1)",
-                &[(&self.agents as &(dyn ToSql + Sync), Type::UUID_ARRAY)],
+                &[(&agents as &(dyn ToSql + Sync), Type::UUID_ARRAY)],
             )
-            .map_err(|err| format!("removing this run's rows: {}", describe(&err)))
+        })
     }
 }
 
@@ -431,14 +445,14 @@ impl Drop for RegisteredRows<'_> {
 }
 
 /// Reads every row of this run's agents with one SELECT.
-fn read_back(client: &mut postgres::Client, agents: &[Uuid]) -> Result<Stored, String> {
-    let rows = client
-        .query_typed(
+fn read_back(session: &mut Reconnecting, agents: &[Uuid]) -> Result<Stored, String> {
+    let rows = session.run("reading the table back", |client| {
+        client.query_typed(
             "SELECT workspace_agent_id, key, value FROM workspace_agent_metadata \
              WHERE workspace_agent_id = ANY($1)",
             &[(&agents as &(dyn ToSql + Sync), Type::UUID_ARRAY)],
         )
-        .map_err(|err| format!("reading the table back: {}", describe(&err)))?;
+    })?;
     let read = |err: postgres::Error| format!("reading the table back: {err}");
     rows.iter()
         .map(|row| {
@@ -846,13 +860,5 @@ fn verdict(ok: bool) -> &'static str {
         "[ OK ]"
     } else {
         "[FAIL]"
-    }
-}
-
-/// A `postgres::Error` with the server's message: its `Display` alone says only "db error".
-fn describe(err: &postgres::Error) -> String {
-    match err.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => err.to_string(),
     }
 }

@@ -67,6 +67,11 @@
 //! | subscriber of each replica | `--listen-url`, else `LISTEN_DATABASE_URL`, else DATABASE_URL (never through the proxy) |
 //! | admin (CREATE/DROP DATABASE, `pg_stat_database`) and set-up (migrate, register, VACUUM) | the same as the subscribers |
 //!
+//! loadgen's own sessions (admin and `--verify`) reconnect for up to a minute after losing
+//! their connection, so a restart or a failover mid-run (a multi-host URL with
+//! `target_session_attrs=read-write`) still ends with the summary, the verification and the
+//! database dropped.
+//!
 //! Every statement loadgen sends itself is unnamed (`query_typed`, or the simple query
 //! protocol), so it works through a transaction pooler.
 //!
@@ -88,19 +93,22 @@
 
 #[path = "support/delay_proxy.rs"]
 mod delay_proxy;
+#[path = "support/load.rs"]
+mod load;
 #[path = "support/pg_url.rs"]
 mod pg_url;
 #[path = "support/pgbouncer.rs"]
 mod pgbouncer;
 #[path = "support/pgbouncer_ini.rs"]
 mod pgbouncer_ini;
+#[path = "support/reconnecting.rs"]
+mod reconnecting;
 
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
 use metadata_batcher::postgres::{
@@ -114,7 +122,9 @@ use postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use delay_proxy::DelayProxy;
+use load::{agent, agent_index, micros_to_time, Clock, Generator, VisitOrder};
 use pgbouncer::Pooler;
+use reconnecting::Reconnecting;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// The simulated store's cost per row, as PostgreSQL's batched update costs here.
@@ -134,6 +144,9 @@ const RTT_CALIBRATIONS: usize = 2;
 /// How long loadgen waits for its database's sessions to end after a run, before it reads
 /// `pg_stat_database` (a backend reports its deadlocks when it exits, at the latest).
 const SESSIONS_END_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long loadgen's own sessions (admin, `--verify`) keep reconnecting after losing their
+/// connection: a restart or a failover (promotion, then the URL's next host) mid-run.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
 /// How often that wait looks: PostgreSQL offers nothing to block on for another backend's
 /// exit.
 const SESSIONS_END_POLL: Duration = Duration::from_millis(20);
@@ -142,8 +155,6 @@ const SESSIONS_END_POLL: Duration = Duration::from_millis(20);
 const SUBSCRIBER_QUIET: Duration = Duration::from_secs(1);
 /// ...and at the latest this long after the run, whatever it still hears.
 const SUBSCRIBER_MAX_WAIT: Duration = Duration::from_secs(10);
-/// The generator's pacing step: it issues what is due, then sleeps this long.
-const PACING_STEP: Duration = Duration::from_micros(500);
 /// How often the progress line is printed.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// After the generators' end, how often the progress loop looks whether they have stopped.
@@ -324,17 +335,6 @@ fn parse_args() -> Result<Config, String> {
     Ok(config)
 }
 
-/// Agent `i` of the fleet, and back.
-fn agent(i: usize) -> Uuid {
-    Uuid::from_u128(0x6c67_0000_0000_0000_0000_0000_0000_0000 | (i as u128 + 1))
-}
-fn agent_index(id: Uuid) -> Option<usize> {
-    let n = id.as_u128();
-    (n >> 112 == 0x6c67)
-        .then_some((n & 0xffff_ffff) as usize)
-        .and_then(|i| i.checked_sub(1))
-}
-
 /// A lock whose holder panicked still guards plain counters: keep using them.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
@@ -364,84 +364,6 @@ fn session_options(role: &str, statement_mode: StatementMode) -> PgOptions {
         statement_mode,
         ..PgOptions::default()
     }
-}
-
-/// One clock for every replica's `collected_at`: whole microseconds (what `timestamptz`
-/// keeps), strictly increasing across all replicas, so that per key the newest update any
-/// replica accepted is well defined and is the one the table must end with.
-#[derive(Default)]
-struct Clock(AtomicU64);
-
-impl Clock {
-    /// The next instant, in microseconds since the epoch: now, or one more than the last.
-    fn next_micros(&self) -> u64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_micros() as u64);
-        // The closure never refuses, so both arms hold the previous value.
-        let (Ok(previous) | Err(previous)) = self
-            .0
-            .fetch_update(Relaxed, Relaxed, |last| Some(now.max(last + 1)));
-        now.max(previous + 1)
-    }
-}
-
-fn micros_to_time(micros: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(micros)
-}
-
-/// The value a call writes: its `collected_at` and its replica, so the check can tell which
-/// update a row holds.
-fn value_of(micros: u64, replica: usize) -> String {
-    format!("{micros}/r{replica}")
-}
-
-/// The order replica `r` visits the agents in: call `i` goes to agent
-/// `(offset + (i mod agents) × stride) mod agents`. Replica 0 goes 0, 1, 2, ... (what
-/// loadgen did before it had replicas); the others start elsewhere and stride by a number
-/// coprime with the fleet size, so each still visits every agent once per round, but next
-/// to other neighbours than any other replica: their flushes hold different mixes of the
-/// same rows.
-#[derive(Clone, Copy, Debug)]
-struct VisitOrder {
-    offset: usize,
-    stride: usize,
-}
-
-impl VisitOrder {
-    fn of(replica: usize, replicas: usize, agents: usize) -> VisitOrder {
-        if replica == 0 || agents < 2 {
-            return VisitOrder {
-                offset: 0,
-                stride: 1,
-            };
-        }
-        let start = 1 + replica * agents / (replicas + 1);
-        // Among any `agents` consecutive numbers one is ≡ 1 (mod agents), so coprime: this
-        // finds a stride within `agents` steps.
-        let stride = (start..start + agents)
-            .map(|candidate| candidate % agents)
-            .find(|&candidate| candidate > 0 && gcd(candidate, agents) == 1)
-            .unwrap_or(1);
-        VisitOrder {
-            offset: replica * agents / replicas,
-            stride,
-        }
-    }
-
-    fn agent(&self, call: u64, agents: usize) -> usize {
-        let i = (call % agents as u64) as usize;
-        // i < agents and stride < agents: the product fits in a u64 for any fleet that fits
-        // in memory.
-        ((self.offset as u64 + i as u64 * self.stride as u64) % agents as u64) as usize
-    }
-}
-
-fn gcd(mut a: usize, mut b: usize) -> usize {
-    while b != 0 {
-        (a, b) = (b, a % b);
-    }
-    a
 }
 
 /// What the store wrappers saw: one entry per successful store call, all replicas together.
@@ -483,11 +405,7 @@ impl<S: Store> Store for Timed<S> {
         if result.is_ok() {
             // Shared by the replicas' flusher threads: a lock per statement, not per row.
             let mut r = lock(&self.recorder);
-            for &collected_at in &batch.collected_at {
-                let age = committed.duration_since(collected_at).unwrap_or_default();
-                r.freshness_us
-                    .saturating_record(age.as_micros().max(1) as u64);
-            }
+            load::record_freshness(&mut r.freshness_us, batch, committed);
             r.calls += 1;
             r.rows += batch.len() as u64;
             r.max_rows = r.max_rows.max(batch.len());
@@ -667,9 +585,10 @@ fn select1_round_trip(url: &str, statement_mode: StatementMode) -> Result<Durati
     Ok(samples[samples.len() / 2])
 }
 
-/// The database a postgres run works in, dropped at the end.
+/// The database a postgres run works in, dropped at the end. Its admin session reconnects
+/// (a restart or a failover mid-run), so the summary and the drop still run.
 struct Database {
-    admin: postgres::Client,
+    admin: Reconnecting,
     name: String,
     /// The run's database on the data path and on the direct one.
     data_url: String,
@@ -678,14 +597,15 @@ struct Database {
 
 impl Database {
     fn create(paths: &Paths, agents: usize, keys: &[String]) -> Result<Database, String> {
-        let mut admin = pg::connect_client(
+        let mut admin = Reconnecting::new(
             &paths.direct,
-            &session_options("admin", paths.statement_mode),
+            session_options("admin", paths.statement_mode),
+            RECONNECT_PATIENCE,
         )
         .map_err(|err| {
             format!(
-                "connecting to {} (set DATABASE_URL, and LISTEN_DATABASE_URL or --listen-url \
-                 when DATABASE_URL is a pooler): {err}",
+                "{} (set DATABASE_URL, and LISTEN_DATABASE_URL or --listen-url when \
+                 DATABASE_URL is a pooler): {err}",
                 pg_url::redact(&paths.direct)
             )
         })?;
@@ -694,9 +614,7 @@ impl Database {
             format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
             format!("CREATE DATABASE {name}"),
         ] {
-            admin
-                .batch_execute(&sql)
-                .map_err(|err| format!("{sql}: {}", db_error(&err)))?;
+            admin.run(&sql, |client| client.batch_execute(&sql))?;
         }
         // From here on, dropping `database` drops the database, whatever fails next.
         let database = Database {
@@ -722,13 +640,13 @@ impl Database {
 
     /// `pg_stat_database.deadlocks` of this database, as far as backends have reported.
     fn deadlocks(&mut self) -> Result<i64, String> {
-        let rows = self
-            .admin
-            .query_typed(
+        let name = &self.name;
+        let rows = self.admin.run("reading pg_stat_database", |client| {
+            client.query_typed(
                 "SELECT deadlocks FROM pg_stat_database WHERE datname = $1",
-                &[(&self.name as &(dyn ToSql + Sync), Type::TEXT)],
+                &[(name as &(dyn ToSql + Sync), Type::TEXT)],
             )
-            .map_err(|err| format!("reading pg_stat_database: {}", db_error(&err)))?;
+        })?;
         match rows.first() {
             Some(row) => row
                 .try_get::<_, i64>(0)
@@ -741,37 +659,38 @@ impl Database {
     /// session given up on) and waits until they are gone: an exiting backend reports its
     /// statistics, deadlocks included, so `deadlocks` is complete afterwards.
     fn end_sessions(&mut self) -> Result<(), String> {
-        let failed =
-            |err: postgres::Error| format!("ending the run's sessions: {}", db_error(&err));
+        let name = &self.name;
         // Two statements: in one, PostgreSQL may call pg_terminate_backend before it checks
         // the database, and end the admin session itself.
         let pids: Vec<i32> = self
             .admin
-            .query_typed(
-                "SELECT pid FROM pg_stat_activity WHERE datname = $1",
-                &[(&self.name as &(dyn ToSql + Sync), Type::TEXT)],
-            )
-            .map_err(failed)?
+            .run("ending the run's sessions", |client| {
+                client.query_typed(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1",
+                    &[(name as &(dyn ToSql + Sync), Type::TEXT)],
+                )
+            })?
             .iter()
             .filter_map(|row| row.try_get(0).ok())
             .collect();
-        self.admin
-            .query_typed(
+        self.admin.run("ending the run's sessions", |client| {
+            client.query_typed(
                 "SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid",
                 &[(&pids as &(dyn ToSql + Sync), Type::INT4_ARRAY)],
             )
-            .map_err(failed)?;
+        })?;
         let deadline = Instant::now() + SESSIONS_END_TIMEOUT;
         loop {
             // Only the terminated ones: a pooler with `min_pool_size` opens new sessions at
             // once, and those have nothing to report.
             let left: i64 = self
                 .admin
-                .query_typed(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
-                    &[(&pids as &(dyn ToSql + Sync), Type::INT4_ARRAY)],
-                )
-                .map_err(|err| format!("waiting for the run's sessions: {}", db_error(&err)))?
+                .run("waiting for the run's sessions", |client| {
+                    client.query_typed(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                        &[(&pids as &(dyn ToSql + Sync), Type::INT4_ARRAY)],
+                    )
+                })?
                 .first()
                 .and_then(|row| row.try_get(0).ok())
                 .unwrap_or(0);
@@ -791,8 +710,8 @@ impl Database {
 impl Drop for Database {
     fn drop(&mut self) {
         let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        if let Err(err) = self.admin.batch_execute(&sql) {
-            eprintln!("loadgen: {sql}: {} (drop it by hand)", db_error(&err));
+        if let Err(err) = self.admin.run(&sql, |client| client.batch_execute(&sql)) {
+            eprintln!("loadgen: {err} (drop it by hand)");
         }
     }
 }
@@ -896,89 +815,6 @@ impl Summary {
             ));
         }
         failed
-    }
-}
-
-/// What one replica's generator offered and how its `add` calls went.
-struct Offered {
-    accepted: u64,
-    dropped: u64,
-    /// Per (agent, key): the `collected_at` (µs) of the newest update this replica's batcher
-    /// accepted; 0 for none.
-    newest: Vec<u64>,
-    elapsed: Duration,
-    add_ns: Histogram<u64>,
-}
-
-/// One replica's generator: its agents in its own order, paced to `rate`.
-struct Generator {
-    replica: usize,
-    batcher: Arc<Batcher>,
-    clock: Arc<Clock>,
-    order: VisitOrder,
-    agents: usize,
-    key_names: Vec<String>,
-    rate: f64,
-    duration: Duration,
-    offered: Arc<AtomicU64>,
-}
-
-impl Generator {
-    fn run(self) -> Result<Offered, String> {
-        let keys = self.key_names.len();
-        let mut newest = vec![0u64; self.agents * keys];
-        let (mut accepted, mut dropped) = (0u64, 0u64);
-        // How long each `add` call takes, waking the worker included (two clock reads of
-        // ~20 ns each are in it too).
-        let mut add_ns =
-            Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).expect("valid bounds");
-        let calls_per_second = self.rate / keys as f64;
-        let start = Instant::now();
-        let mut issued = 0u64;
-        loop {
-            let elapsed = start.elapsed();
-            if elapsed >= self.duration {
-                break;
-            }
-            let due = (elapsed.as_secs_f64() * calls_per_second) as u64;
-            while issued < due {
-                let a = self.order.agent(issued, self.agents);
-                let micros = self.clock.next_micros();
-                let value = value_of(micros, self.replica);
-                let collected_at = micros_to_time(micros);
-                let metadata: Vec<Metadata> = self
-                    .key_names
-                    .iter()
-                    .map(|key| Metadata {
-                        key: key.clone(),
-                        value: value.clone(),
-                        error: String::new(),
-                        collected_at,
-                    })
-                    .collect();
-                let called = Instant::now();
-                let added = self.batcher.add(agent(a), metadata);
-                add_ns.saturating_record(called.elapsed().as_nanos() as u64);
-                let report =
-                    added.map_err(|err| format!("replica {}: add failed: {err}", self.replica))?;
-                accepted += report.accepted as u64;
-                dropped += report.dropped as u64;
-                // The call's first `accepted` entries are the kept ones.
-                for slot in &mut newest[a * keys..a * keys + report.accepted] {
-                    *slot = micros;
-                }
-                issued += 1;
-                self.offered.fetch_add(keys as u64, Relaxed);
-            }
-            thread::sleep(PACING_STEP);
-        }
-        Ok(Offered {
-            accepted,
-            dropped,
-            newest,
-            elapsed: start.elapsed(),
-            add_ns,
-        })
     }
 }
 
@@ -1192,6 +1028,7 @@ fn run(
             rate,
             duration,
             offered: offered.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
         };
         generators.push(
             thread::Builder::new()
@@ -1239,14 +1076,7 @@ fn run(
             last = (o, s.flushed);
         }
     }
-    let mut offers = Vec::new();
-    for (replica, generator) in generators.into_iter().enumerate() {
-        offers.push(
-            generator
-                .join()
-                .map_err(|_| format!("replica {replica}'s generator panicked"))??,
-        );
-    }
+    let offers = load::join_generators(generators)?;
     // Closed together, as replicas shut down independently; each close is timed.
     let closes: Vec<(CloseReport, Duration)> = thread::scope(|scope| -> Result<_, String> {
         let closing: Vec<_> = batchers
@@ -1329,17 +1159,8 @@ fn run(
         summary.fresh_max_ms = r.freshness_us.max() as f64 / 1e3;
     }
 
-    // Per (agent, key): the newest update any replica's batcher accepted, as
-    // (collected_at µs, replica); (0, 0) for none. The clock makes the maximum unique.
     let keys = config.keys;
-    let mut newest = vec![(0u64, 0usize); config.agents * keys];
-    for (replica, offer) in offers.iter().enumerate() {
-        for (slot, &micros) in newest.iter_mut().zip(&offer.newest) {
-            if micros > slot.0 {
-                *slot = (micros, replica);
-            }
-        }
-    }
+    let newest = load::newest_by_key(&offers, config.agents * keys);
     let updated: Vec<bool> = newest
         .chunks(keys)
         .map(|agent_keys| agent_keys.iter().any(|&(micros, _)| micros > 0))
@@ -1362,7 +1183,13 @@ fn run(
         summary.announced = Some((updated.iter().filter(|&&u| u).count() as u64, unheard_total));
     }
     if let (Some(db), true) = (&database, config.verify) {
-        summary.verified_rows = Some(verify(db, statement_mode, &key_names, &newest)?);
+        let mut session = Reconnecting::new(
+            &db.data_url,
+            session_options("verify", statement_mode),
+            RECONNECT_PATIENCE,
+        )
+        .map_err(|err| format!("--verify: {err}"))?;
+        summary.verified_rows = Some(load::verify(&mut session, &key_names, &newest)?);
     }
     drop(batchers);
     if let Some(db) = &mut database {
@@ -1391,52 +1218,6 @@ fn total_stats(batchers: &[Arc<Batcher>]) -> Stats {
         total.store_errors += stats.store_errors;
     }
     total
-}
-
-/// Reads every row back on the data path (unnamed, so it works through a transaction
-/// pooler) and counts the rows checked and those not at their newest value.
-fn verify(
-    db: &Database,
-    statement_mode: StatementMode,
-    key_names: &[String],
-    newest: &[(u64, usize)],
-) -> Result<(u64, u64), String> {
-    let mut client = pg::connect_client(&db.data_url, &session_options("verify", statement_mode))
-        .map_err(|err| format!("--verify: connecting: {err}"))?;
-    let key_index: HashMap<&str, usize> = key_names
-        .iter()
-        .enumerate()
-        .map(|(i, k)| (k.as_str(), i))
-        .collect();
-    let keys = key_names.len();
-    let rows = client
-        .query_typed(
-            "SELECT workspace_agent_id, key, value FROM workspace_agent_metadata",
-            &[],
-        )
-        .map_err(|err| format!("--verify: reading the table: {}", db_error(&err)))?;
-    let (mut checked, mut wrong) = (0u64, 0u64);
-    for row in rows {
-        let read = |err: postgres::Error| format!("--verify: reading a row: {err}");
-        let id: Uuid = row.try_get(0).map_err(read)?;
-        let key: String = row.try_get(1).map_err(read)?;
-        let value: String = row.try_get(2).map_err(read)?;
-        let (Some(a), Some(&k)) = (agent_index(id), key_index.get(key.as_str())) else {
-            continue;
-        };
-        let Some(&(micros, replica)) = newest.get(a * keys + k) else {
-            continue;
-        };
-        let expected = match micros {
-            0 => String::new(),
-            _ => value_of(micros, replica),
-        };
-        checked += 1;
-        if value != expected {
-            wrong += 1;
-        }
-    }
-    Ok((checked, wrong))
 }
 
 fn mode_name(mode: FlushMode) -> &'static str {

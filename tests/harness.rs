@@ -257,6 +257,39 @@ fn proxy_black_holes_one_connection_then_heals() {
     );
 }
 
+/// A regression test: the proxy kept a clone of both sockets of every connection it ever
+/// carried, so the soak's long-lived proxies held thousands of descriptors after an hour
+/// of reconnects.
+#[test]
+fn proxy_holds_no_socket_of_a_closed_connection() {
+    let cluster = Cluster::start_new();
+    let proxy = Proxy::in_front_of(&cluster.url());
+    let url = proxy.url(&cluster.url());
+    let mut clients: Vec<Client> = (0..5)
+        .map(|i| connect(&url, &format!("closed {i}")).unwrap())
+        .collect();
+    for client in &mut clients {
+        assert_eq!(one(client).unwrap(), 1);
+    }
+    let accepted = proxy.accepted_socket_inodes();
+    assert_eq!(accepted.len(), 5);
+    drop(clients);
+    // The proxy's threads notice the closes within their poll; nothing else to wait on.
+    let held = || {
+        let fds = pg::proxy::socket_fds();
+        accepted.iter().filter(|inode| fds.contains(*inode)).count()
+    };
+    let deadline = Instant::now() + PROMPT;
+    while held() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy still holds {} sockets of closed connections",
+            held()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn proxy_black_holes_everything_then_heals() {
     let cluster = Cluster::start_new();

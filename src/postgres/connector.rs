@@ -19,7 +19,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use postgres::config::SslMode as ClientSslMode;
+use postgres::config::{LoadBalanceHosts, SslMode as ClientSslMode};
 use postgres::tls::{MakeTlsConnect, TlsConnect};
 use postgres::{Client, Config, NoTls, Socket};
 use tokio_postgres::CancelToken;
@@ -217,6 +217,12 @@ pub(crate) struct Connector {
     config: Config,
     /// The same, for the sessions driven with `tokio-postgres`.
     async_config: tokio_postgres::Config,
+    /// One recipe per host when the connection string lists several (and does not ask for
+    /// `load_balance_hosts=random`), tried in order with `connect_timeout` each, as libpq
+    /// does. `tokio-postgres` bounds only each host's TCP connect, so a host that accepts
+    /// and never answers (a frozen primary) would hold the whole attempt and the next host
+    /// would never be tried. Empty: one host, or random order, left to the client.
+    hosts: Vec<(Config, tokio_postgres::Config)>,
     connect: Arc<dyn Connect>,
     pub(crate) options: PgOptions,
     /// libpq's name for the TLS mode, or "custom", for `Debug` and log lines.
@@ -299,8 +305,21 @@ impl Connector {
             .keepalives_idle(options.keepalives_idle)
             .keepalives_interval(KEEPALIVES_INTERVAL)
             .keepalives_retries(KEEPALIVES_RETRIES);
+        let host_count = config.get_hosts().len().max(config.get_hostaddrs().len());
+        let hosts =
+            if host_count > 1 && config.get_load_balance_hosts() == LoadBalanceHosts::Disable {
+                (0..host_count)
+                    .map(|host| {
+                        let one = async_config(&config, Some(host));
+                        (Config::from(one.clone()), one)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
         Connector {
-            async_config: async_config(&config),
+            async_config: async_config(&config, None),
+            hosts,
             config,
             connect,
             options,
@@ -312,7 +331,7 @@ impl Connector {
     /// through a transaction pooler, where they would land on one server connection of
     /// many). Blocks: callers bound it (see [`bounded`](super::bounded)).
     pub(crate) fn open(&self, settings: Option<&str>) -> Result<Client, ConnectError> {
-        let mut client = self.connect.connect(&self.config)?;
+        let mut client = self.connect_hosts()?;
         if let Some(settings) = settings {
             client
                 .batch_execute(settings)
@@ -326,7 +345,69 @@ impl Connector {
     pub(crate) async fn open_async(
         &self,
     ) -> Result<(tokio_postgres::Client, Connection), ConnectError> {
-        self.connect.connect_async(&self.async_config).await
+        if self.hosts.is_empty() {
+            return self.connect.connect_async(&self.async_config).await;
+        }
+        let timeout = self.options.connect_timeout;
+        let mut last_failure = None;
+        for (host, (_, config)) in self.hosts.iter().enumerate() {
+            match tokio::time::timeout(timeout, self.connect.connect_async(config)).await {
+                Ok(Ok(connected)) => return Ok(connected),
+                Ok(Err(err)) => last_failure = Some(err),
+                Err(_) => last_failure = Some(self.host_timed_out(host)),
+            }
+        }
+        Err(last_failure.unwrap_or_else(|| self.host_timed_out(0)))
+    }
+
+    /// A blocking connection: through the client alone for one host; for several, each
+    /// attempt on a thread of its own, given up after `connect_timeout` (the thread ends,
+    /// dropping its client, whenever its attempt does) so the next host is tried.
+    fn connect_hosts(&self) -> Result<Client, ConnectError> {
+        if self.hosts.is_empty() {
+            return self.connect.connect(&self.config);
+        }
+        let mut last_failure = None;
+        for (host, (config, _)) in self.hosts.iter().enumerate() {
+            let (connected_tx, connected) = crossbeam_channel::bounded(1);
+            let (connect, config) = (self.connect.clone(), config.clone());
+            let spawned = std::thread::Builder::new()
+                .name("mdbatch-connect".to_owned())
+                .spawn(move || {
+                    // A caller that moved on has dropped the receiver; the client is dropped here.
+                    let _ = connected_tx.send(connect.connect(&config));
+                });
+            if let Err(err) = spawned {
+                return Err(ConnectError::new(
+                    super::ConnectErrorKind::Unavailable,
+                    format!("cannot start a thread to connect: {err}"),
+                ));
+            }
+            match connected.recv_timeout(self.options.connect_timeout) {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(err)) => last_failure = Some(err),
+                Err(_) => last_failure = Some(self.host_timed_out(host)),
+            }
+        }
+        Err(last_failure.unwrap_or_else(|| self.host_timed_out(0)))
+    }
+
+    /// The bound of a whole connection attempt: `connect_timeout` for each host tried.
+    pub(crate) fn attempt_timeout(&self) -> std::time::Duration {
+        self.options.connect_timeout * self.hosts.len().max(1) as u32
+    }
+
+    fn host_timed_out(&self, host: usize) -> ConnectError {
+        ConnectError::new(
+            super::ConnectErrorKind::Unavailable,
+            format!(
+                "host {} of {} did not complete the TCP connect, TLS handshake and \
+                 authentication within connect_timeout ({:?})",
+                host + 1,
+                self.hosts.len(),
+                self.options.connect_timeout
+            ),
+        )
     }
 
     /// Sends a cancel request for the session `token` belongs to, over the TLS setup that
@@ -352,7 +433,8 @@ impl Connector {
 /// `config` as a `tokio_postgres::Config`: every setting `postgres::Config` has, but its
 /// notice callback (the driven sessions log notices through the `log` facade, as
 /// `tokio-postgres` does).
-fn async_config(config: &Config) -> tokio_postgres::Config {
+/// With `host` given, only that host of the list (with its `hostaddr` and port).
+fn async_config(config: &Config, host: Option<usize>) -> tokio_postgres::Config {
     let mut out = tokio_postgres::Config::new();
     if let Some(user) = config.get_user() {
         out.user(user);
@@ -369,18 +451,40 @@ fn async_config(config: &Config) -> tokio_postgres::Config {
     if let Some(name) = config.get_application_name() {
         out.application_name(name);
     }
-    for host in config.get_hosts() {
-        match host {
-            postgres::config::Host::Tcp(host) => out.host(host),
+    let pick = |index: usize| host.is_none_or(|host| host == index);
+    for (_, name) in config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| pick(*i))
+    {
+        match name {
+            postgres::config::Host::Tcp(name) => out.host(name),
             #[cfg(unix)]
             postgres::config::Host::Unix(path) => out.host_path(path),
         };
     }
-    for hostaddr in config.get_hostaddrs() {
+    for (_, hostaddr) in config
+        .get_hostaddrs()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| pick(*i))
+    {
         out.hostaddr(*hostaddr);
     }
-    for port in config.get_ports() {
-        out.port(*port);
+    let ports = config.get_ports();
+    match host {
+        // One port for every host, or one per host, as libpq reads them.
+        Some(host) => {
+            if let Some(port) = ports.get(host).or(ports.first()) {
+                out.port(*port);
+            }
+        }
+        None => {
+            for port in ports {
+                out.port(*port);
+            }
+        }
     }
     if let Some(timeout) = config.get_connect_timeout() {
         out.connect_timeout(*timeout);
@@ -451,7 +555,7 @@ impl fmt::Debug for Connector {
 /// ```
 pub fn connect_client(url: &str, options: &PgOptions) -> Result<Client, ConnectError> {
     let connector = Connector::from_url(url, options.clone(), "admin")?;
-    let timeout = options.connect_timeout;
+    let timeout = connector.attempt_timeout();
     let (opened_tx, opened) = crossbeam_channel::bounded(1);
     std::thread::Builder::new()
         .name("mdbatch-connect".to_owned())
@@ -471,8 +575,8 @@ pub fn connect_client(url: &str, options: &PgOptions) -> Result<Client, ConnectE
         Err(ConnectError::new(
             super::ConnectErrorKind::Unavailable,
             format!(
-                "no session within connect_timeout ({timeout:?}): the server did not complete \
-                 the TCP connect, TLS handshake and authentication in time"
+                "no session within connect_timeout ({timeout:?}, per host): the server did \
+                 not complete the TCP connect, TLS handshake and authentication in time"
             ),
         ))
     })
@@ -481,4 +585,59 @@ pub fn connect_client(url: &str, options: &PgOptions) -> Result<Client, ConnectE
 /// The session settings of a plain client: the timeouts, whatever the statement mode.
 fn options_settings(connector: &Connector) -> String {
     connector.options.session_settings("SESSION", false)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use postgres::config::Host;
+
+    use super::{Connector, PgOptions};
+
+    fn hosts(url: &str) -> Vec<(String, u16)> {
+        let connector = Connector::from_url(url, PgOptions::default(), "test").unwrap();
+        connector
+            .hosts
+            .iter()
+            .map(
+                |(config, _)| match (config.get_hosts(), config.get_ports()) {
+                    ([Host::Tcp(host)], [port]) => (host.clone(), *port),
+                    other => panic!("one host and one port each, not {other:?}"),
+                },
+            )
+            .collect()
+    }
+
+    #[test]
+    fn several_hosts_are_tried_one_by_one_with_their_own_ports() {
+        assert_eq!(
+            hosts("postgres://u@a:1,b:2/db?target_session_attrs=read-write"),
+            [("a".to_owned(), 1), ("b".to_owned(), 2)]
+        );
+        // One port for every host, as libpq reads it.
+        assert_eq!(
+            hosts("host=a,b port=7 dbname=db"),
+            [("a".to_owned(), 7), ("b".to_owned(), 7)]
+        );
+        // One host: the client's own attempt, bounded once.
+        assert!(hosts("postgres://u@a:1/db").is_empty());
+        // Random order is the client's to apply.
+        assert!(hosts("postgres://u@a:1,b:2/db?load_balance_hosts=random").is_empty());
+    }
+
+    #[test]
+    fn the_whole_attempt_is_bounded_by_connect_timeout_per_host() {
+        let options = PgOptions {
+            connect_timeout: Duration::from_secs(2),
+            ..PgOptions::default()
+        };
+        let bound = |url: &str| {
+            Connector::from_url(url, options.clone(), "test")
+                .unwrap()
+                .attempt_timeout()
+        };
+        assert_eq!(bound("postgres://u@a,b,c/db"), Duration::from_secs(6));
+        assert_eq!(bound("postgres://u@a/db"), Duration::from_secs(2));
+    }
 }

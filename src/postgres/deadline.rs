@@ -139,7 +139,7 @@ impl DeadlineClient {
         connector: Arc<Connector>,
         setup: impl AsyncFnOnce(&Connector, &Client) -> Result<S, ConnectError>,
     ) -> Result<(DeadlineClient, S), ConnectError> {
-        let timeout = connector.options.connect_timeout;
+        let timeout = connector.attempt_timeout();
         let opening = async {
             let (client, connection) = connector.open_async().await?;
             let (abort_tx, abort) = unbounded_channel();

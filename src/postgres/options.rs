@@ -33,7 +33,11 @@ pub struct PgOptions {
     /// How long one connection attempt may take in all: TCP connect, TLS handshake,
     /// authentication, the session settings and preparing the statement. Past it the
     /// attempt is abandoned and fails as unavailable, whether the server refused, never
-    /// answered, or answered too slowly. Default 5 s.
+    /// answered, or answered too slowly. With several hosts (`host=a,b` or
+    /// `postgres://a:5432,b:5432/...`) each host tried gets its own `connect_timeout`, in
+    /// order, as in libpq: a host that accepts and never answers (a frozen primary) costs
+    /// this long before the next is tried, and the whole attempt at most this long per
+    /// host. Default 5 s.
     pub connect_timeout: Duration,
     /// The session's `application_name`, shown in `pg_stat_activity`, so an operator (or a
     /// test) can tell the batcher's connections apart. `None` keeps the URL's, or else uses

@@ -128,7 +128,7 @@ impl PgSubscriber {
     fn start(connector: Connector, channel: &str) -> Result<PgSubscriber, ConnectError> {
         let connector = Arc::new(connector);
         let attempt = spawn_open(&connector, channel);
-        let client = match attempt.recv_timeout(connector.options.connect_timeout) {
+        let client = match attempt.recv_timeout(connector.attempt_timeout()) {
             Ok(result) => result?,
             Err(_) => return Err(connect_timed_out(&connector)),
         };
@@ -405,9 +405,9 @@ fn connect_timed_out(connector: &Connector) -> ConnectError {
     ConnectError::new(
         ConnectErrorKind::Unavailable,
         format!(
-            "no session within connect_timeout ({:?}): the server did not complete the TCP \
-             connect, TLS handshake, authentication and LISTEN in time",
-            connector.options.connect_timeout
+            "no session within {:?} (connect_timeout for each host): the server did \
+             not complete the TCP connect, TLS handshake, authentication and LISTEN in time",
+            connector.attempt_timeout()
         ),
     )
 }

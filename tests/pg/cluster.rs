@@ -7,6 +7,10 @@
 //! resumes anything stopped, stops it with `-m immediate`, kills what is left and removes the
 //! directory, also when the test panicked.
 //!
+//! [`Cluster::standby_of`] and [`Cluster::rebuild_as_standby_of`] make streaming standbys
+//! with `pg_basebackup -R`; [`super::replication`] pairs them into a primary and a
+//! synchronous standby that can fail over again and again.
+//!
 //! The admin client ([`Cluster::admin`]) connects over the Unix socket in the scratch
 //! directory, so it works whatever `pg_hba.conf` says about TCP (the TLS cluster refuses
 //! plaintext TCP).
@@ -88,6 +92,22 @@ impl Cluster {
         for (name, contents, mode) in &options.files {
             write_server_file(&dir, &format!("data/{name}"), contents, *mode);
         }
+        Cluster::start_on_a_free_port(dir, data, "a throwaway cluster", |cluster| {
+            append(
+                &cluster.data.join("postgresql.conf"),
+                &format!("port = {}", cluster.port),
+            )
+        })
+    }
+
+    /// Starts the cluster in `data`, on a free port of 127.0.0.1, after `prepare` (which
+    /// sees the port) has set it up; tries again on another port when the start fails.
+    fn start_on_a_free_port(
+        dir: ScratchDir,
+        data: PathBuf,
+        what: &str,
+        prepare: impl Fn(&Cluster),
+    ) -> Cluster {
         let mut cluster = Cluster {
             dir,
             data,
@@ -98,17 +118,76 @@ impl Cluster {
         let mut last_failure = String::new();
         for _ in 0..START_ATTEMPTS {
             cluster.port = free_port();
-            append(
-                &cluster.data.join("postgresql.conf"),
-                &format!("port = {}", cluster.port),
-            );
+            prepare(&cluster);
             let output = cluster.pg_ctl(&["start"]);
             if output.status.success() {
                 return cluster;
             }
             last_failure = format!("{}\n{}", describe(&output), cluster.log());
         }
-        panic!("could not start a throwaway cluster: {last_failure}");
+        panic!("could not start {what}: {last_failure}");
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`), started and ready: its own
+    /// scratch directory and port, the primary's settings. See [`super::replication`].
+    pub fn standby_of(primary: &Cluster) -> Cluster {
+        let dir = ScratchDir::new("cluster");
+        let data = dir.path().join("data");
+        Cluster::start_on_a_free_port(dir, data, "a standby", |cluster| {
+            cluster.base_backup_from(primary)
+        })
+    }
+
+    /// Stops this cluster at once, replaces its data with a base backup of `primary` and
+    /// starts it again as `primary`'s streaming standby, on the same port: the old primary
+    /// of a failover rejoining as the new standby, so a URL that lists both stays valid.
+    pub fn rebuild_as_standby_of(&mut self, primary: &Cluster) {
+        self.resume_all();
+        // It may already be down (a crash) or frozen and resumed above: either way, down.
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+        self.base_backup_from(primary);
+        self.must(&["start"]);
+    }
+
+    /// `pg_ctl promote`, waiting until the standby accepts writes.
+    pub fn promote(&self) {
+        self.must(&["promote"]);
+    }
+
+    /// Whether the server is a standby (`pg_is_in_recovery()`).
+    pub fn is_in_recovery(&self) -> bool {
+        self.admin()
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .expect("pg_is_in_recovery")
+            .get(0)
+    }
+
+    /// Replaces the data directory with `pg_basebackup -R` of `primary` (over TCP, so the
+    /// standby's `primary_conninfo` names the primary's port), on this cluster's port and
+    /// socket directory.
+    fn base_backup_from(&self, primary: &Cluster) {
+        if self.data.exists() {
+            std::fs::remove_dir_all(&self.data)
+                .unwrap_or_else(|err| panic!("remove {}: {err}", self.data.display()));
+        }
+        run(server_command(pg_bindir().join("pg_basebackup"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            .arg("-d")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=postgres application_name=mb-standby",
+                primary.port
+            )));
+        // The copied postgresql.conf names the primary's port and socket: later lines win.
+        append(
+            &self.data.join("postgresql.conf"),
+            &format!(
+                "port = {}\nunix_socket_directories = '{}'",
+                self.port,
+                self.dir.path().display()
+            ),
+        );
     }
 
     pub fn port(&self) -> u16 {
@@ -205,6 +284,25 @@ impl Cluster {
         self.postmaster_stopped = false;
     }
 
+    /// SIGSTOPs the whole server, postmaster and every child (backends, walsenders,
+    /// checkpointer ...): a machine that froze, not one that died. Sessions stay open and
+    /// never answer; new connections are accepted by the kernel and never answered.
+    /// Resumed on drop, or by [`thaw`](Self::thaw).
+    pub fn freeze(&mut self) {
+        let postmaster = self.postmaster_pid();
+        self.sigstop_postmaster();
+        for pid in children(postmaster) {
+            if signal(pid, "STOP").is_ok() {
+                self.stopped_backends.push(pid);
+            }
+        }
+    }
+
+    /// Resumes a [`freeze`](Self::freeze).
+    pub fn thaw(&mut self) {
+        self.resume_all();
+    }
+
     /// The pids of the backends named `application_name`.
     pub fn backend_pids(&self, application_name: &str) -> Vec<u32> {
         self.admin()
@@ -295,6 +393,28 @@ impl Drop for Cluster {
         }
         // `dir` (a ScratchDir) removes the files when it is dropped, right after this.
     }
+}
+
+/// The pids of `parent`'s children, from /proc.
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split
+            // after its closing parenthesis.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after = &stat[stat.rfind(')')? + 1..];
+                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
 
 fn run(command: &mut Command) {

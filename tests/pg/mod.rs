@@ -8,7 +8,8 @@
 //! [`cluster`] (a throwaway cluster of the test's own), [`certs`] (test certificates and a
 //! TLS-only cluster), [`proxy`] (a TCP proxy that black-holes, and a server that never
 //! answers), [`broken_tls`] (a front end whose TLS handshakes fail and whose plaintext is
-//! forwarded), [`pgbouncer`] (a throwaway pooler), and [`scratch`] (what they share).
+//! forwarded), [`pgbouncer`] (a throwaway pooler), [`replication`] (a primary with a
+//! synchronous standby, for failovers), and [`scratch`] (what they share).
 #![allow(dead_code)] // each test file uses its own part of this module
 
 pub mod broken_tls;
@@ -18,6 +19,7 @@ pub mod pgbouncer;
 #[path = "../../examples/support/pgbouncer_ini.rs"]
 mod pgbouncer_ini;
 pub mod proxy;
+pub mod replication;
 pub mod scratch;
 
 // Re-exported for the test files that use them; the others do not.

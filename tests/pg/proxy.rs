@@ -55,9 +55,12 @@ struct Conn {
 }
 
 impl Conn {
+    /// Shuts both sockets down and drops the proxy's clones of them, so a long-lived proxy
+    /// (the soak's) holds no descriptor of a closed connection; the pumps drop their own as
+    /// they exit.
     fn close(&self) {
         self.closed.store(true, SeqCst);
-        for socket in self.sockets.lock().unwrap().iter() {
+        for socket in self.sockets.lock().unwrap().drain(..) {
             let _ = socket.shutdown(Shutdown::Both);
         }
     }
@@ -102,7 +105,10 @@ impl Shared {
             .name("mb-proxy".into())
             .spawn(f)
             .expect("spawn a proxy thread");
-        self.threads.lock().unwrap().push(handle);
+        let mut threads = self.threads.lock().unwrap();
+        // Finished ones need no join: a long-lived proxy keeps only the running.
+        threads.retain(|thread| !thread.is_finished());
+        threads.push(handle);
     }
 }
 
@@ -271,24 +277,39 @@ impl Proxy {
     /// connection is not read by the proxy, so only the client's side can tell whether the
     /// client closed it.
     pub fn client_sockets(&self) -> usize {
-        let ours: std::collections::HashSet<String> = std::fs::read_dir("/proc/self/fd")
-            .expect("/proc/self/fd")
-            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-            .filter_map(|link| {
-                let link = link.to_string_lossy().into_owned();
-                Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
-            })
-            .collect();
-        let remote = format!("0100007F:{:04X}", self.port());
+        self.own_tcp_sockets(|_, remote| remote == self.port())
+            .len()
+    }
+
+    /// The inodes of the sockets the proxy holds on its own side of the clients'
+    /// connections (the accepted ones, not the listener), for [`socket_fds`].
+    pub fn accepted_socket_inodes(&self) -> Vec<String> {
+        self.own_tcp_sockets(|local, remote| local == self.port() && remote != 0)
+    }
+
+    /// The inodes of this process's TCP sockets on 127.0.0.1 whose (local, remote) ports
+    /// match, from `/proc/net/tcp`, which lists a socket until its connection is closed.
+    fn own_tcp_sockets(&self, matches: impl Fn(u16, u16) -> bool) -> Vec<String> {
+        let ours = socket_fds();
+        let port = |address: &str| {
+            address
+                .strip_prefix("0100007F:")
+                .and_then(|port| u16::from_str_radix(port, 16).ok())
+        };
         std::fs::read_to_string("/proc/net/tcp")
             .expect("/proc/net/tcp")
             .lines()
             .skip(1)
-            .filter(|line| {
+            .filter_map(|line| {
                 let fields: Vec<&str> = line.split_whitespace().collect();
-                fields.len() > 9 && fields[2] == remote && ours.contains(fields[9])
+                let ports = (port(fields.get(1)?), port(fields.get(2)?));
+                let (Some(local), Some(remote)) = ports else {
+                    return None;
+                };
+                (ours.contains(*fields.get(9)?) && matches(local, remote))
+                    .then(|| fields[9].to_owned())
             })
-            .count()
+            .collect()
     }
 
     /// Closes connection `id` (both sockets), as a reset would.
@@ -543,4 +564,17 @@ impl Drop for SilentServer {
             let _ = accept.join();
         }
     }
+}
+
+/// The inodes of every socket this process has a descriptor of (`/proc/self/fd`), closed
+/// connections whose descriptor is still held included.
+pub fn socket_fds() -> std::collections::HashSet<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect()
 }

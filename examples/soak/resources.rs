@@ -1,0 +1,143 @@
+//! The soak's monitor: a thread that samples this process's resources (RSS, threads, open
+//! file descriptors, sockets, from `/proc/self`) every [`SAMPLE_EVERY`], and the fleet's
+//! backlog every [`BACKLOG_EVERY`], keeping the peak since the last fault started.
+//!
+//! The process holds the batchers, the subscribers and the two proxies: the proxies'
+//! threads and sockets (two each per connection) come and go with the sessions they carry,
+//! so they return to their baseline when the sessions do.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use metadata_batcher::Batcher;
+
+/// How often the resources are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How often the backlog is read for its peak.
+const BACKLOG_EVERY: Duration = Duration::from_millis(100);
+
+/// One sample of the process's resources.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: Instant,
+    pub rss_kib: u64,
+    pub threads: u64,
+    pub fds: u64,
+    pub sockets: u64,
+}
+
+impl Sample {
+    fn take() -> Sample {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(0)
+        };
+        let (mut fds, mut sockets) = (0, 0);
+        for fd in std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            fds += 1;
+            if std::fs::read_link(fd.path())
+                .is_ok_and(|link| link.to_string_lossy().starts_with("socket:"))
+            {
+                sockets += 1;
+            }
+        }
+        Sample {
+            at: Instant::now(),
+            rss_kib: field("VmRSS:"),
+            threads: field("Threads:"),
+            fds,
+            sockets,
+        }
+    }
+}
+
+/// The monitor thread; see the module docs.
+pub struct Monitor {
+    stop: Arc<AtomicBool>,
+    backlog_peak: Arc<AtomicU64>,
+    thread: JoinHandle<Vec<Sample>>,
+}
+
+impl Monitor {
+    pub fn start(batchers: Vec<Arc<Batcher>>) -> Result<Monitor, String> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let backlog_peak = Arc::new(AtomicU64::new(0));
+        let (thread_stop, peak) = (stop.clone(), backlog_peak.clone());
+        let thread = thread::Builder::new()
+            .name("soak-monitor".into())
+            .spawn(move || {
+                let mut samples = Vec::new();
+                let mut next_sample = Instant::now();
+                while !thread_stop.load(Relaxed) {
+                    let backlog: u64 = batchers
+                        .iter()
+                        .map(|batcher| {
+                            let stats = batcher.stats();
+                            (stats.queued + stats.batched + stats.in_flight) as u64
+                        })
+                        .sum();
+                    peak.fetch_max(backlog, Relaxed);
+                    if Instant::now() >= next_sample {
+                        samples.push(Sample::take());
+                        next_sample += SAMPLE_EVERY;
+                    }
+                    // A sampler's period; nothing to wait on.
+                    thread::sleep(BACKLOG_EVERY);
+                }
+                samples
+            })
+            .map_err(|err| format!("starting the monitor: {err}"))?;
+        Ok(Monitor {
+            stop,
+            backlog_peak,
+            thread,
+        })
+    }
+
+    /// The peak backlog (rows queued, batched or in flight, all replicas) since the last
+    /// call, which starts a new peak.
+    pub fn take_backlog_peak(&self) -> u64 {
+        self.backlog_peak.swap(0, Relaxed)
+    }
+
+    pub fn stop(self) -> Result<Vec<Sample>, String> {
+        self.stop.store(true, Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| "the monitor thread panicked".to_owned())
+    }
+}
+
+/// The least-squares slope of `value` over time, per hour, for the samples in
+/// `[from, to]`; `None` with fewer than two.
+pub fn slope_per_hour(
+    samples: &[Sample],
+    (from, to): (Instant, Instant),
+    value: impl Fn(&Sample) -> f64,
+) -> Option<f64> {
+    let points: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|sample| sample.at >= from && sample.at <= to)
+        .map(|sample| ((sample.at - from).as_secs_f64(), value(sample)))
+        .collect();
+    if points.len() < 2 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_v = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let covariance: f64 = points.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_v)).sum();
+    let variance: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
+    (variance > 0.0).then(|| covariance / variance * 3600.0)
+}

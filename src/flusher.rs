@@ -610,6 +610,9 @@ impl Flusher {
             .fetch_add((rows as u64).saturating_sub(updated), Relaxed);
         c.release_in_flight(rows, crate::batch::batch_bytes(chunk));
         self.shared.metrics.flushed.increment(rows as u64);
+        self.shared
+            .metrics
+            .observe_write_lag(&chunk.collected_at, self.shared.clock.system_time());
     }
 
     fn count_store_error(&self) {

@@ -441,6 +441,8 @@ impl Worker {
             counters.in_flight.store(0, Relaxed);
             counters.batched.store(batched, Relaxed);
         });
+        // Before anyone waiting on this flush is answered, so they see the gauges after it.
+        crate::gauges::update(&self.shared);
         let notifier = &self.shared.notifier;
         for reply in self.manual_in_flight.drain(..) {
             notifier.when_published(outcome.seq, Waiter::Flush(reply, outcome.report.clone()));

@@ -75,10 +75,11 @@ pub(crate) fn update(shared: &Shared) {
         .update(&shared.counters, shared.clock.now());
 }
 
-/// Starts `mdbatch-gauges`. It holds the shared state weakly, so it keeps nothing alive;
-/// it sets the gauges one last time once the worker has ended (`worker_alive` 0), and
-/// returns.
+/// Sets the gauges, so they hold true values before the first tick, and starts
+/// `mdbatch-gauges`. It holds the shared state weakly, so it keeps nothing alive; it sets
+/// the gauges one last time once the worker has ended (`worker_alive` 0), and returns.
 pub(crate) fn spawn(shared: &Arc<Shared>) -> std::io::Result<()> {
+    update(shared);
     let ticks = shared.clock.tick(EVERY);
     let shared: Weak<Shared> = Arc::downgrade(shared);
     std::thread::Builder::new()

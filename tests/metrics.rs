@@ -400,6 +400,7 @@ fn health_gauges_follow_an_outage_on_every_flush() {
     });
     let gauge = |name: &str| value(&handle.render(), name);
     assert_eq!(gauge(names::FLUSH_INTERVAL_SECONDS), Some(3600.0));
+    assert_eq!(gauge(names::WORKER_ALIVE), Some(1.0), "true from the start");
 
     batcher
         .add(agent(1), vec![md("a", "v", 1), md("b", "v", 1)])

@@ -128,7 +128,7 @@ fn reports_from_many_clients_are_written_newest_and_sigterm_closes_cleanly() {
     ] {
         assert_eq!(metrics[zero], 0.0, "{zero}");
     }
-    assert_eq!(metrics["metadata_service_worker_alive"], 1.0);
+    assert_eq!(metrics["coderd_agentapi_metadata_worker_alive"], 1.0);
     // Announcements arrive after their flush, when the timer says: only the series is sure.
     assert!(metrics.contains_key("metadata_service_announced_agents_total"));
     let (status, body) = get(&http, &service.url("/healthz"));
@@ -373,6 +373,60 @@ fn once_closing_it_answers_503_and_exits_non_zero_with_entries_unwritten() {
     assert_eq!(field(&report, "unwritten"), "1", "{report}");
     let (value, _, _) = pg::row(&mut locker, agent, "cpu").unwrap();
     assert_eq!(value, "", "the locked row was not written");
+}
+
+#[test]
+fn healthz_is_unready_past_max_lag_and_ready_again_once_written() {
+    let db = TestDb::new();
+    let mut service = Service::start(
+        &[("DATABASE_URL", db.url.as_str())],
+        &["--max-lag", "1", "--interval", "0.2"],
+    );
+    let http = client();
+    let agent = Uuid::new_v4();
+    let (status, _) = put(
+        &http,
+        &service.url(&format!("/agents/{agent}/keys")),
+        r#"["cpu"]"#,
+    );
+    assert_eq!(status, 200);
+
+    // A lock holds the row back: every statement waits `lock_timeout` (2 s) and is
+    // canceled, three per flush, so fewer than five flushes fail in the first seconds and
+    // only the lag can make the service unready.
+    let mut locker = db.client("mb-test locker");
+    let mut lock = locker.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE workspace_agent_metadata IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let metadata = service.url(&format!("/agents/{agent}/metadata"));
+    let entry =
+        r#"[{"key": "cpu", "value": "42%", "error": "", "collected_at": "2024-05-01T12:00:00Z"}]"#;
+    assert_eq!(post(&http, &metadata, entry).0, 200);
+    let healthz = service.url("/healthz");
+    // The service's readiness is a real process's state: polled.
+    pg::wait_until("/healthz answers 503 for the lag", || {
+        let (status, body) = get(&http, &healthz);
+        status == 503 && body.contains("more than --max-lag 1 s")
+    });
+    let (_, body) = get(&http, &healthz);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        health["consecutive_store_failures"].as_u64().unwrap() < 5,
+        "{body}"
+    );
+    // The gauge shows the lag too; it is set every second, so it may trail `health()`.
+    let metrics = scrape(&http, &service);
+    assert!(metrics["coderd_agentapi_metadata_oldest_unflushed_age_seconds"] > 0.0);
+
+    lock.rollback().unwrap();
+    pg::wait_until("/healthz answers 200 once the row is written", || {
+        get(&http, &healthz).0 == 200
+    });
+    let (value, _, _) = pg::row(&mut locker, agent, "cpu").unwrap();
+    assert_eq!(value, "42%");
+    service.signal("TERM");
+    let (status, _) = service.wait_for_exit();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
 }
 
 // ---------------------------------------------------------------------------------------

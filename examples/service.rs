@@ -893,14 +893,13 @@ fn readiness_problem(health: &Health, max_lag: Duration, closing: bool) -> Optio
              batcher keeps the entries and retries",
             health.consecutive_store_failures
         ))
-    } else if let Some(age) = health.oldest_unflushed_age.filter(|age| *age > max_lag) {
+    } else {
+        let age = health.oldest_unflushed_age.filter(|age| *age > max_lag)?;
         Some(format!(
             "the oldest update not yet written has waited {:.1} s, more than --max-lag {} s; \
              the store is too slow or holds rows back",
             age.as_secs_f64(),
             max_lag.as_secs_f64()
         ))
-    } else {
-        None
     }
 }

@@ -112,8 +112,9 @@ const UNREADY_AFTER_STORE_FAILURES: u64 = 5;
 /// (`--max-lag`).
 ///
 /// Failures in a row catch a store that errors; this catches one that works too slowly to
-/// keep up (each flush writes, but slower than updates arrive) and a row held back by a
-/// lock, where the failures come and go. Twelve default flush intervals: far above the
+/// keep up (each flush writes, but slower than updates arrive), which no failure counts,
+/// and failures that come slowly (each statement waiting out a `lock_timeout` before it is
+/// canceled) sooner than five of them would. Twelve default flush intervals: far above the
 /// normal age (below one interval plus a flush) and above the stale-table alert's threshold
 /// (two intervals for a minute, deploy/prometheus/), so the alert fires first. When every
 /// replica shares the slow database, every replica turns unready and agents' reports are
@@ -877,8 +878,8 @@ fn healthz(state: &State) -> Reply {
 ///   why that many). The batcher keeps what it holds and retries; readiness returns with
 ///   the first flush that writes.
 /// - The oldest update not yet written is older than `max_lag` ([`DEFAULT_MAX_LAG`] says
-///   why): the store works, but too slowly, or a lock holds rows back. Readiness returns
-///   once the backlog is written.
+///   why): the store works, but too slowly, or its failures come slowly. Readiness
+///   returns once the backlog is written.
 ///
 /// `store_call_age` is reported but does not decide: a hung call ends at its deadline and
 /// counts as a failure then.
@@ -897,7 +898,7 @@ fn readiness_problem(health: &Health, max_lag: Duration, closing: bool) -> Optio
         let age = health.oldest_unflushed_age.filter(|age| *age > max_lag)?;
         Some(format!(
             "the oldest update not yet written has waited {:.1} s, more than --max-lag {} s; \
-             the store is too slow or holds rows back",
+             the store is too slow or failing slowly",
             age.as_secs_f64(),
             max_lag.as_secs_f64()
         ))

@@ -11,9 +11,10 @@
 //! crate measures differently and why. The crate's own add what Go's cannot show: how far
 //! the table lags (the write lag, the oldest entry not yet written) and whether the store is
 //! failing now, so that an operator tells "behind" from "down" from "dropping" from
-//! `/metrics` alone. Their gauges are set by [`crate::gauges`]. Several batchers in one process tell their series
-//! apart with constant labels ([`Builder::metric_labels`](crate::Builder::metric_labels));
-//! without them the series are unlabelled, as Go's are.
+//! `/metrics` alone; `crate::gauges` keeps their gauges current. Several batchers in one
+//! process tell their series apart with constant labels
+//! ([`Builder::metric_labels`](crate::Builder::metric_labels)); without them the series are
+//! unlabelled, as Go's are.
 //!
 //! ```
 //! use metadata_batcher::metrics::{self, names};
@@ -27,8 +28,7 @@
 //! ```
 
 use std::collections::HashMap;
-
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ::metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
@@ -181,7 +181,7 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// Registers every metric with the current recorder, each series carrying `labels`
     /// (the per-reason ones `labels` plus `reason`); the interval gauge is set at once.
-    pub(crate) fn register(labels: &[Label], interval: std::time::Duration) -> Self {
+    pub(crate) fn register(labels: &[Label], interval: Duration) -> Self {
         describe();
         let plain = || labels.to_vec();
         let by_reason = |reason: FlushReason| {
@@ -214,8 +214,8 @@ impl Metrics {
     /// its `collected_at`: the agent's own clock, so a row stamped ahead of the server's
     /// (clock skew) counts as written at once rather than not at all.
     ///
-    /// One observation per row, on the flushing thread after its statement, never on the
-    /// callers' or the worker's path.
+    /// One observation per row, after its statement, on the thread that flushes (the
+    /// flusher's; the worker's only in `FlushMode::Inline`), never on the callers' path.
     pub(crate) fn observe_write_lag(&self, collected_at: &[SystemTime], committed: SystemTime) {
         for &at in collected_at {
             let lag = committed.duration_since(at).unwrap_or_default();

@@ -24,7 +24,6 @@ pub fn deploy_file(name: &str) -> PathBuf {
 }
 
 pub const RULES_FILE: &str = "metadata-batcher.rules.yml";
-pub const RULES_TEST_FILE: &str = "metadata-batcher.rules.test.yml";
 pub const DASHBOARD_FILE: &str = "metadata-batcher.dashboard.json";
 
 /// Every `expr` of the dashboard, wherever it sits in the JSON (panel targets, rows), and

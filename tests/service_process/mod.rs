@@ -31,18 +31,18 @@ use crate::pg;
 
 /// The nested `cargo build`: compiling the example from cold on a busy 2-core machine
 /// takes a minute or two; waiting on another cargo's lock may add to it.
-pub const BUILD_LIMIT: Duration = Duration::from_secs(600);
+const BUILD_LIMIT: Duration = Duration::from_secs(600);
 /// From spawn to the `listening` line: connecting to PostgreSQL and creating the table.
-pub const START_LIMIT: Duration = Duration::from_secs(60);
+const START_LIMIT: Duration = Duration::from_secs(60);
 /// From SIGTERM to the exit: `close()` is bounded by the final flush timeout (15 s).
 pub const EXIT_LIMIT: Duration = Duration::from_secs(60);
 /// One HTTP request, connect to last byte.
-pub const REQUEST_LIMIT: Duration = Duration::from_secs(30);
+const REQUEST_LIMIT: Duration = Duration::from_secs(30);
 
 /// The feature flags this test was built with, for the nested build: the same set (`default`
 /// counts as a feature of its own) reuses the library already compiled for the test
 /// instead of compiling another variant of it and of its dependencies.
-pub const FEATURE_FLAGS: &[&str] = if cfg!(feature = "default") {
+const FEATURE_FLAGS: &[&str] = if cfg!(feature = "default") {
     &[]
 } else if cfg!(feature = "tls") {
     &["--no-default-features", "--features", "postgres,tls"]
@@ -100,7 +100,7 @@ pub fn scrape(http: &ureq::Agent, service: &Service) -> HashMap<String, f64> {
 }
 
 /// The example's binary, built once per test run.
-pub fn service_binary() -> &'static Path {
+fn service_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(build_service)
 }

@@ -284,32 +284,16 @@ fn bad_input_gets_a_4xx_with_the_reason_and_queues_nothing() {
 
 #[test]
 fn once_closing_it_answers_503_and_exits_non_zero_with_entries_unwritten() {
-    let db = TestDb::new();
-    let mut service = Service::start(
-        &[("DATABASE_URL", db.url.as_str())],
-        &["--final-flush-timeout", "3"],
-    );
-    let http = client();
-    let agent = Uuid::new_v4();
-    let (status, _) = put(
-        &http,
-        &service.url(&format!("/agents/{agent}/keys")),
-        r#"["cpu"]"#,
-    );
-    assert_eq!(status, 200);
+    let (db, mut service, http, agent) = with_one_key(&["--final-flush-timeout", "3"]);
 
     // Held until the service has exited: every flush, the final one included, waits
     // `lock_timeout` (2 s) and is canceled, so the entry stays unwritten, and `close()`
     // takes at least that long, which keeps the service answering meanwhile.
     let mut locker = db.client("mb-test locker");
-    let mut lock = locker.transaction().unwrap();
-    lock.batch_execute("LOCK TABLE workspace_agent_metadata IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let lock = lock_table(&mut locker);
 
     let metadata = service.url(&format!("/agents/{agent}/metadata"));
-    let entry =
-        r#"[{"key": "cpu", "value": "42%", "error": "", "collected_at": "2024-05-01T12:00:00Z"}]"#;
-    let (status, body) = post(&http, &metadata, entry);
+    let (status, body) = post(&http, &metadata, CPU_42);
     assert_eq!(
         (status, body.as_str()),
         (200, r#"{"accepted":1,"dropped":0}"#)
@@ -318,7 +302,7 @@ fn once_closing_it_answers_503_and_exits_non_zero_with_entries_unwritten() {
     service.signal("TERM");
     // The service sets its closing flag before it logs this line.
     service.wait_for_line("stopping", EXIT_LIMIT);
-    let (status, body) = post(&http, &metadata, entry);
+    let (status, body) = post(&http, &metadata, CPU_42);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("shutting down"), "{body}");
     let (status, body) = get(&http, &service.url("/healthz"));
@@ -342,31 +326,15 @@ fn once_closing_it_answers_503_and_exits_non_zero_with_entries_unwritten() {
 
 #[test]
 fn healthz_is_unready_past_max_lag_and_ready_again_once_written() {
-    let db = TestDb::new();
-    let mut service = Service::start(
-        &[("DATABASE_URL", db.url.as_str())],
-        &["--max-lag", "1", "--interval", "0.2"],
-    );
-    let http = client();
-    let agent = Uuid::new_v4();
-    let (status, _) = put(
-        &http,
-        &service.url(&format!("/agents/{agent}/keys")),
-        r#"["cpu"]"#,
-    );
-    assert_eq!(status, 200);
+    let (db, mut service, http, agent) = with_one_key(&["--max-lag", "1", "--interval", "0.2"]);
 
     // A lock holds the row back: every statement waits `lock_timeout` (2 s) and is
     // canceled, three per flush, so fewer than five flushes fail in the first seconds and
     // only the lag can make the service unready.
     let mut locker = db.client("mb-test locker");
-    let mut lock = locker.transaction().unwrap();
-    lock.batch_execute("LOCK TABLE workspace_agent_metadata IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let lock = lock_table(&mut locker);
     let metadata = service.url(&format!("/agents/{agent}/metadata"));
-    let entry =
-        r#"[{"key": "cpu", "value": "42%", "error": "", "collected_at": "2024-05-01T12:00:00Z"}]"#;
-    assert_eq!(post(&http, &metadata, entry).0, 200);
+    assert_eq!(post(&http, &metadata, CPU_42).0, 200);
     let healthz = service.url("/healthz");
     // The service's readiness is a real process's state: polled.
     pg::wait_until("/healthz answers 503 for the lag", || {
@@ -392,6 +360,34 @@ fn healthz_is_unready_past_max_lag_and_ready_again_once_written() {
     service.signal("TERM");
     let (status, _) = service.wait_for_exit();
     assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+/// One entry for key `cpu`.
+const CPU_42: &str =
+    r#"[{"key": "cpu", "value": "42%", "error": "", "collected_at": "2024-05-01T12:00:00Z"}]"#;
+
+/// The service with `args` over a database of its own, and an agent whose key `cpu` is
+/// registered.
+fn with_one_key(args: &[&str]) -> (TestDb, Service, ureq::Agent, Uuid) {
+    let db = TestDb::new();
+    let service = Service::start(&[("DATABASE_URL", db.url.as_str())], args);
+    let http = client();
+    let agent = Uuid::new_v4();
+    let (status, _) = put(
+        &http,
+        &service.url(&format!("/agents/{agent}/keys")),
+        r#"["cpu"]"#,
+    );
+    assert_eq!(status, 200);
+    (db, service, http, agent)
+}
+
+/// Locks the metadata table until the transaction ends.
+fn lock_table(client: &mut postgres::Client) -> postgres::Transaction<'_> {
+    let mut lock = client.transaction().unwrap();
+    lock.batch_execute("LOCK TABLE workspace_agent_metadata IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    lock
 }
 
 // ---------------------------------------------------------------------------------------

@@ -371,23 +371,23 @@ fn write_lag_is_observed_per_written_row_from_its_collected_at() {
         let series = format!("{lag}_bucket{{le=\"{le}\"}}");
         assert_eq!(value(&text, &series), Some(rows), "{series} in\n{text}");
     }
-    // Written at once, by a manual flush: lag 0.
+    // Two rows with one collected_at (observed as one run), written at once: lag 0 each.
+    let ahead = clock.system_time() + Duration::from_secs(60);
     batcher
         .add(
             agent(1),
-            vec![Metadata::new(
-                "ahead",
-                "w",
-                "",
-                clock.system_time() + Duration::from_secs(60),
-            )],
+            vec![
+                Metadata::new("ahead", "w", "", ahead),
+                Metadata::new("milli", "w", "", ahead),
+            ],
         )
         .unwrap();
     batcher.flush().unwrap();
     let text = handle.render();
+    assert_eq!(value(&text, &format!("{lag}_count")), Some(5.0));
     assert_eq!(
         value(&text, &format!("{lag}_bucket{{le=\"0.001\"}}")),
-        Some(2.0)
+        Some(3.0)
     );
 }
 

@@ -186,6 +186,7 @@ fn wait_for_every_series(prometheus: &Prometheus, instance: &str) {
             "no series for {missing:?} within {SERIES_LIMIT:?}"
         );
         missing.retain(|name| prometheus.series(name).is_empty());
+        // Polling Prometheus, which offers nothing to block on.
         thread::sleep(POLL);
     }
     for name in &names {
@@ -382,6 +383,7 @@ impl Prometheus {
                 since.elapsed() < limit,
                 "{name} not {state} within {limit:?}: {alerts:?}"
             );
+            // Polling Prometheus, which offers nothing to block on.
             thread::sleep(POLL);
         }
     }
@@ -398,6 +400,7 @@ impl Prometheus {
                 since.elapsed() < limit,
                 "{name} still active {limit:?} after: {alerts:?}"
             );
+            // Polling Prometheus, which offers nothing to block on.
             thread::sleep(POLL);
         }
     }
@@ -450,6 +453,7 @@ fn wait_until_ready(child: &mut Child, base: &str) -> Result<(), String> {
         if Instant::now() > deadline {
             return Err(format!("Prometheus not ready within {READY_LIMIT:?}"));
         }
+        // Polling Prometheus, which offers nothing to block on.
         thread::sleep(POLL);
     }
 }

@@ -11,14 +11,15 @@
 //! |---|---|
 //! | `PUT /agents/{id}/keys` | registers an agent's metadata keys, a JSON list of names; rows are created when a workspace is built, and the batcher only updates them |
 //! | `POST /agents/{id}/metadata` | a JSON list of `{"key", "value", "error", "collected_at"}` (RFC 3339), handed to `Batcher::add` on the request thread; answers `{"accepted": n, "dropped": m}` |
-//! | `GET /metrics` | the batcher's Prometheus metrics and the service's own |
-//! | `GET /healthz` | readiness, from `Batcher::health()` |
+//! | `GET /metrics` | the batcher's Prometheus metrics (lag and health included) and the service's own |
+//! | `GET /healthz` | readiness, from `Batcher::health()` and `--max-lag` |
 //!
 //! What a new user otherwise works out from the API docs, each in one place:
 //!
 //! - where the batcher lives: one per process, in [`State`], shared by the request threads;
 //! - which `AddError` becomes which HTTP status: [`post_metadata`];
-//! - how `/metrics` serves the batcher's metrics: [`install_metrics`] and [`render_metrics`];
+//! - how `/metrics` serves the batcher's metrics: [`install_metrics`] and [`render_metrics`]
+//!   (the README shows a Prometheus scraping it with the rules in deploy/prometheus/);
 //! - what a readiness probe reads from `health()`: [`readiness_problem`];
 //! - how SIGTERM reaches `close()`, and what the exit code says: [`run`] and [`main`].
 //!
@@ -43,9 +44,10 @@ use std::time::{Duration, Instant, SystemTime};
 use metadata_batcher::postgres::{self as pg, PgOptions, PgPublisher, PgStore, PgSubscriber};
 use metadata_batcher::{
     agent_ids, AddError, Batcher, CloseReport, Health, InvalidMetadata, MemoryPubsub, MemoryStore,
-    Metadata, MetadataField, DEFAULT_FINAL_FLUSH_TIMEOUT, MAX_KEY_CHARS, METADATA_BATCH_CHANNEL,
+    Metadata, MetadataField, DEFAULT_FINAL_FLUSH_TIMEOUT, DEFAULT_INTERVAL, MAX_KEY_CHARS,
+    METADATA_BATCH_CHANNEL,
 };
-use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics::{counter, describe_counter};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
@@ -66,6 +68,9 @@ FLAGS:
                                and the `listening` log line says which)
   --threads N                  request threads (default 8)
   --final-flush-timeout SECS   how long close() may take at SIGTERM (default 15)
+  --interval SECS              the batcher's flush interval (default 5)
+  --max-lag SECS               /healthz answers 503 once the oldest update not yet written
+                               is older than this (default 60)
   --help                       print this
 
 ENVIRONMENT:
@@ -103,6 +108,21 @@ const MAX_BODY_BYTES: u64 = 1 << 20;
 /// docs/operations.md) rather than take the whole replica out.
 const UNREADY_AFTER_STORE_FAILURES: u64 = 5;
 
+/// `/healthz` says unready once the oldest update not yet written is older than this
+/// (`--max-lag`).
+///
+/// Failures in a row catch a store that errors; this catches one that works too slowly to
+/// keep up (each flush writes, but slower than updates arrive), which no failure counts,
+/// and failures that come slowly (each statement waiting out a `lock_timeout` before it is
+/// canceled) sooner than five of them would. Twelve default flush intervals: far above the
+/// normal age (below one interval plus a flush) and above the stale-table alert's threshold
+/// (two intervals for a minute, deploy/prometheus/), so the alert fires first. When every
+/// replica shares the slow database, every replica turns unready and agents' reports are
+/// refused for a while; that sheds the load the database could not carry, the backlog
+/// drains, and readiness returns. Only the newest value per key matters, so the agents'
+/// next reports lose nothing.
+const DEFAULT_MAX_LAG: Duration = Duration::from_secs(60);
+
 /// How often the exporter drains its histograms when nobody scrapes; without upkeep they
 /// grow with every observation (see `PrometheusBuilder::install_recorder`).
 const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -111,14 +131,12 @@ const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// value matters only for how soon it notices a lost session.
 const WATCH_WAIT: Duration = Duration::from_secs(1);
 
-/// The service's own metric names, beside the batcher's (`metadata_batcher::metrics::names`).
+/// The service's own metric names, beside the batcher's (`metadata_batcher::metrics::names`,
+/// which include the lag and health gauges).
 mod names {
     pub const REQUESTS_TOTAL: &str = "metadata_service_requests_total";
     pub const ACCEPTED_KEYS_TOTAL: &str = "metadata_service_accepted_keys_total";
     pub const UNMATCHED_TOTAL: &str = "metadata_service_unmatched_total";
-    pub const WORKER_ALIVE: &str = "metadata_service_worker_alive";
-    pub const CONSECUTIVE_STORE_FAILURES: &str = "metadata_service_consecutive_store_failures";
-    pub const OLDEST_UNFLUSHED_AGE: &str = "metadata_service_oldest_unflushed_age_seconds";
     pub const ANNOUNCED_AGENTS_TOTAL: &str = "metadata_service_announced_agents_total";
     pub const SUBSCRIBER_RECONNECTS_TOTAL: &str = "metadata_service_subscriber_reconnects_total";
 }
@@ -133,6 +151,8 @@ struct Options {
     listen: String,
     threads: usize,
     final_flush_timeout: Duration,
+    interval: Duration,
+    max_lag: Duration,
 }
 
 /// Why the service did not run.
@@ -186,6 +206,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>,
         listen: DEFAULT_LISTEN.to_owned(),
         threads: DEFAULT_THREADS,
         final_flush_timeout: DEFAULT_FINAL_FLUSH_TIMEOUT,
+        interval: DEFAULT_INTERVAL,
+        max_lag: DEFAULT_MAX_LAG,
     };
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -202,23 +224,23 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<Options>,
                     _ => return Err(format!("--threads wants a positive integer, got {value:?}")),
                 };
             }
-            "--final-flush-timeout" => {
-                let value = value()?;
-                let timeout = value
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|seconds| *seconds > 0.0)
-                    .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
-                options.final_flush_timeout = timeout.ok_or_else(|| {
-                    format!(
-                        "--final-flush-timeout wants a positive number of seconds, got {value:?}"
-                    )
-                })?;
-            }
+            "--final-flush-timeout" => options.final_flush_timeout = seconds(&flag, &value()?)?,
+            "--interval" => options.interval = seconds(&flag, &value()?)?,
+            "--max-lag" => options.max_lag = seconds(&flag, &value()?)?,
             _ => return Err(format!("unknown flag {flag:?}")),
         }
     }
     Ok(Some(options))
+}
+
+/// A positive number of seconds, for `flag`.
+fn seconds(flag: &str, value: &str) -> Result<Duration, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|seconds| *seconds > 0.0)
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("{flag} wants a positive number of seconds, got {value:?}"))
 }
 
 /// What every request thread shares: the one batcher of the process, and what the routes
@@ -227,6 +249,8 @@ struct State {
     batcher: Batcher,
     registry: Registry,
     metrics: PrometheusHandle,
+    /// `/healthz` answers 503 past this lag.
+    max_lag: Duration,
     /// Set when a stop signal arrives, before `close()`: from then on POSTs and `/healthz`
     /// answer 503. `add` would refuse too once `close()` has begun; the flag also covers
     /// the moment before, and says why in the answer.
@@ -261,6 +285,7 @@ fn run(options: &Options) -> Result<CloseReport, Failure> {
         batcher,
         registry,
         metrics,
+        max_lag: options.max_lag,
         closing: AtomicBool::new(false),
     });
     for index in 0..options.threads {
@@ -364,10 +389,7 @@ fn start_batcher(options: &Options) -> Result<(Batcher, Registry), Failure> {
                     .map_err(|err| format!("malformed announcement: {err}")),
                 Err(_) => Ok(None),
             })?;
-            let batcher = build(
-                Batcher::builder(store.clone(), pubsub),
-                options.final_flush_timeout,
-            )?;
+            let batcher = build(Batcher::builder(store.clone(), pubsub), options)?;
             return Ok((batcher, Registry::Memory(store)));
         }
     };
@@ -406,10 +428,7 @@ fn start_batcher(options: &Options) -> Result<(Batcher, Registry), Failure> {
         Ok(None) => Ok(None),
         Err(err) => Err(err.to_string()),
     })?;
-    let batcher = build(
-        Batcher::builder(store, publisher),
-        options.final_flush_timeout,
-    )?;
+    let batcher = build(Batcher::builder(store, publisher), options)?;
     Ok((
         batcher,
         Registry::Postgres {
@@ -419,12 +438,10 @@ fn start_batcher(options: &Options) -> Result<(Batcher, Registry), Failure> {
     ))
 }
 
-fn build(
-    builder: metadata_batcher::Builder,
-    final_flush_timeout: Duration,
-) -> Result<Batcher, Failure> {
+fn build(builder: metadata_batcher::Builder, options: &Options) -> Result<Batcher, Failure> {
     builder
-        .final_flush_timeout(final_flush_timeout)
+        .final_flush_timeout(options.final_flush_timeout)
+        .interval(options.interval)
         .build()
         .map_err(|err| Failure::Start(format!("building the batcher: {err}")))
 }
@@ -512,18 +529,6 @@ fn install_metrics() -> Result<PrometheusHandle, Failure> {
         names::UNMATCHED_TOTAL,
         "Written entries that updated no row: the key was not registered, or the stored row was newer (Stats::unmatched)."
     );
-    describe_gauge!(
-        names::WORKER_ALIVE,
-        "1 while the batcher's worker thread runs."
-    );
-    describe_gauge!(
-        names::CONSECUTIVE_STORE_FAILURES,
-        "Flushes in a row that failed (Health::consecutive_store_failures)."
-    );
-    describe_gauge!(
-        names::OLDEST_UNFLUSHED_AGE,
-        "Seconds the oldest entry not yet written has waited; 0 when none waits."
-    );
     describe_counter!(
         names::ANNOUNCED_AGENTS_TOTAL,
         "Agent IDs heard in announcements on the metadata batch channel."
@@ -538,20 +543,13 @@ fn install_metrics() -> Result<PrometheusHandle, Failure> {
     Ok(handle)
 }
 
-/// The Prometheus text: the batcher's own metrics as recorded, plus what `stats()` and
-/// `health()` know, read at scrape time (both answer at once, without the worker).
+/// The Prometheus text: the batcher's own metrics as recorded (the batcher keeps its lag
+/// and health gauges current), plus two totals of `stats()` that have no series of their
+/// own, read at scrape time (`stats()` answers at once, without the worker).
 fn render_metrics(state: &State) -> Reply {
     let stats = state.batcher.stats();
-    let health = state.batcher.health();
     counter!(names::ACCEPTED_KEYS_TOTAL).absolute(stats.accepted);
     counter!(names::UNMATCHED_TOTAL).absolute(stats.unmatched);
-    gauge!(names::WORKER_ALIVE).set(if health.worker_alive { 1.0 } else { 0.0 });
-    gauge!(names::CONSECUTIVE_STORE_FAILURES).set(health.consecutive_store_failures as f64);
-    gauge!(names::OLDEST_UNFLUSHED_AGE).set(
-        health
-            .oldest_unflushed_age
-            .map_or(0.0, |age| age.as_secs_f64()),
-    );
     Reply {
         status: 200,
         content_type: "text/plain; version=0.0.4",
@@ -856,7 +854,7 @@ fn read_body(request: &mut Request) -> Result<Vec<u8>, Reply> {
 /// `health()` either way, for whoever looks.
 fn healthz(state: &State) -> Reply {
     let health = state.batcher.health();
-    let problem = readiness_problem(&health, state.closing.load(Relaxed));
+    let problem = readiness_problem(&health, state.max_lag, state.closing.load(Relaxed));
     let seconds = |age: Option<Duration>| age.map(|age| age.as_secs_f64());
     Reply::json(
         if problem.is_none() { 200 } else { 503 },
@@ -879,11 +877,13 @@ fn healthz(state: &State) -> Reply {
 /// - The store has failed [`UNREADY_AFTER_STORE_FAILURES`] flushes in a row (see there for
 ///   why that many). The batcher keeps what it holds and retries; readiness returns with
 ///   the first flush that writes.
+/// - The oldest update not yet written is older than `max_lag` ([`DEFAULT_MAX_LAG`] says
+///   why): the store works, but too slowly, or its failures come slowly. Readiness
+///   returns once the backlog is written.
 ///
-/// `oldest_unflushed_age` and `store_call_age` are reported but do not decide: both grow
-/// during the failures that already count, and a slow but working database is better served
-/// than turned away.
-fn readiness_problem(health: &Health, closing: bool) -> Option<String> {
+/// `store_call_age` is reported but does not decide: a hung call ends at its deadline and
+/// counts as a failure then.
+fn readiness_problem(health: &Health, max_lag: Duration, closing: bool) -> Option<String> {
     if closing {
         Some("shutting down".to_owned())
     } else if !health.worker_alive {
@@ -895,6 +895,12 @@ fn readiness_problem(health: &Health, closing: bool) -> Option<String> {
             health.consecutive_store_failures
         ))
     } else {
-        None
+        let age = health.oldest_unflushed_age.filter(|age| *age > max_lag)?;
+        Some(format!(
+            "the oldest update not yet written has waited {:.1} s, more than --max-lag {} s; \
+             the store is too slow or failing slowly",
+            age.as_secs_f64(),
+            max_lag.as_secs_f64()
+        ))
     }
 }

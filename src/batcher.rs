@@ -150,7 +150,8 @@ impl Batcher {
             retry_backoff_initial: builder.retry_backoff_initial,
             retry_backoff_max: builder.retry_backoff_max,
         };
-        let shared = Shared::new(builder.clock, &builder.metric_labels);
+        let shared = Shared::new(builder.clock, &builder.metric_labels, builder.interval);
+        crate::gauges::spawn(&shared).map_err(crate::BuildError::Spawn)?;
         // Every message carries at least one key, so a channel of `channel_capacity`
         // messages never refuses a send that the key budget admitted.
         let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);

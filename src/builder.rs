@@ -200,8 +200,8 @@ impl Builder {
 
     /// Checks the settings and starts the worker thread `mdbatch-worker` (and, when
     /// pipelined, the flusher thread `mdbatch-flush` and the publisher thread
-    /// `mdbatch-notify`). Metric handles are registered here, with the recorder current on the
-    /// calling thread.
+    /// `mdbatch-notify`), and `mdbatch-gauges`, which keeps the health gauges current.
+    /// Metric handles are registered here, with the recorder current on the calling thread.
     pub fn build(self) -> Result<Batcher, BuildError> {
         for (setting, zero) in [
             ("batch_size", self.batch_size == 0),

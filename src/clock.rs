@@ -4,10 +4,12 @@
 //! it reports (flush elapsed, the flush-duration histogram, log fields) comes from the same
 //! clock as the timers, so a test that moves a [`MockClock`] sees exact, repeatable numbers.
 //! (Coder's Go batcher timed its flush with the wall clock in one place and the injected
-//! clock in another; with a mock clock it reported a flush of 19,166 hours.)
+//! clock in another; with a mock clock it reported a flush of 19,166 hours.) The one
+//! measurement against the wall clock, the write lag from an entry's `collected_at`, reads
+//! it from the same clock too ([`Clock::system_time`]).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
@@ -21,6 +23,11 @@ pub trait Clock: Send + Sync + 'static {
     /// A receiver that gets an instant every `d`; a reader that falls behind misses ticks
     /// rather than receiving a backlog.
     fn tick(&self, d: Duration) -> Receiver<Instant>;
+    /// The current wall-clock time, to compare with an entry's `collected_at`. The default
+    /// is [`SystemTime::now`]; a mock clock moves it with [`now`](Clock::now).
+    fn system_time(&self) -> SystemTime {
+        SystemTime::now()
+    }
 }
 
 /// The real clock: [`Instant::now`] and crossbeam's timer channels (no thread per timer).
@@ -42,6 +49,9 @@ impl Clock for SystemClock {
 }
 
 /// A clock that moves only when told to, for deterministic tests.
+///
+/// Its wall-clock time ([`Clock::system_time`]) starts at the real time when it is created
+/// and moves with [`advance`](MockClock::advance) only.
 ///
 /// [`advance`](MockClock::advance) moves time and, before it returns, delivers every timer
 /// and tick that became due. It only delivers to the channels and never waits for anyone
@@ -69,6 +79,8 @@ pub struct MockClock {
 #[derive(Debug)]
 struct MockState {
     now: Instant,
+    /// `now` and the wall-clock time when the clock was created.
+    created: (Instant, SystemTime),
     timers: Vec<MockTimer>,
 }
 
@@ -83,9 +95,11 @@ struct MockTimer {
 impl MockClock {
     /// A clock standing at an arbitrary instant, with no timers.
     pub fn new() -> Self {
+        let now = Instant::now();
         MockClock {
             inner: Arc::new(Mutex::new(MockState {
-                now: Instant::now(),
+                now,
+                created: (now, SystemTime::now()),
                 timers: Vec::new(),
             })),
         }
@@ -155,6 +169,12 @@ impl Clock for MockClock {
     fn tick(&self, d: Duration) -> Receiver<Instant> {
         self.register(d, Some(d.max(Duration::from_nanos(1))))
     }
+
+    fn system_time(&self) -> SystemTime {
+        let state = self.inner.lock();
+        let (created, wall) = state.created;
+        wall + (state.now - created)
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +212,15 @@ mod tests {
         assert!(ticks.try_recv().is_err());
         clock.advance(SECOND);
         assert_eq!(ticks.try_recv(), Ok(start + 5 * SECOND));
+    }
+
+    #[test]
+    fn system_time_moves_with_advance_only() {
+        let clock = MockClock::new();
+        let wall = clock.system_time();
+        assert_eq!(clock.system_time(), wall);
+        clock.advance(3 * SECOND);
+        assert_eq!(clock.system_time(), wall + 3 * SECOND);
     }
 
     #[test]

@@ -587,6 +587,9 @@ impl Flusher {
         c.unmatched
             .fetch_add((rows as u64).saturating_sub(updated), Relaxed);
         self.shared.metrics.flushed.increment(rows as u64);
+        self.shared
+            .metrics
+            .observe_write_lag(&chunk.collected_at, self.shared.clock.system_time());
     }
 
     fn count_store_error(&self) {

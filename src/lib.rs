@@ -5,8 +5,8 @@
 //! through a [`Store`], and announces the agents it changed through a [`Publisher`], so every
 //! replica's watchers can refresh. It is the Rust counterpart of the metadata batcher in
 //! Coder's control plane, with the same metric names and NOTIFY payload format, and no async
-//! runtime: named OS threads (`mdbatch-worker`, `mdbatch-flush`, `mdbatch-notify`) and
-//! crossbeam channels.
+//! runtime: named OS threads (`mdbatch-worker`, `mdbatch-flush`, `mdbatch-notify`,
+//! `mdbatch-gauges`) and crossbeam channels.
 //!
 //! # A tour
 //!
@@ -63,6 +63,7 @@ mod builder;
 mod cancellation;
 mod clock;
 mod flusher;
+mod gauges;
 mod memory;
 mod metadata;
 mod metadata_batch;

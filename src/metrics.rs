@@ -8,9 +8,13 @@
 //!
 //! The seven upstream metrics carry the names, buckets and HELP texts of the seed's Go
 //! version (`metadata_batcher_metrics.go`); `docs/metrics.md` says, per metric, where the
-//! crate measures differently and why. Several batchers in one process tell their series
-//! apart with constant labels ([`Builder::metric_labels`](crate::Builder::metric_labels));
-//! without them the series are unlabelled, as Go's are.
+//! crate measures differently and why. The crate's own add what Go's cannot show: how far
+//! the table lags (the write lag, the oldest entry not yet written) and whether the store is
+//! failing now, so that an operator tells "behind" from "down" from "dropping" from
+//! `/metrics` alone; `crate::gauges` keeps their gauges current. Several batchers in one
+//! process tell their series apart with constant labels
+//! ([`Builder::metric_labels`](crate::Builder::metric_labels)); without them the series are
+//! unlabelled, as Go's are.
 //!
 //! ```
 //! use metadata_batcher::metrics::{self, names};
@@ -24,16 +28,19 @@
 //! ```
 
 use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
 
 use ::metrics::{
-    counter, describe_counter, describe_histogram, histogram, Counter, Histogram, Label, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram, Label, Unit,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use uuid::Uuid;
 
+use crate::gauges::Gauges;
 use crate::FlushReason;
 
-/// The metric names, exactly as Coder's Go batcher exports them (plus three of ours).
+/// The metric names, exactly as Coder's Go batcher exports them (plus ours, marked so).
 pub mod names {
     /// Histogram: keys per agent in each batch, observed before the store call.
     pub const BATCH_UTILIZATION: &str = "coderd_agentapi_metadata_batch_utilization";
@@ -59,6 +66,29 @@ pub mod names {
     /// Counter (ours): statements run again because another writer's transaction
     /// conflicted with them (deadlock, serialization failure).
     pub const STORE_CONFLICTS_TOTAL: &str = "coderd_agentapi_metadata_store_conflicts_total";
+    /// Histogram (ours): seconds from each written row's `collected_at` to the end of the
+    /// statement that wrote it.
+    pub const WRITE_LAG_SECONDS: &str = "coderd_agentapi_metadata_write_lag_seconds";
+    /// Gauge (ours): seconds the oldest entry accepted but not yet written has waited
+    /// ([`Health::oldest_unflushed_age`](crate::Health::oldest_unflushed_age)); 0 when none
+    /// waits.
+    pub const OLDEST_UNFLUSHED_AGE_SECONDS: &str =
+        "coderd_agentapi_metadata_oldest_unflushed_age_seconds";
+    /// Gauge (ours): flushes in a row that failed
+    /// ([`Health::consecutive_store_failures`](crate::Health::consecutive_store_failures)).
+    pub const CONSECUTIVE_STORE_FAILURES: &str =
+        "coderd_agentapi_metadata_consecutive_store_failures";
+    /// Gauge (ours): seconds the store call running now has run
+    /// ([`Health::store_call_age`](crate::Health::store_call_age)); 0 when none runs.
+    pub const STORE_CALL_AGE_SECONDS: &str = "coderd_agentapi_metadata_store_call_age_seconds";
+    /// Gauge (ours): keys accepted and not yet written: queued, batched or in the flush in
+    /// flight.
+    pub const PENDING_ENTRIES: &str = "coderd_agentapi_metadata_pending_entries";
+    /// Gauge (ours): 1 while the worker thread runs, 0 once it has ended.
+    pub const WORKER_ALIVE: &str = "coderd_agentapi_metadata_worker_alive";
+    /// Gauge (ours): the flush interval in seconds, as configured; what the shipped
+    /// stale-table alert measures the oldest entry's age against.
+    pub const FLUSH_INTERVAL_SECONDS: &str = "coderd_agentapi_metadata_flush_interval_seconds";
 }
 
 /// Buckets of [`names::BATCH_UTILIZATION`], as in Go.
@@ -71,6 +101,12 @@ pub const BATCH_SIZE_BUCKETS: &[f64] = &[
 ];
 /// Buckets of [`names::FLUSH_DURATION_SECONDS`], as in Go.
 pub const FLUSH_DURATION_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+/// Buckets of [`names::WRITE_LAG_SECONDS`]: from a millisecond (an agent on the same host,
+/// a capacity flush) through the flush interval (5 s by default) to the five minutes of an
+/// outage worth paging for; beyond that, `+Inf` and the oldest-entry gauge tell the rest.
+pub const WRITE_LAG_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 
 /// A Prometheus exporter builder with the batcher's histogram buckets set.
 ///
@@ -81,6 +117,7 @@ pub fn prometheus_builder() -> PrometheusBuilder {
         (names::BATCH_UTILIZATION, BATCH_UTILIZATION_BUCKETS),
         (names::BATCH_SIZE, BATCH_SIZE_BUCKETS),
         (names::FLUSH_DURATION_SECONDS, FLUSH_DURATION_BUCKETS),
+        (names::WRITE_LAG_SECONDS, WRITE_LAG_BUCKETS),
     ]
     .into_iter()
     .fold(PrometheusBuilder::new(), |builder, (name, buckets)| {
@@ -137,12 +174,14 @@ pub(crate) struct Metrics {
     pub(crate) rejected: Counter,
     pub(crate) store_errors: Counter,
     pub(crate) conflicts: Counter,
+    write_lag: Histogram,
+    pub(crate) gauges: Gauges,
 }
 
 impl Metrics {
     /// Registers every metric with the current recorder, each series carrying `labels`
-    /// (the per-reason ones `labels` plus `reason`).
-    pub(crate) fn register(labels: &[Label]) -> Self {
+    /// (the per-reason ones `labels` plus `reason`); the interval gauge is set at once.
+    pub(crate) fn register(labels: &[Label], interval: Duration) -> Self {
         describe();
         let plain = || labels.to_vec();
         let by_reason = |reason: FlushReason| {
@@ -150,6 +189,8 @@ impl Metrics {
             all.push(Label::new("reason", reason.as_str()));
             all
         };
+        // No handle kept: the value never changes.
+        gauge!(names::FLUSH_INTERVAL_SECONDS, plain()).set(interval.as_secs_f64());
         Metrics {
             batch_utilization: histogram!(names::BATCH_UTILIZATION, plain()),
             batch_size: histogram!(names::BATCH_SIZE, plain()),
@@ -164,6 +205,30 @@ impl Metrics {
             rejected: counter!(names::REJECTED_TOTAL, plain()),
             store_errors: counter!(names::STORE_ERRORS_TOTAL, plain()),
             conflicts: counter!(names::STORE_CONFLICTS_TOTAL, plain()),
+            write_lag: histogram!(names::WRITE_LAG_SECONDS, plain()),
+            gauges: Gauges::register(labels),
+        }
+    }
+
+    /// Observes the write lag of each row of a statement that ended at `committed`, from
+    /// its `collected_at`: the agent's own clock, so a row stamped ahead of the server's
+    /// (clock skew) counts as written at once rather than not at all.
+    ///
+    /// One observation per row, after its statement, on the thread that flushes (the
+    /// flusher's; the worker's only in `FlushMode::Inline`), never on the callers' path.
+    /// A statement's rows are sorted by agent, and an agent's keys usually share one
+    /// `collected_at`: the lag is computed once per run of equal timestamps and recorded
+    /// for the run's rows at once (1.7 ns a row instead of 9.5 without a recorder, for 10
+    /// keys an agent).
+    pub(crate) fn observe_write_lag(&self, collected_at: &[SystemTime], committed: SystemTime) {
+        let mut rows = collected_at.iter().peekable();
+        while let Some(&at) = rows.next() {
+            let mut run = 1;
+            while rows.next_if(|&&next| next == at).is_some() {
+                run += 1;
+            }
+            let lag = committed.duration_since(at).unwrap_or_default();
+            self.write_lag.record_many(lag.as_secs_f64(), run);
         }
     }
 
@@ -194,7 +259,7 @@ impl Metrics {
 }
 
 /// The HELP texts. The first seven are the seed's, word for word (`tests/metrics.rs`
-/// compares them with the seed's strings); the last four are ours.
+/// compares them with the seed's strings); the rest are ours, in the seed's style.
 fn describe() {
     describe_histogram!(
         names::BATCH_UTILIZATION,
@@ -240,6 +305,38 @@ fn describe() {
     describe_counter!(
         names::STORE_CONFLICTS_TOTAL,
         "Metadata statements run again because another writer's transaction conflicted with them (deadlock or serialization failure)."
+    );
+    describe_histogram!(
+        names::WRITE_LAG_SECONDS,
+        Unit::Seconds,
+        "Time from each metadata entry's collected_at to the write that stored it."
+    );
+    describe_gauge!(
+        names::OLDEST_UNFLUSHED_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest metadata entry accepted but not yet written, 0 if none is waiting."
+    );
+    describe_gauge!(
+        names::CONSECUTIVE_STORE_FAILURES,
+        "Number of metadata flushes in a row that failed to write their entries."
+    );
+    describe_gauge!(
+        names::STORE_CALL_AGE_SECONDS,
+        Unit::Seconds,
+        "Time the metadata store call in progress has been running, 0 if none is."
+    );
+    describe_gauge!(
+        names::PENDING_ENTRIES,
+        "Number of metadata keys accepted but not yet written."
+    );
+    describe_gauge!(
+        names::WORKER_ALIVE,
+        "Whether the metadata batcher's worker thread is running (1) or has ended (0)."
+    );
+    describe_gauge!(
+        names::FLUSH_INTERVAL_SECONDS,
+        Unit::Seconds,
+        "Configured interval between scheduled metadata flushes."
     );
 }
 

@@ -26,12 +26,16 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Registers the metrics, each carrying `metric_labels`, with the recorder current on
-    /// the calling thread.
-    pub(crate) fn new(clock: Arc<dyn Clock>, metric_labels: &[::metrics::Label]) -> Arc<Shared> {
+    /// the calling thread; `interval` is the flush interval, which a gauge shows.
+    pub(crate) fn new(
+        clock: Arc<dyn Clock>,
+        metric_labels: &[::metrics::Label],
+        interval: std::time::Duration,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             intake: RwLock::new(true),
             counters: Counters::new(clock.now()),
-            metrics: Metrics::register(metric_labels),
+            metrics: Metrics::register(metric_labels, interval),
             cancellation: Cancellation::default(),
             notifier: Notifier::default(),
             clock,

@@ -400,6 +400,11 @@ impl Counters {
         }
     }
 
+    /// Keys accepted and not yet written: queued, batched, or in the flush in flight.
+    pub(crate) fn pending(&self) -> usize {
+        self.queued.load(Relaxed) + self.batched.load(Relaxed) + self.in_flight.load(Relaxed)
+    }
+
     pub(crate) fn health(&self, now: Instant) -> Health {
         let oldest = [
             self.decode(self.oldest_batched.load(Relaxed)),

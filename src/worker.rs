@@ -483,6 +483,8 @@ impl Worker {
             counters.batched.store(batched, Relaxed);
             counters.superseded.store(superseded, Relaxed);
         });
+        // Before anyone waiting on this flush is answered, so they see the gauges after it.
+        crate::gauges::update(&self.shared);
         let notifier = &self.shared.notifier;
         for reply in self.manual_in_flight.drain(..) {
             notifier.when_published(outcome.seq, Waiter::Flush(reply, outcome.report.clone()));

@@ -623,7 +623,8 @@ fn threads_are_named_within_fifteen_bytes() {
     let b = Batcher::builder(MemoryStore::new(), MemoryPubsub::new())
         .build()
         .unwrap();
-    // A thread names itself as it starts: a flush and its publish have run on all three.
+    // A thread names itself as it starts: a flush and its publish have run on the worker,
+    // flusher and publisher threads; the gauges thread started before any of them.
     b.add(agent(0), vec![md("k", "v", 1)]).unwrap();
     b.flush().unwrap();
     let names: HashSet<String> = std::fs::read_dir("/proc/self/task")
@@ -631,7 +632,12 @@ fn threads_are_named_within_fifteen_bytes() {
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
         .map(|name| name.trim_end().to_owned())
         .collect();
-    for name in ["mdbatch-worker", "mdbatch-flush", "mdbatch-notify"] {
+    for name in [
+        "mdbatch-worker",
+        "mdbatch-flush",
+        "mdbatch-notify",
+        "mdbatch-gauges",
+    ] {
         assert!(names.contains(name), "{name} not in {names:?}");
     }
     b.close();

@@ -483,13 +483,14 @@ impl Worker {
             counters.batched.store(batched, Relaxed);
             counters.superseded.store(superseded, Relaxed);
         });
-        // Before anyone waiting on this flush is answered, so they see the gauges after it.
+        // Before anyone waiting on this flush is answered, so they see the gauges after it,
+        // and a test that moves a mock clock once `flush()` returns reaches the retry.
         crate::gauges::update(&self.shared);
+        self.timer = self.shared.clock.after(self.next_delay());
         let notifier = &self.shared.notifier;
         for reply in self.manual_in_flight.drain(..) {
             notifier.when_published(outcome.seq, Waiter::Flush(reply, outcome.report.clone()));
         }
-        self.timer = self.shared.clock.after(self.next_delay());
         let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sync_waiting)
             .into_iter()
             .partition(|(target, _)| *target <= outcome.seq);

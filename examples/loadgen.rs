@@ -396,15 +396,18 @@ struct Timed<S> {
     recorder: Arc<Mutex<Recorder>>,
 }
 
-impl<S: Store> Store for Timed<S> {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        let start = Instant::now();
-        let result = self.inner.batch_update(batch);
-        let committed = SystemTime::now();
-        let elapsed = start.elapsed();
-        if result.is_ok() {
-            // Shared by the replicas' flusher threads: a lock per statement, not per row.
-            let mut r = lock(&self.recorder);
+impl<S> Timed<S> {
+    /// Records the statements of one call that succeeded; those of one call ran at once, so
+    /// each took the call's time.
+    fn record<'a>(
+        &self,
+        written: impl IntoIterator<Item = &'a MetadataBatch>,
+        committed: SystemTime,
+        elapsed: Duration,
+    ) {
+        // Shared by the replicas' flusher threads: a lock per call, not per row.
+        let mut r = lock(&self.recorder);
+        for batch in written {
             load::record_freshness(&mut r.freshness_us, batch, committed);
             r.calls += 1;
             r.rows += batch.len() as u64;
@@ -412,7 +415,37 @@ impl<S: Store> Store for Timed<S> {
             r.store_time += elapsed;
             r.max_store_time = r.max_store_time.max(elapsed);
         }
+    }
+}
+
+impl<S: Store> Store for Timed<S> {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+        let start = Instant::now();
+        let result = self.inner.batch_update(batch);
+        let (committed, elapsed) = (SystemTime::now(), start.elapsed());
+        if result.is_ok() {
+            self.record([batch], committed, elapsed);
+        }
         result
+    }
+
+    // Forwarded, or the batcher would keep one statement in flight behind the wrapper and
+    // --parallel-statements would change nothing.
+    fn parallel_batches(&self) -> usize {
+        self.inner.parallel_batches()
+    }
+
+    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+        let start = Instant::now();
+        let results = self.inner.batch_update_many(batches);
+        let (committed, elapsed) = (SystemTime::now(), start.elapsed());
+        let written = batches
+            .iter()
+            .zip(&results)
+            .filter(|(_, result)| result.is_ok())
+            .map(|(batch, _)| batch);
+        self.record(written, committed, elapsed);
+        results
     }
 
     fn interrupt_handle(&mut self) -> Option<Interrupt> {

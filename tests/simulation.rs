@@ -96,6 +96,14 @@ fn run_cases(base: u64, count: u64) {
     let started = Instant::now();
     let mut operations = 0;
     for seed in base..base + count {
+        // A long run says how far it got, so one cut short still tells.
+        if seed > base && (seed - base).is_multiple_of(10_000) {
+            eprintln!(
+                "simulation: {} cases passed in {:.1?}",
+                seed - base,
+                started.elapsed()
+            );
+        }
         let case = Case::generate(seed);
         operations += case.ops.len();
         if let Err(failure) = run_ops(&case, &case.ops) {

@@ -286,4 +286,8 @@ impl metadata_batcher::Clock for TestClock {
     fn tick(&self, d: Duration) -> crossbeam_channel::Receiver<std::time::Instant> {
         self.mock.tick(d)
     }
+
+    fn system_time(&self) -> SystemTime {
+        self.mock.system_time()
+    }
 }

@@ -168,3 +168,52 @@ fn a_sync_to_a_dying_worker_returns_once_it_has_counted() {
         assert_eq!(stats.settled(), stats.accepted, "{stats:?}");
     }
 }
+
+/// Found by the simulation (seed 1489): a worker that panicked in its shutdown, while
+/// taking in the updates it had drained from the channel, left their keys counted as
+/// queued. Inline, with the flush held in the store, updates and `close` queue up behind
+/// it; the fourth reading of the clock after the store returns is the first take-in's,
+/// in the shutdown half the time (the select picks `close` or an update), so the loop
+/// reaches it.
+#[test]
+fn a_worker_that_dies_in_its_shutdown_counts_the_updates_it_drained() {
+    for _ in 0..20 {
+        let clock = TestClock::new();
+        let (store, gate) = common::ScriptedStore::gated();
+        let b = std::sync::Arc::new(
+            Batcher::builder(store, MemoryPubsub::new())
+                .clock(clock.clone())
+                .flush_mode(metadata_batcher::FlushMode::Inline)
+                .build()
+                .unwrap(),
+        );
+        let gate = gate;
+        b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
+        let flusher = b.clone();
+        std::thread::spawn(move || flusher.flush());
+        gate.entered.recv().unwrap(); // the manual flush is held in the store
+        for i in 1..20 {
+            b.add(agent(i), vec![md("a", "v", 1)]).unwrap();
+        }
+        // Read after the store returns: the call's time, the flush's, the gauges', then
+        // the first take-in's.
+        clock.panic_on_reading("mdbatch-worker", 4);
+        let closer = b.clone();
+        let closed = std::thread::spawn(move || closer.close());
+        // `close` closes intake before it sends its request: once `add` is refused, the
+        // request is queued behind the updates.
+        while b.add(agent(99), vec![md("a", "v", 1)]).is_ok() {
+            std::thread::yield_now();
+        }
+        gate.open();
+        let report = closed.join().unwrap();
+        let stats = b.stats();
+        assert_eq!(stats.queued, 0, "{stats:?}");
+        assert_eq!(stats.settled(), stats.accepted, "{stats:?}");
+        assert_eq!(
+            report.unwritten + stats.flushed,
+            stats.accepted,
+            "{stats:?}"
+        );
+    }
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{agent, md, ScriptedStore, TestClock};
 use metadata_batcher::{
-    Batcher, CloseReport, FlushMode, Interrupt, MemoryPubsub, MemoryStore, PublishError, Publisher,
-    StoreError,
+    Batcher, Builder, CloseReport, FlushMode, Interrupt, MemoryPubsub, MemoryStore, PublishError,
+    Publisher, StoreError,
 };
 
 /// Far longer than any of these calls takes once released: only a hang reaches it.
@@ -61,20 +61,28 @@ fn hung_until_interrupted() -> (ScriptedStore, crossbeam_channel::Receiver<()>) 
     (store, started)
 }
 
+/// A batcher on the mock `clock` whose store hangs until interrupted (see
+/// [`hung_until_interrupted`]), with `settings` on top; the receiver hears each store call
+/// begin.
+fn hung_batcher(
+    clock: &TestClock,
+    timeout: Duration,
+    settings: impl FnOnce(Builder) -> Builder,
+) -> (Arc<Batcher>, crossbeam_channel::Receiver<()>) {
+    let (store, started) = hung_until_interrupted();
+    let builder = Batcher::builder(store, MemoryPubsub::new())
+        .clock(clock.clone())
+        .final_flush_timeout(timeout);
+    (Arc::new(settings(builder).build().unwrap()), started)
+}
+
 /// Issue 21's first confirmed case: a `flush()` waiting on a store call when `close()`
 /// gives up on it returned only when the process ended, and so did a `sync()` behind it.
 #[test]
 fn a_flush_waiting_on_a_hung_store_returns_when_close_gives_up() {
     let clock = TestClock::new();
     let timeout = Duration::from_millis(500);
-    let (store, started) = hung_until_interrupted();
-    let b = Arc::new(
-        Batcher::builder(store, MemoryPubsub::new())
-            .clock(clock.clone())
-            .final_flush_timeout(timeout)
-            .build()
-            .unwrap(),
-    );
+    let (b, started) = hung_batcher(&clock, timeout, |b| b);
     b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
     let flushed = in_background(&b, Batcher::flush);
     started
@@ -201,16 +209,9 @@ fn inline_a_stuck_publisher_does_not_hold_close() {
 fn inline_a_close_that_gives_up_mid_update_counts_every_key() {
     let clock = TestClock::new();
     let timeout = Duration::from_millis(500);
-    let (store, started) = hung_until_interrupted();
-    let b = Arc::new(
-        Batcher::builder(store, MemoryPubsub::new())
-            .clock(clock.clone())
-            .flush_mode(FlushMode::Inline)
-            .batch_size(2)
-            .final_flush_timeout(timeout)
-            .build()
-            .unwrap(),
-    );
+    let (b, started) = hung_batcher(&clock, timeout, |b| {
+        b.flush_mode(FlushMode::Inline).batch_size(2)
+    });
     b.add(
         agent(0),
         vec![md("a", "v", 1), md("b", "v", 1), md("c", "v", 1)],
@@ -231,15 +232,7 @@ fn inline_a_close_that_gives_up_mid_update_counts_every_key() {
 fn a_close_that_gives_up_on_a_dying_worker_counts_what_it_held() {
     let clock = TestClock::new();
     let timeout = Duration::from_millis(500);
-    let (store, started) = hung_until_interrupted();
-    let b = Arc::new(
-        Batcher::builder(store, MemoryPubsub::new())
-            .clock(clock.clone())
-            .batch_size(1)
-            .final_flush_timeout(timeout)
-            .build()
-            .unwrap(),
-    );
+    let (b, started) = hung_batcher(&clock, timeout, |b| b.batch_size(1));
     b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
     started
         .recv_timeout(HANG)

@@ -40,11 +40,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod client;
 mod connector;
+mod conninfo;
 mod deadline;
 mod error;
+mod listen;
 mod options;
-mod params;
 mod publisher;
 mod schema;
 mod session;
@@ -52,8 +54,9 @@ mod store;
 mod subscriber;
 #[cfg(feature = "tls")]
 mod tls;
+mod tls_setup;
 
-pub use connector::{connect_client, TlsConnector};
+pub use client::connect_client;
 pub(crate) use deadline::NoAnswer;
 pub use error::{ConnectError, ConnectErrorKind};
 pub use options::{
@@ -69,3 +72,4 @@ pub use schema::{
 };
 pub use store::{PgStore, BATCH_UPDATE_SQL};
 pub use subscriber::{PgSubscriber, SubscribeError, SubscriberEvent};
+pub use tls_setup::TlsConnector;

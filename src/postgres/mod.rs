@@ -50,6 +50,7 @@ mod options;
 mod publisher;
 mod schema;
 mod session;
+mod statement_params;
 mod store;
 mod subscriber;
 #[cfg(feature = "tls")]

@@ -35,8 +35,8 @@ use tokio_postgres::{CancelToken, Client};
 use tracing::debug;
 
 use super::connector::Connector;
-use super::tls_setup::Connection;
 use super::error::ConnectError;
+use super::tls_setup::Connection;
 use super::ConnectErrorKind;
 
 /// Why a call gave no answer.

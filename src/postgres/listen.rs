@@ -70,7 +70,10 @@ pub(super) fn connect_timed_out(connector: &Connector) -> ConnectError {
 /// Connects and `LISTEN`s on a thread of its own; the answer arrives on the receiver.
 /// Nothing waits for the thread: a caller whose deadline passes drops the receiver, and the
 /// thread ends (dropping its client) whenever its attempt ends.
-pub(super) fn spawn_open(connector: &Arc<Connector>, channel: &str) -> Receiver<Result<Client, ConnectError>> {
+pub(super) fn spawn_open(
+    connector: &Arc<Connector>,
+    channel: &str,
+) -> Receiver<Result<Client, ConnectError>> {
     let (tx, rx) = bounded(1);
     let connector = connector.clone();
     let channel = channel.to_owned();

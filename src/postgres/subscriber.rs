@@ -12,8 +12,8 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::connector::{Connector, TlsConnector};
-use super::listen::{abandon, check_channel, connect_timed_out, spawn_open};
 use super::error::{describe, ConnectError};
+use super::listen::{abandon, check_channel, connect_timed_out, spawn_open};
 use super::PgOptions;
 use crate::agent_ids;
 

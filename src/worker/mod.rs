@@ -108,6 +108,8 @@ enum Event {
     Control(Result<Control, RecvError>),
 }
 
+/// The worker thread's state: the batch, the flush in flight, the timer and the callers
+/// waiting for flushes.
 pub(crate) struct Worker {
     config: WorkerConfig,
     shared: Arc<Shared>,

@@ -86,6 +86,7 @@ pub struct Batcher {
 /// When the channel has room for only part of a call, the first `accepted` entries of the
 /// call's vector are queued and the rest are dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AddReport {
     /// Keys queued for the batch: the call's first `accepted` entries.
     pub accepted: usize,
@@ -96,6 +97,7 @@ pub struct AddReport {
 
 /// Why `add` refused a call; nothing of a refused call is queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AddError {
     /// The batcher is closed (or closing).
     Closed,

@@ -36,6 +36,7 @@ pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Where flushes run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FlushMode {
     /// On a flusher thread of their own: the worker keeps taking in and deduplicating
     /// updates while the database works, and the next flush carries everything that

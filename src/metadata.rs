@@ -47,6 +47,7 @@ pub const MAX_ERROR_BYTES: usize = 2048;
 /// assert_eq!(m.key, "cpu");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Metadata {
     /// The metadata key, as registered for the agent.
     pub key: String,
@@ -152,6 +153,7 @@ fn truncate_at_char_boundary(text: &mut String, max_bytes: usize) {
 
 /// Which field of a [`Metadata`] a problem is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MetadataField {
     /// [`Metadata::key`].
     Key,
@@ -174,6 +176,7 @@ impl MetadataField {
 
 /// What is wrong with one [`Metadata`] that `add` refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InvalidMetadata {
     /// The key is the empty string.
     EmptyKey,

@@ -28,6 +28,7 @@ const MAX_CHANNEL_BYTES: usize = 63;
 
 /// What [`PgSubscriber::next`] received.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubscriberEvent {
     /// The agents one payload announced: their metadata changed; re-read their rows.
     Agents(Vec<Uuid>),
@@ -475,6 +476,7 @@ fn quote_identifier(name: &str) -> String {
 
 /// Why a [`PgSubscriber`] could not listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubscribeError {
     /// The connection URL could not be parsed.
     InvalidUrl(String),

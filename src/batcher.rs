@@ -30,8 +30,13 @@ pub(crate) const WARNING_EVERY: Duration = Duration::from_secs(10);
 /// Batches metadata updates and flushes them to a [`Store`], announcing changed agents on
 /// a [`Publisher`].
 ///
-/// Share it (`Arc<Batcher>` or `&Batcher`) between the threads that receive updates;
-/// dropping the last one closes it.
+/// Share it (`Arc<Batcher>` or `&Batcher`) between the threads that receive updates.
+///
+/// Dropping it never blocks the thread that drops it (a request handler, say): the drop
+/// starts [`close`](Self::close) on a thread of its own (`{name}-close`), which makes the
+/// final flush, bounded by the final flush timeout as `close` is, and returns at once. A
+/// process that exits right after may exit before that flush: a service's `main` holds a
+/// [`close_guard`](Self::close_guard), whose drop closes and waits, or calls `close`.
 ///
 /// ```
 /// use std::time::SystemTime;

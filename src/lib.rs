@@ -6,7 +6,7 @@
 //! replica's watchers can refresh. It is the Rust counterpart of the metadata batcher in
 //! Coder's control plane, with the same metric names and NOTIFY payload format, and no async
 //! runtime: named OS threads (`mdbatch-worker`, `mdbatch-flush`, `mdbatch-notify`,
-//! `mdbatch-gauges`) and crossbeam channels.
+//! `mdbatch-gauges`; [`Builder::name`] replaces the `mdbatch`) and crossbeam channels.
 //!
 //! # A tour
 //!

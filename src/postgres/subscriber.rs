@@ -54,6 +54,7 @@ pub enum SubscriberEvent {
 ///     match subscriber.next(Duration::from_secs(5)) {
 ///         Ok(Some(SubscriberEvent::Agents(agents))) => println!("re-read {} agents", agents.len()),
 ///         Ok(Some(SubscriberEvent::Reconnected)) => println!("re-read everything"),
+///         Ok(Some(_)) => println!("re-read everything"), // an event a later version adds
 ///         Ok(None) => {}                                   // quiet for 5 s
 ///         Err(err) => eprintln!("{err}"),                  // still down; the next call retries
 ///     }

@@ -20,7 +20,9 @@ use uuid::Uuid;
 use crate::builder::Builder;
 use crate::shared::Shared;
 use crate::worker::{Control, Update};
-use crate::{CloseReport, FlushReport, Health, InvalidMetadata, Metadata, Publisher, Stats, Store};
+use crate::{
+    AddError, AddReport, CloseReport, FlushReport, Health, Metadata, Publisher, Stats, Store,
+};
 
 /// A warning that repeats (keys dropped at `add`, entries dropped at the batch's bound) is
 /// logged at warn level at most this often, by the injected clock, and at debug level
@@ -64,15 +66,23 @@ pub(crate) const WARNING_EVERY: Duration = Duration::from_secs(10);
 /// batcher.close();
 /// ```
 pub struct Batcher {
+    /// What `add` uses, held here so the callers' path takes no extra indirection.
+    updates: Sender<Update>,
+    /// Wakes a worker that is collecting updates on its own schedule; see `add`.
+    doorbell: Sender<()>,
+    channel_capacity: usize,
+    shared: Arc<Shared>,
     /// Shared with the thread that closes the batcher once this handle is dropped, and
     /// with every [`CloseGuard`](crate::CloseGuard).
     pub(crate) inner: Arc<Inner>,
 }
 
-/// What the handle holds; outlives it while a close started by its drop runs.
+/// What the handle holds for control and closing; outlives it while a close started by
+/// its drop runs.
 pub(crate) struct Inner {
+    /// Clones of the handle's senders, which keep the worker's channels connected until
+    /// the close has ended: a disconnected channel would end the worker without a close.
     pub(crate) updates: Sender<Update>,
-    /// Wakes a worker that is collecting updates on its own schedule; see `add`.
     pub(crate) doorbell: Sender<()>,
     pub(crate) control: Sender<Control>,
     /// Disconnected when the worker thread has ended.
@@ -80,7 +90,6 @@ pub(crate) struct Inner {
     /// Disconnected when `close` returns: `sync` and `flush` never wait past it.
     pub(crate) closed: Receiver<()>,
     pub(crate) close_signal: Mutex<Option<Sender<()>>>,
-    pub(crate) channel_capacity: usize,
     pub(crate) final_flush_timeout: Duration,
     /// The instance name that prefixes every thread name ([`Builder::name`]).
     pub(crate) name: String,
@@ -91,62 +100,21 @@ pub(crate) struct Inner {
     pub(crate) close_report: Mutex<CloseReport>,
 }
 
-/// What `add` did with a call's keys.
-///
-/// When the channel has room for only part of a call, the first `accepted` entries of the
-/// call's vector are queued and the rest are dropped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct AddReport {
-    /// Keys queued for the batch: the call's first `accepted` entries.
-    pub accepted: usize,
-    /// Keys dropped because the channel was full: the call's last `dropped` entries;
-    /// counted in `Stats::dropped`.
-    pub dropped: usize,
-}
-
-/// Why `add` refused a call; nothing of a refused call is queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum AddError {
-    /// The batcher is closed (or closing).
-    Closed,
-    /// An entry of the call is invalid.
-    Invalid {
-        /// Its position in the call's vector.
-        index: usize,
-        /// What is wrong with it.
-        problem: InvalidMetadata,
-    },
-}
-
-impl fmt::Display for AddError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AddError::Closed => {
-                f.write_str("the metadata batcher is closed; updates can no longer be accepted")
-            }
-            AddError::Invalid { index, problem } => write!(
-                f,
-                "metadata entry {index} is invalid: {problem}; nothing from this call was queued"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for AddError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            AddError::Invalid { problem, .. } => Some(problem),
-            AddError::Closed => None,
-        }
-    }
-}
-
 impl Batcher {
     /// Starts configuring a batcher that writes to `store` and announces on `publisher`.
     pub fn builder(store: impl Store, publisher: impl Publisher) -> Builder {
         Builder::new(store, publisher)
+    }
+
+    /// The handle over a started batcher's parts.
+    pub(crate) fn over(inner: Inner, channel_capacity: usize) -> Batcher {
+        Batcher {
+            updates: inner.updates.clone(),
+            doorbell: inner.doorbell.clone(),
+            channel_capacity,
+            shared: inner.shared.clone(),
+            inner: Arc::new(inner),
+        }
     }
 
     /// Queues an agent's updates; never blocks.
@@ -166,12 +134,7 @@ impl Batcher {
             within_size_limits &= entry.within_size_limits();
         }
         // `try_read` fails only while `close` holds or waits for the write guard.
-        let intake = self
-            .inner
-            .shared
-            .intake
-            .try_read()
-            .ok_or(AddError::Closed)?;
+        let intake = self.shared.intake.try_read().ok_or(AddError::Closed)?;
         if !*intake {
             return Err(AddError::Closed);
         }
@@ -182,7 +145,7 @@ impl Batcher {
             if !within_size_limits {
                 metadata.iter_mut().for_each(Metadata::enforce_size_limits);
             }
-            match self.inner.updates.try_send(Update { agent_id, metadata }) {
+            match self.updates.try_send(Update { agent_id, metadata }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     // Cannot happen: every message holds at least one key of the budget, so
@@ -208,9 +171,9 @@ impl Batcher {
             }
             // The worker collects updates on its own schedule while they keep coming (no
             // wake-up per call); the call that fills a quarter of the channel wakes it.
-            let alarm = self.inner.channel_capacity / 4;
+            let alarm = self.channel_capacity / 4;
             if queued_before < alarm && queued_before + accepted >= alarm {
-                let _ = self.inner.doorbell.try_send(());
+                let _ = self.doorbell.try_send(());
             }
         }
         drop(intake);
@@ -224,10 +187,10 @@ impl Batcher {
     /// Reserves room for up to `wanted` keys in the channel's budget; returns how many fit.
     /// Also returns how many keys were queued before.
     fn reserve(&self, wanted: usize) -> (usize, usize) {
-        let queued = &self.inner.shared.counters.queued;
+        let queued = &self.shared.counters.queued;
         let mut current = queued.load(Relaxed);
         loop {
-            let fits = wanted.min(self.inner.channel_capacity.saturating_sub(current));
+            let fits = wanted.min(self.channel_capacity.saturating_sub(current));
             if fits == 0 {
                 return (0, current);
             }
@@ -239,7 +202,7 @@ impl Batcher {
     }
 
     fn count_dropped(&self, agent_id: Uuid, dropped: usize) {
-        let shared = &self.inner.shared;
+        let shared = &self.shared;
         let counters = &shared.counters;
         counters.dropped.fetch_add(dropped as u64, Relaxed);
         shared.metrics.dropped_keys.increment(dropped as u64);
@@ -254,14 +217,14 @@ impl Batcher {
         {
             tracing::warn!(
                 %agent_id,
-                channel_size = self.inner.channel_capacity,
+                channel_size = self.channel_capacity,
                 dropped_count = dropped,
                 "metadata channel at capacity, dropped updates"
             );
         } else {
             tracing::debug!(
                 %agent_id,
-                channel_size = self.inner.channel_capacity,
+                channel_size = self.channel_capacity,
                 dropped_count = dropped,
                 "metadata channel at capacity, dropped updates"
             );
@@ -296,7 +259,7 @@ impl Batcher {
     /// # Ok::<(), metadata_batcher::BuildError>(())
     /// ```
     pub fn sync_timeout(&self, timeout: Duration) -> Result<(), WaitError> {
-        self.sync_until(&self.inner.shared.clock.after(timeout))
+        self.sync_until(&self.shared.clock.after(timeout))
     }
 
     fn sync_until(&self, deadline: &Receiver<Instant>) -> Result<(), WaitError> {
@@ -366,7 +329,7 @@ impl Batcher {
     /// # Ok::<(), metadata_batcher::BuildError>(())
     /// ```
     pub fn flush_timeout(&self, timeout: Duration) -> Result<Option<FlushReport>, WaitError> {
-        self.flush_until(&self.inner.shared.clock.after(timeout))
+        self.flush_until(&self.shared.clock.after(timeout))
     }
 
     fn flush_until(&self, deadline: &Receiver<Instant>) -> Result<Option<FlushReport>, WaitError> {
@@ -380,15 +343,12 @@ impl Batcher {
 
     /// Running totals; never waits on the worker.
     pub fn stats(&self) -> Stats {
-        self.inner.shared.counters.snapshot()
+        self.shared.counters.snapshot()
     }
 
     /// What a readiness probe needs; never waits on the worker.
     pub fn health(&self) -> Health {
-        self.inner
-            .shared
-            .counters
-            .health(self.inner.shared.clock.now())
+        self.inner.shared.counters.health(self.shared.clock.now())
     }
 }
 
@@ -403,7 +363,7 @@ impl fmt::Debug for Batcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Batcher")
             .field("name", &self.inner.name)
-            .field("channel_capacity", &self.inner.channel_capacity)
+            .field("channel_capacity", &self.channel_capacity)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }

@@ -56,6 +56,7 @@
 // see either attribute.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod add_report;
 pub mod agent_ids;
 mod batch;
 mod batcher;
@@ -82,7 +83,8 @@ mod stats;
 mod store;
 mod worker;
 
-pub use batcher::{AddError, AddReport, Batcher, WaitError};
+pub use add_report::{AddError, AddReport};
+pub use batcher::{Batcher, WaitError};
 pub use builder::{
     BuildError, Builder, FlushMode, DEFAULT_BATCH_SIZE, DEFAULT_CHANNEL_MULTIPLIER,
     DEFAULT_FINAL_FLUSH_TIMEOUT, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING_BYTES,

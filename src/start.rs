@@ -11,7 +11,6 @@
 //!
 //! `{name}` is [`Builder::name`](crate::Builder::name), `mdbatch` by default.
 
-use std::sync::Arc;
 use std::thread;
 
 use parking_lot::Mutex;
@@ -115,21 +114,19 @@ impl Batcher {
             })
             .map_err(BuildError::Spawn)?;
         let (close_signal, closed) = crossbeam_channel::bounded(0);
-        Ok(Batcher {
-            inner: Arc::new(Inner {
-                updates,
-                doorbell,
-                control,
-                worker_ended,
-                closed,
-                close_signal: Mutex::new(Some(close_signal)),
-                channel_capacity,
-                final_flush_timeout: builder.final_flush_timeout,
-                name,
-                shared,
-                worker: Mutex::new(Some(worker)),
-                close_report: Mutex::new(CloseReport::default()),
-            }),
-        })
+        let inner = Inner {
+            updates,
+            doorbell,
+            control,
+            worker_ended,
+            closed,
+            close_signal: Mutex::new(Some(close_signal)),
+            final_flush_timeout: builder.final_flush_timeout,
+            name,
+            shared,
+            worker: Mutex::new(Some(worker)),
+            close_report: Mutex::new(CloseReport::default()),
+        };
+        Ok(Batcher::over(inner, channel_capacity))
     }
 }

@@ -623,26 +623,17 @@ fn main() {
         (
             "unnamed",
             fixture.url.clone(),
-            PgOptions {
-                statement_mode: StatementMode::Unnamed,
-                ..plaintext.clone()
-            },
+            plaintext.clone().statement_mode(StatementMode::Unnamed),
         ),
         (
             "unlogged",
             fixture.url.clone(),
-            PgOptions {
-                table: UNLOGGED_TABLE.to_owned(),
-                ..plaintext.clone()
-            },
+            plaintext.clone().table(UNLOGGED_TABLE.to_owned()),
         ),
         (
             "synchronous_commit_off",
             fixture.url.clone(),
-            PgOptions {
-                synchronous_commit: false,
-                ..plaintext.clone()
-            },
+            plaintext.clone().synchronous_commit(false),
         ),
     ];
     for (name, url, options) in variants {

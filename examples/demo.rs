@@ -304,10 +304,10 @@ fn run_postgres(
     );
 
     // Named for this run, so the TLS line below finds exactly these sessions.
-    let named = |role: &str| PgOptions {
-        application_name: Some(format!("mb-demo-{} {role}", std::process::id())),
-        statement_mode: options.statement_mode,
-        ..PgOptions::default()
+    let named = |role: &str| {
+        PgOptions::new()
+            .application_name(format!("mb-demo-{} {role}", std::process::id()))
+            .statement_mode(options.statement_mode)
     };
     let store =
         PgStore::open(url, named("store")).map_err(|err| format!("PgStore::open: {err}"))?;
@@ -335,6 +335,7 @@ fn run_postgres(
         Ok(Some(SubscriberEvent::Reconnected)) => {
             Err("the subscriber reconnected; notifications may have been missed".to_owned())
         }
+        Ok(Some(other)) => Err(format!("an event this demo does not know: {other:?}")),
         Ok(None) => Ok(None),
         Err(err) => Err(format!("subscriber: {err}")),
     });

@@ -359,11 +359,9 @@ fn db_error(err: &postgres::Error) -> String {
 
 /// Options for one of loadgen's sessions, named so `pg_stat_activity` tells them apart.
 fn session_options(role: &str, statement_mode: StatementMode) -> PgOptions {
-    PgOptions {
-        application_name: Some(format!("mb-loadgen-{} {role}", std::process::id())),
-        statement_mode,
-        ..PgOptions::default()
-    }
+    PgOptions::new()
+        .application_name(format!("mb-loadgen-{} {role}", std::process::id()))
+        .statement_mode(statement_mode)
 }
 
 /// What the store wrappers saw: one entry per successful store call, all replicas together.
@@ -888,6 +886,10 @@ fn listen(
                         heard.problems += 1;
                         eprintln!("replica {replica}: subscriber reconnected: announcements may be missing");
                     }
+                    Ok(Some(other)) => {
+                        heard.problems += 1;
+                        eprintln!("replica {replica}: subscriber: an unknown event {other:?}");
+                    }
                     Ok(None) => {}
                     Err(err) => {
                         heard.problems += 1;
@@ -944,15 +946,17 @@ fn build_batcher(
             Timed {
                 inner: PgStore::open(
                     &db.data_url,
-                    PgOptions {
-                        max_statement_rows: config
-                            .max_statement_rows
-                            .unwrap_or(pg::DEFAULT_MAX_STATEMENT_ROWS),
-                        parallel_statements: config
-                            .parallel_statements
-                            .unwrap_or(pg::DEFAULT_PARALLEL_STATEMENTS),
-                        ..session_options(&role("store"), statement_mode)
-                    },
+                    session_options(&role("store"), statement_mode)
+                        .max_statement_rows(
+                            config
+                                .max_statement_rows
+                                .unwrap_or(pg::DEFAULT_MAX_STATEMENT_ROWS),
+                        )
+                        .parallel_statements(
+                            config
+                                .parallel_statements
+                                .unwrap_or(pg::DEFAULT_PARALLEL_STATEMENTS),
+                        ),
                 )
                 .map_err(|err| format!("replica {replica}: PgStore::open: {err}"))?,
                 recorder: recorder.clone(),
@@ -1257,6 +1261,7 @@ fn mode_name(mode: FlushMode) -> &'static str {
     match mode {
         FlushMode::Pipelined => "pipelined",
         FlushMode::Inline => "inline",
+        _ => "another mode",
     }
 }
 

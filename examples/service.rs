@@ -400,10 +400,7 @@ fn start_batcher(options: &Options) -> Result<(Batcher, Registry), Failure> {
         "backend: PostgreSQL"
     );
     // Named sessions, so an operator can tell them apart in pg_stat_activity.
-    let named = |role: &str| PgOptions {
-        application_name: Some(format!("metadata-service {role}")),
-        ..PgOptions::default()
-    };
+    let named = |role: &str| PgOptions::new().application_name(format!("metadata-service {role}"));
     let start = |what: &str| {
         let what = what.to_owned();
         move |err: &dyn std::fmt::Display| Failure::Start(format!("{what}: {err}"))
@@ -425,6 +422,8 @@ fn start_batcher(options: &Options) -> Result<(Batcher, Registry), Failure> {
     spawn_watcher(move |wait| match subscriber.next(wait) {
         Ok(Some(pg::SubscriberEvent::Agents(agents))) => Ok(Some(Watched::Agents(agents.len()))),
         Ok(Some(pg::SubscriberEvent::Reconnected)) => Ok(Some(Watched::Reconnected)),
+        // An event this version does not know: re-reading everything is always safe.
+        Ok(Some(_)) => Ok(Some(Watched::Reconnected)),
         Ok(None) => Ok(None),
         Err(err) => Err(err.to_string()),
     })?;
@@ -753,6 +752,7 @@ fn post_metadata(state: &State, id: &str, request: &mut Request) -> Result<Reply
             422,
             json!({ "error": err.to_string(), "index": index }),
         )),
+        Err(err) => Err(Reply::error(500, err.to_string())),
     }
 }
 

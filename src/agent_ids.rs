@@ -83,6 +83,7 @@ pub fn decode_chunk(payload: &[u8]) -> Result<Vec<Uuid>, DecodeError> {
 
 /// Why a NOTIFY payload is not a valid list of agent IDs.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The payload was empty; the batcher never publishes an empty payload.
     Empty,

@@ -4,34 +4,36 @@
 //! caller's vector to the worker in one message; it never waits. Everything after that
 //! happens on the worker thread ([`crate::worker`]) and the flusher thread
 //! ([`crate::flusher`]). `sync`, `flush` and `close` are control messages that carry
-//! their own reply channel, so the handle holds no lock the worker could need.
+//! their own reply channel, so the handle holds no lock the worker could need. The threads
+//! start in [`crate::start`]; the close protocol is [`crate::close`].
 
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, Receiver, Sender, TryRecvError, TrySendError};
+use crossbeam_channel::{never, select, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
 use crate::builder::Builder;
-use crate::flusher::{Announcer, Flusher};
-use crate::panic::panic_message;
 use crate::shared::Shared;
-use crate::worker::{Control, Flushing, Update, Worker, WorkerConfig, WARNING_EVERY};
+use crate::worker::{Control, Update, WARNING_EVERY};
 use crate::{
-    CloseReport, FlushMode, FlushReport, Health, Interrupt, InvalidMetadata, Metadata, Publisher,
-    Stats, Store,
+    AddError, AddReport, CloseReport, FlushReport, Health, Metadata, Publisher, Stats, Store,
 };
 
 /// Batches metadata updates and flushes them to a [`Store`], announcing changed agents on
 /// a [`Publisher`].
 ///
-/// Share it (`Arc<Batcher>` or `&Batcher`) between the threads that receive updates;
-/// dropping the last one closes it.
+/// Share it (`Arc<Batcher>` or `&Batcher`) between the threads that receive updates.
+///
+/// Dropping it never blocks the thread that drops it (a request handler, say): the drop
+/// starts [`close`](Self::close) on a thread of its own (`{name}-close`), which makes the
+/// final flush, bounded by the final flush timeout as `close` is, and returns at once. A
+/// process that exits right after may exit before that flush: a service's `main` holds a
+/// [`close_guard`](Self::close_guard), whose drop closes and waits, or calls `close`.
 ///
 /// ```
 /// use std::time::SystemTime;
@@ -59,71 +61,38 @@ use crate::{
 /// batcher.close();
 /// ```
 pub struct Batcher {
+    /// What `add` uses, held here so the callers' path takes no extra indirection.
     updates: Sender<Update>,
     /// Wakes a worker that is collecting updates on its own schedule; see `add`.
     doorbell: Sender<()>,
-    control: Sender<Control>,
-    /// Disconnected when the worker thread has ended.
-    worker_ended: Receiver<()>,
-    /// Disconnected when `close` returns: `sync` and `flush` never wait past it.
-    closed: Receiver<()>,
-    close_signal: Mutex<Option<Sender<()>>>,
     channel_capacity: usize,
-    final_flush_timeout: Duration,
     shared: Arc<Shared>,
-    worker: Mutex<Option<thread::JoinHandle<()>>>,
+    /// Shared with the thread that closes the batcher once this handle is dropped, and
+    /// with every [`CloseGuard`](crate::CloseGuard).
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// What the handle holds for control and closing; outlives it while a close started by
+/// its drop runs.
+pub(crate) struct Inner {
+    /// Clones of the handle's senders, which keep the worker's channels connected until
+    /// the close has ended: a disconnected channel would end the worker without a close.
+    pub(crate) updates: Sender<Update>,
+    pub(crate) doorbell: Sender<()>,
+    pub(crate) control: Sender<Control>,
+    /// Disconnected when the worker thread has ended.
+    pub(crate) worker_ended: Receiver<()>,
+    /// Disconnected when `close` returns: `sync` and `flush` never wait past it.
+    pub(crate) closed: Receiver<()>,
+    pub(crate) close_signal: Mutex<Option<Sender<()>>>,
+    pub(crate) final_flush_timeout: Duration,
+    /// The instance name that prefixes every thread name ([`Builder::name`]).
+    pub(crate) name: String,
+    pub(crate) shared: Arc<Shared>,
+    /// `None` once a close has begun.
+    pub(crate) worker: Mutex<Option<thread::JoinHandle<()>>>,
     /// What the first `close` did; later calls return it again.
-    close_report: Mutex<CloseReport>,
-}
-
-/// What `add` did with a call's keys.
-///
-/// When the channel has room for only part of a call, the first `accepted` entries of the
-/// call's vector are queued and the rest are dropped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AddReport {
-    /// Keys queued for the batch: the call's first `accepted` entries.
-    pub accepted: usize,
-    /// Keys dropped because the channel was full: the call's last `dropped` entries;
-    /// counted in `Stats::dropped`.
-    pub dropped: usize,
-}
-
-/// Why `add` refused a call; nothing of a refused call is queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AddError {
-    /// The batcher is closed (or closing).
-    Closed,
-    /// An entry of the call is invalid.
-    Invalid {
-        /// Its position in the call's vector.
-        index: usize,
-        /// What is wrong with it.
-        problem: InvalidMetadata,
-    },
-}
-
-impl fmt::Display for AddError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AddError::Closed => {
-                f.write_str("the metadata batcher is closed; updates can no longer be accepted")
-            }
-            AddError::Invalid { index, problem } => write!(
-                f,
-                "metadata entry {index} is invalid: {problem}; nothing from this call was queued"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for AddError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            AddError::Invalid { problem, .. } => Some(problem),
-            AddError::Closed => None,
-        }
-    }
+    pub(crate) close_report: Mutex<CloseReport>,
 }
 
 impl Batcher {
@@ -132,101 +101,15 @@ impl Batcher {
         Builder::new(store, publisher)
     }
 
-    pub(crate) fn start(builder: Builder) -> Result<Batcher, crate::BuildError> {
-        let channel_capacity = builder
-            .channel_capacity
-            .unwrap_or(builder.batch_size * crate::builder::DEFAULT_CHANNEL_MULTIPLIER);
-        let config = WorkerConfig {
-            batch_size: builder.batch_size,
+    /// The handle over a started batcher's parts.
+    pub(crate) fn over(inner: Inner, channel_capacity: usize) -> Batcher {
+        Batcher {
+            updates: inner.updates.clone(),
+            doorbell: inner.doorbell.clone(),
             channel_capacity,
-            interval: builder.interval,
-            max_pending: builder.max_pending.unwrap_or(usize::MAX),
-            max_pending_bytes: builder.max_pending_bytes,
-            retry_backoff_initial: builder.retry_backoff_initial,
-            retry_backoff_max: builder.retry_backoff_max,
-        };
-        let shared = Shared::new(builder.clock, &builder.metric_labels, builder.interval);
-        crate::gauges::spawn(&shared).map_err(crate::BuildError::Spawn)?;
-        // Every message carries at least one key, so a channel of `channel_capacity`
-        // messages never refuses a send that the key budget admitted.
-        let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);
-        let (control, control_rx) = crossbeam_channel::unbounded();
-        let (doorbell, doorbell_rx) = crossbeam_channel::bounded(1);
-        // Armed here, not on the worker thread, so a test's first `advance` cannot race it.
-        let timer = shared.clock.after(config.interval);
-
-        // Thread names stay within 15 bytes, all Linux keeps, so `top -H` tells them apart.
-        let flushing = match builder.flush_mode {
-            FlushMode::Inline => Flushing::Inline(Flusher::new(
-                builder.store,
-                Announcer::Inline(builder.publisher),
-                shared.clone(),
-                builder.batch_size,
-            )),
-            FlushMode::Pipelined => {
-                let publisher = builder.publisher;
-                let notify_shared = shared.clone();
-                let (notifier_alive, notifier_ended) = crossbeam_channel::bounded::<()>(0);
-                let notifier = thread::Builder::new()
-                    .name("mdbatch-notify".into())
-                    .spawn(move || {
-                        let _alive = notifier_alive;
-                        notify_shared.notifier.run(publisher, &notify_shared)
-                    })
-                    .map_err(crate::BuildError::Spawn)?;
-                let flusher = Flusher::new(
-                    builder.store,
-                    Announcer::Thread {
-                        thread: Some(notifier),
-                        ended: notifier_ended,
-                    },
-                    shared.clone(),
-                    builder.batch_size,
-                );
-                let (jobs, jobs_rx) = crossbeam_channel::bounded(1);
-                let (completed_tx, completed) = crossbeam_channel::bounded(1);
-                let thread = thread::Builder::new()
-                    .name("mdbatch-flush".into())
-                    .spawn(move || flusher.run(jobs_rx, completed_tx))
-                    .map_err(crate::BuildError::Spawn)?;
-                Flushing::Thread {
-                    jobs: Some(jobs),
-                    completed,
-                    thread: Some(thread),
-                }
-            }
-        };
-        let worker = Worker::new(
-            config,
-            shared.clone(),
-            updates_rx,
-            doorbell_rx,
-            control_rx,
-            timer,
-            flushing,
-        );
-        let (worker_alive, worker_ended) = crossbeam_channel::bounded::<()>(0);
-        let worker = thread::Builder::new()
-            .name("mdbatch-worker".into())
-            .spawn(move || {
-                let _alive = worker_alive;
-                worker.run()
-            })
-            .map_err(crate::BuildError::Spawn)?;
-        let (close_signal, closed) = crossbeam_channel::bounded(0);
-        Ok(Batcher {
-            updates,
-            doorbell,
-            control,
-            worker_ended,
-            closed,
-            close_signal: Mutex::new(Some(close_signal)),
-            channel_capacity,
-            final_flush_timeout: builder.final_flush_timeout,
-            shared,
-            worker: Mutex::new(Some(worker)),
-            close_report: Mutex::new(CloseReport::default()),
-        })
+            shared: inner.shared.clone(),
+            inner: Arc::new(inner),
+        }
     }
 
     /// Queues an agent's updates; never blocks.
@@ -265,11 +148,19 @@ impl Batcher {
                     // counted, not the caller's thread panicked.
                     debug_assert!(false, "the key budget admitted more messages than fit");
                     tracing::error!("metadata channel full despite the key budget; keys dropped");
-                    self.shared.counters.queued.fetch_sub(accepted, Relaxed);
+                    self.inner
+                        .shared
+                        .counters
+                        .queued
+                        .fetch_sub(accepted, Relaxed);
                     accepted = 0;
                 }
                 Err(TrySendError::Disconnected(_)) => {
-                    self.shared.counters.queued.fetch_sub(accepted, Relaxed);
+                    self.inner
+                        .shared
+                        .counters
+                        .queued
+                        .fetch_sub(accepted, Relaxed);
                     return Err(AddError::Closed);
                 }
             }
@@ -306,18 +197,15 @@ impl Batcher {
     }
 
     fn count_dropped(&self, agent_id: Uuid, dropped: usize) {
-        self.shared
-            .counters
-            .dropped
-            .fetch_add(dropped as u64, Relaxed);
-        self.shared.metrics.dropped_keys.increment(dropped as u64);
-        let now = self.shared.counters.encode(self.shared.clock.now());
-        let last = self.shared.counters.last_drop_warning.load(Relaxed);
+        let shared = &self.shared;
+        let counters = &shared.counters;
+        counters.dropped.fetch_add(dropped as u64, Relaxed);
+        shared.metrics.dropped_keys.increment(dropped as u64);
+        let now = counters.encode(shared.clock.now());
+        let last = counters.last_drop_warning.load(Relaxed);
         let due = last == u64::MAX || now.saturating_sub(last) >= WARNING_EVERY.as_nanos() as u64;
         if due
-            && self
-                .shared
-                .counters
+            && counters
                 .last_drop_warning
                 .compare_exchange(last, now, Relaxed, Relaxed)
                 .is_ok()
@@ -343,28 +231,63 @@ impl Batcher {
     /// has completed and been announced.
     ///
     /// With a [`MockClock`](crate::MockClock), `clock.advance(interval); batcher.sync();`
-    /// leaves the scheduled flush complete. Returns at once after `close`.
+    /// leaves the scheduled flush complete. Returns at once after `close`. To bound the
+    /// wait, see [`sync_timeout`](Self::sync_timeout).
     pub fn sync(&self) {
-        let (reply, done) = crossbeam_channel::bounded(1);
-        if self.control.send(Control::Sync(reply)).is_ok() {
-            self.answer(&done);
-        }
+        let _ = self.sync_until(&never());
     }
 
-    /// Waits for the worker's answer, but not past `close`'s return. An answer dropped
-    /// unsent means the worker panicked while handling the request: what the caller waits
-    /// for is settled once the dying worker has counted what it held and ended.
-    fn answer<T>(&self, answer: &Receiver<T>) -> Option<T> {
+    /// [`sync`](Self::sync), waiting at most `timeout`, by the injected clock (as every
+    /// timer of the batcher: with a [`MockClock`](crate::MockClock) it passes only when the
+    /// clock is advanced). Says what happened: `Ok` when synced, else a [`WaitError`]. A
+    /// request that timed out stays with the worker and is handled as usual; only this
+    /// caller stopped waiting.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore, WaitError};
+    ///
+    /// let batcher = Batcher::builder(MemoryStore::new(), MemoryPubsub::new()).build()?;
+    /// assert_eq!(batcher.sync_timeout(Duration::from_secs(1)), Ok(()));
+    /// batcher.close();
+    /// assert_eq!(batcher.sync_timeout(Duration::from_secs(1)), Err(WaitError::Closed));
+    /// # Ok::<(), metadata_batcher::BuildError>(())
+    /// ```
+    pub fn sync_timeout(&self, timeout: Duration) -> Result<(), WaitError> {
+        self.sync_until(&self.shared.clock.after(timeout))
+    }
+
+    fn sync_until(&self, deadline: &Receiver<Instant>) -> Result<(), WaitError> {
+        let (reply, done) = crossbeam_channel::bounded(1);
+        self.inner
+            .control
+            .send(Control::Sync(reply))
+            .map_err(|_| WaitError::Closed)?;
+        self.answer(&done, deadline)
+    }
+
+    /// Waits for the worker's answer, but not past `close`'s return or `deadline`. An
+    /// answer dropped unsent means the worker panicked while handling the request: what
+    /// the caller waits for is settled once the dying worker has counted what it held and
+    /// ended, and the batcher is then closed.
+    fn answer<T>(
+        &self,
+        answer: &Receiver<T>,
+        deadline: &Receiver<Instant>,
+    ) -> Result<T, WaitError> {
+        let inner = &*self.inner;
         select! {
-            recv(answer) -> answered => answered.ok().or_else(|| {
+            recv(answer) -> answered => answered.map_err(|_| {
                 select! {
-                    recv(self.worker_ended) -> _ => {}
-                    recv(self.closed) -> _ => {}
+                    recv(inner.worker_ended) -> _ => WaitError::Closed,
+                    recv(inner.closed) -> _ => WaitError::Closed,
+                    recv(deadline) -> _ => WaitError::TimedOut,
                 }
-                None
             }),
-            // Both may be ready: `close` answers what it can before it returns.
-            recv(self.closed) -> _ => answer.try_recv().ok(),
+            // Both may be ready: `close` answers what it can before it returns, and an
+            // answer that came in time counts.
+            recv(inner.closed) -> _ => answer.try_recv().map_err(|_| WaitError::Closed),
+            recv(deadline) -> _ => answer.try_recv().map_err(|_| WaitError::TimedOut),
         }
     }
 
@@ -377,11 +300,40 @@ impl Batcher {
     /// The wait is bounded by the store's and the publisher's own deadlines (the batcher
     /// cannot interrupt a publisher; [`PgPublisher`](crate::postgres::PgPublisher) has a
     /// publish deadline), and by `close`: once `close` returns, a `flush` still waiting
-    /// returns `None`, and so does `sync`.
+    /// returns `None`, and so does `sync`. To bound it yourself, see
+    /// [`flush_timeout`](Self::flush_timeout).
     pub fn flush(&self) -> Option<FlushReport> {
+        self.flush_until(&never()).ok().flatten()
+    }
+
+    /// [`flush`](Self::flush), waiting at most `timeout`, by the injected clock (see
+    /// [`sync_timeout`](Self::sync_timeout)). `Ok(None)`: there was nothing to flush. A
+    /// flush that timed out still runs to its end on the batcher's threads; only this
+    /// caller stopped waiting, and [`Stats::last_flush`] will show it.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore, Metadata};
+    /// use uuid::Uuid;
+    ///
+    /// let batcher = Batcher::builder(MemoryStore::new(), MemoryPubsub::new()).build()?;
+    /// let agent = Uuid::from_u128(1);
+    /// batcher.add(agent, vec![Metadata::new("cpu", "1%", "", SystemTime::now())]).unwrap();
+    /// let report = batcher.flush_timeout(Duration::from_secs(5)).expect("flushed in time");
+    /// assert_eq!(report.map(|flush| flush.count), Some(1));
+    /// # Ok::<(), metadata_batcher::BuildError>(())
+    /// ```
+    pub fn flush_timeout(&self, timeout: Duration) -> Result<Option<FlushReport>, WaitError> {
+        self.flush_until(&self.shared.clock.after(timeout))
+    }
+
+    fn flush_until(&self, deadline: &Receiver<Instant>) -> Result<Option<FlushReport>, WaitError> {
         let (reply, report) = crossbeam_channel::bounded(1);
-        self.control.send(Control::Flush(reply)).ok()?;
-        self.answer(&report).flatten()
+        self.inner
+            .control
+            .send(Control::Flush(reply))
+            .map_err(|_| WaitError::Closed)?;
+        self.answer(&report, deadline)
     }
 
     /// Running totals; never waits on the worker.
@@ -391,162 +343,52 @@ impl Batcher {
 
     /// What a readiness probe needs; never waits on the worker.
     pub fn health(&self) -> Health {
-        self.shared.counters.health(self.shared.clock.now())
-    }
-
-    /// Stops intake, drains everything already accepted, makes the final flush and joins
-    /// the threads; returns what it wrote and what it could not.
-    ///
-    /// Rows a failed final flush kept (a deadlock, a failover, a pooler restart) are flushed
-    /// again, with a backoff of 250 ms doubling to at most 1 s (counted from the start of the
-    /// flush that failed), until they are written or the final flush timeout passes: the
-    /// report's `unwritten` is non-zero only when the deadline passed.
-    ///
-    /// Returns within the final flush timeout (by the injected clock) whatever the store
-    /// does: then it counts what is unwritten in `Stats::unwritten_at_shutdown`, refuses
-    /// further store calls, fires the store call's interrupt (see
-    /// [`Store::interrupt_handle`](crate::Store::interrupt_handle)) on a thread of its own,
-    /// so a slow or panicking interrupt cannot hold or unwind the caller, and leaves the
-    /// threads to finish on their own. Never panics. Idempotent: later calls return the
-    /// first call's report. Dropping the batcher calls it.
-    ///
-    /// With a [`MockClock`](crate::MockClock) the timeout and the backoff pass only when the
-    /// clock is advanced, so a test whose store never returns, or keeps failing, must
-    /// advance it (the store itself may, as a failing or hung database's time passes);
-    /// otherwise `close` waits for the store.
-    ///
-    /// ```
-    /// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore};
-    ///
-    /// let batcher = Batcher::builder(MemoryStore::new(), MemoryPubsub::new()).build().unwrap();
-    /// let report = batcher.close();
-    /// assert!(!report.deadline_hit);
-    /// batcher.close(); // a statement is fine too: the report need not be used
-    /// ```
-    pub fn close(&self) -> CloseReport {
-        let mut worker = self.worker.lock();
-        let Some(handle) = worker.take() else {
-            return *self.close_report.lock();
-        };
-        *self.shared.intake.write() = false;
-        let flushed_before = self.shared.counters.flushed.load(Relaxed);
-        let deadline = self.shared.clock.after(self.final_flush_timeout);
-        // A worker that died of a panic has ended already, and counted what it held.
-        let _ = self.control.send(Control::Shutdown);
-        let ended = &self.worker_ended;
-        let mut unannounced = 0;
-        let deadline_hit = select! {
-            recv(ended) -> _ => false,
-            // Both may be ready: a worker that finished in time has finished.
-            recv(deadline) -> _ => !matches!(ended.try_recv(), Err(TryRecvError::Disconnected)),
-        };
-        if deadline_hit {
-            unannounced = self.give_up();
-        } else {
-            let _ = handle.join();
-        }
-        let report = CloseReport {
-            written: self
-                .shared
-                .counters
-                .flushed
-                .load(Relaxed)
-                .saturating_sub(flushed_before),
-            unwritten: self.shared.counters.unwritten_at_shutdown.load(Relaxed),
-            unannounced: unannounced as u64,
-            deadline_hit,
-        };
-        *self.close_report.lock() = report;
-        // From here no `sync` or `flush` waits on the threads left behind.
-        self.close_signal.lock().take();
-        report
-    }
-
-    /// The final flush timed out: record what is unwritten, stop announcing, then interrupt
-    /// the store call; returns how many stored agents go unannounced.
-    fn give_up(&self) -> usize {
-        // Count and refuse further calls under one lock: the worker records no more after
-        // this, its rows are in the batch or in flight (never neither, never both) while
-        // they are counted, and the interrupt (user code) runs only once the count is safe.
-        let counters = &self.shared.counters;
-        let mut unwritten = 0;
-        let store_call = self.health().store_call_age;
-        let interrupt = self.shared.cancellation.abandon(|| {
-            // Everything accepted and not settled, rather than `queued + batched +
-            // in_flight`: the keys of an update the worker is taking in (or was, when it
-            // panicked) are in none of those. A key superseded a moment ago may be counted
-            // too: the worker publishes that count once per update, not under this lock.
-            let stats = counters.snapshot();
-            unwritten = stats.accepted.saturating_sub(stats.settled());
-            // Added, not stored: a worker that died has counted what it held already.
-            counters.unwritten_at_shutdown.fetch_add(unwritten, Relaxed);
-        });
-        let unannounced = self.shared.notifier.abandon(&self.shared);
-        let timeout = self.final_flush_timeout;
-        // Say what held `close`: a store call, retries of failed flushes, or the publisher.
-        if let Some(running) = store_call {
-            tracing::error!(
-                unwritten,
-                ?timeout,
-                store_call_age = ?running,
-                "metadata batcher final flush timed out in a store call; interrupting it"
-            );
-        } else if unwritten > 0 {
-            tracing::error!(
-                unwritten,
-                ?timeout,
-                "metadata batcher final flush timed out while the store kept failing"
-            );
-        } else {
-            tracing::error!(
-                unannounced,
-                ?timeout,
-                "metadata batcher closed with every row written, but the publisher had not \
-                 returned by the final flush timeout; the unannounced agents are counted \
-                 as publish errors"
-            );
-        }
-        if let Some(interrupt) = interrupt {
-            self.interrupt_off_thread(interrupt);
-        }
-        unannounced
-    }
-
-    /// Fires the store's interrupt on a thread of its own: it is user code, and may block
-    /// (a cancel request into a dead network) or panic; neither may reach `close`.
-    fn interrupt_off_thread(&self, interrupt: Interrupt) {
-        let shared = self.shared.clone();
-        let spawned = thread::Builder::new()
-            .name("mdbatch-cancel".into())
-            .spawn(move || {
-                if let Err(panic) = catch_unwind(AssertUnwindSafe(|| interrupt.fire())) {
-                    shared.counters.panics.fetch_add(1, Relaxed);
-                    tracing::error!(
-                        panic = %panic_message(&*panic),
-                        "the store's interrupt panicked; the store call is left running"
-                    );
-                }
-            });
-        if let Err(error) = spawned {
-            tracing::error!(
-                %error,
-                "could not start a thread to interrupt the store call; it is left running"
-            );
-        }
+        self.inner.shared.counters.health(self.shared.clock.now())
     }
 }
 
+/// Never blocks: starts the close on a thread of its own and returns (see [`Batcher`]).
 impl Drop for Batcher {
     fn drop(&mut self) {
-        let _ = self.close();
+        self.inner.close_in_background();
     }
 }
 
 impl fmt::Debug for Batcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Batcher")
+            .field("name", &self.inner.name)
             .field("channel_capacity", &self.channel_capacity)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
 }
+
+/// Why [`Batcher::sync_timeout`] or [`Batcher::flush_timeout`] returned without what it
+/// waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// The timeout passed first, by the batcher's clock. The request stays with the
+    /// worker and is carried out; only the caller stopped waiting.
+    TimedOut,
+    /// The batcher is closed (or its worker died), so nothing more will be flushed for
+    /// this caller.
+    Closed,
+}
+
+impl fmt::Display for WaitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitError::TimedOut => f.write_str(
+                "the metadata batcher did not answer within the timeout; the request is still \
+                 carried out, so wait longer or check Batcher::health for a slow store",
+            ),
+            WaitError::Closed => {
+                f.write_str("the metadata batcher is closed; nothing more is flushed after close")
+            }
+        }
+    }
+}
+
+impl std::error::Error for WaitError {}

@@ -33,9 +33,27 @@ pub const DEFAULT_FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_RETRY_BACKOFF_INITIAL: Duration = Duration::from_millis(250);
 /// The longest retry delay.
 pub const DEFAULT_RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The instance name threads are named after when [`Builder::name`] is not set:
+/// `mdbatch-worker`, `mdbatch-flush` and so on.
+pub const DEFAULT_NAME: &str = "mdbatch";
+
+/// The largest channel, in keys, [`Builder::build`] accepts (1,048,576; 2^20).
+///
+/// The channel is allocated whole at `build`: a slot per key of 48 bytes on 64-bit targets
+/// (the update's agent ID and vector, and crossbeam's stamp), so this bound is 48 MiB up
+/// front, beside the 64 MiB the backlog may hold by default ([`DEFAULT_MAX_PENDING_BYTES`]).
+/// It is 400 times the default channel (2,500 keys), far more than any burst between two
+/// collections of the worker (at most a millisecond apart). Past it, the memory is better
+/// spent on the backlog: raise [`max_pending_bytes`](Builder::max_pending_bytes) instead.
+pub const MAX_CHANNEL_CAPACITY: usize = 1 << 20;
+
+/// The bytes one slot of the update channel takes on a 64-bit target; a unit test keeps
+/// it true.
+const CHANNEL_SLOT_BYTES: usize = 48;
 
 /// Where flushes run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FlushMode {
     /// On a flusher thread of their own: the worker keeps taking in and deduplicating
     /// updates while the database works, and the next flush carries everything that
@@ -75,6 +93,7 @@ pub struct Builder {
     pub(crate) retry_backoff_max: Duration,
     pub(crate) flush_mode: FlushMode,
     pub(crate) metric_labels: Vec<::metrics::Label>,
+    pub(crate) name: String,
 }
 
 impl Builder {
@@ -93,7 +112,14 @@ impl Builder {
             retry_backoff_max: DEFAULT_RETRY_BACKOFF_MAX,
             flush_mode: FlushMode::default(),
             metric_labels: Vec::new(),
+            name: DEFAULT_NAME.to_owned(),
         }
+    }
+
+    /// The channel's capacity in keys: as set, or `DEFAULT_CHANNEL_MULTIPLIER` batches.
+    pub(crate) fn effective_channel_capacity(&self) -> usize {
+        self.channel_capacity
+            .unwrap_or(self.batch_size.saturating_mul(DEFAULT_CHANNEL_MULTIPLIER))
     }
 
     /// Distinct entries that trigger a capacity flush (default 500).
@@ -114,7 +140,8 @@ impl Builder {
         self
     }
 
-    /// Keys the channel holds before `add` drops (default 5 × batch size).
+    /// Keys the channel holds before `add` drops (default 5 × batch size; at most
+    /// [`MAX_CHANNEL_CAPACITY`], as the channel is allocated whole at `build`).
     pub fn channel_capacity(mut self, keys: usize) -> Self {
         self.channel_capacity = Some(keys);
         self
@@ -198,10 +225,36 @@ impl Builder {
         self
     }
 
-    /// Checks the settings and starts the worker thread `mdbatch-worker` (and, when
-    /// pipelined, the flusher thread `mdbatch-flush` and the publisher thread
-    /// `mdbatch-notify`), and `mdbatch-gauges`, which keeps the health gauges current.
-    /// Metric handles are registered here, with the recorder current on the calling thread.
+    /// The instance name (default [`DEFAULT_NAME`], `mdbatch`) every thread of this batcher
+    /// is named after, as `{name}-{role}`: `{name}-worker`, `{name}-flush`,
+    /// `{name}-notify`, `{name}-gauges`, and, while closing, `{name}-close` and
+    /// `{name}-cancel`. Two batchers in one process then tell apart in a thread dump,
+    /// `top -H` and panic messages.
+    ///
+    /// Linux shows only the first 15 bytes of a thread's name: a name of up to 8 bytes
+    /// keeps the whole `{name}-{role}`; a longer one keeps its first bytes and loses the
+    /// end of the role, so put what tells your instances apart first (`a-coderd`, not
+    /// `coderd-a`). [`build`](Self::build) refuses an empty name and one with a NUL byte.
+    ///
+    /// ```
+    /// use metadata_batcher::{Batcher, MemoryPubsub, MemoryStore};
+    ///
+    /// // Threads `replica2-worker`, `replica2-flush`, ...
+    /// let batcher = Batcher::builder(MemoryStore::new(), MemoryPubsub::new())
+    ///     .name("replica2")
+    ///     .build()?;
+    /// batcher.close();
+    /// # Ok::<(), metadata_batcher::BuildError>(())
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Checks the settings and starts the threads: the worker, and, when pipelined, the
+    /// flusher and the publisher's; and the one that keeps the health gauges current (see
+    /// [`name`](Self::name) for their names). Metric handles are registered here, with the
+    /// recorder current on the calling thread.
     pub fn build(self) -> Result<Batcher, BuildError> {
         for (setting, zero) in [
             ("batch_size", self.batch_size == 0),
@@ -214,6 +267,20 @@ impl Builder {
             if zero {
                 return Err(BuildError::Zero { setting });
             }
+        }
+        let channel_capacity = self.effective_channel_capacity();
+        if channel_capacity > MAX_CHANNEL_CAPACITY {
+            return Err(BuildError::ChannelTooLarge {
+                keys: channel_capacity,
+                set_by: if self.channel_capacity.is_some() {
+                    "channel_capacity"
+                } else {
+                    "batch_size"
+                },
+            });
+        }
+        if self.name.is_empty() || self.name.contains('\0') {
+            return Err(BuildError::Name { name: self.name });
         }
         if let Some((name, problem)) = crate::metrics::label_problem(&self.metric_labels) {
             return Err(BuildError::MetricLabel { name, problem });
@@ -266,6 +333,20 @@ pub enum BuildError {
         /// What is wrong with it.
         problem: &'static str,
     },
+    /// The channel would allocate more than [`MAX_CHANNEL_CAPACITY`] keys' slots up front.
+    ChannelTooLarge {
+        /// The capacity asked for, in keys.
+        keys: usize,
+        /// The setting it came from: `channel_capacity`, or `batch_size` (the channel's
+        /// default is `DEFAULT_CHANNEL_MULTIPLIER` batches).
+        set_by: &'static str,
+    },
+    /// The instance name ([`Builder::name`]) is empty or holds a NUL byte, which a thread
+    /// name cannot.
+    Name {
+        /// The name asked for.
+        name: String,
+    },
     /// The operating system refused to start a thread.
     Spawn(std::io::Error),
 }
@@ -294,6 +375,19 @@ impl fmt::Display for BuildError {
             BuildError::MetricLabel { name, problem } => {
                 write!(f, "metric label {name:?} {problem}")
             }
+            BuildError::ChannelTooLarge { keys, set_by } => write!(
+                f,
+                "a channel of {keys} keys (from {set_by}) would allocate about {} MiB up \
+                 front; the most is {MAX_CHANNEL_CAPACITY} keys: set channel_capacity lower \
+                 (a burst needs little), and raise max_pending_bytes to ride out a slow \
+                 database",
+                keys.saturating_mul(CHANNEL_SLOT_BYTES) >> 20
+            ),
+            BuildError::Name { name } => write!(
+                f,
+                "the batcher name {name:?} cannot name a thread: give a non-empty name \
+                 without NUL bytes"
+            ),
             BuildError::Spawn(error) => {
                 write!(f, "could not start the metadata batcher's thread: {error}")
             }
@@ -306,6 +400,23 @@ impl std::error::Error for BuildError {
         match self {
             BuildError::Spawn(error) => Some(error),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::Update;
+
+    /// The channel's slot: the message and crossbeam's stamp (an `AtomicUsize`), the figure
+    /// [`MAX_CHANNEL_CAPACITY`]'s bound is derived from.
+    #[test]
+    fn a_channel_slot_is_as_large_as_the_bound_assumes() {
+        let slot = std::mem::size_of::<Update>() + std::mem::size_of::<usize>();
+        assert!(slot <= CHANNEL_SLOT_BYTES, "{slot} bytes");
+        if cfg!(target_pointer_width = "64") {
+            assert_eq!(slot, CHANNEL_SLOT_BYTES);
         }
     }
 }

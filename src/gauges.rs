@@ -75,15 +75,15 @@ pub(crate) fn update(shared: &Shared) {
         .update(&shared.counters, shared.clock.now());
 }
 
-/// Sets the gauges, so they hold true values before the first tick, and starts
-/// `mdbatch-gauges`. It holds the shared state weakly, so it keeps nothing alive; it sets
+/// Sets the gauges, so they hold true values before the first tick, and starts the thread
+/// `thread_name` (`mdbatch-gauges` by default). It holds the shared state weakly, so it keeps nothing alive; it sets
 /// the gauges one last time once the worker has ended (`worker_alive` 0), and returns.
-pub(crate) fn spawn(shared: &Arc<Shared>) -> std::io::Result<()> {
+pub(crate) fn spawn(shared: &Arc<Shared>, thread_name: String) -> std::io::Result<()> {
     update(shared);
     let ticks = shared.clock.tick(EVERY);
     let shared: Weak<Shared> = Arc::downgrade(shared);
     std::thread::Builder::new()
-        .name("mdbatch-gauges".into())
+        .name(thread_name)
         .spawn(move || {
             for _ in ticks {
                 let Some(shared) = shared.upgrade() else {

@@ -6,7 +6,7 @@
 //! replica's watchers can refresh. It is the Rust counterpart of the metadata batcher in
 //! Coder's control plane, with the same metric names and NOTIFY payload format, and no async
 //! runtime: named OS threads (`mdbatch-worker`, `mdbatch-flush`, `mdbatch-notify`,
-//! `mdbatch-gauges`) and crossbeam channels.
+//! `mdbatch-gauges`; [`Builder::name`] replaces the `mdbatch`) and crossbeam channels.
 //!
 //! # A tour
 //!
@@ -56,12 +56,14 @@
 // see either attribute.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod add_report;
 pub mod agent_ids;
 mod batch;
 mod batcher;
 mod builder;
 mod cancellation;
 mod clock;
+mod close;
 mod flusher;
 mod gauges;
 mod memory;
@@ -75,18 +77,22 @@ mod panic;
 pub mod postgres;
 mod publish;
 mod shared;
+mod start;
 mod statement_size;
 mod stats;
 mod store;
 mod worker;
 
-pub use batcher::{AddError, AddReport, Batcher};
+pub use add_report::{AddError, AddReport};
+pub use batcher::{Batcher, WaitError};
 pub use builder::{
     BuildError, Builder, FlushMode, DEFAULT_BATCH_SIZE, DEFAULT_CHANNEL_MULTIPLIER,
     DEFAULT_FINAL_FLUSH_TIMEOUT, DEFAULT_INTERVAL, DEFAULT_MAX_PENDING_BYTES,
-    DEFAULT_MAX_PENDING_MULTIPLIER, DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
+    DEFAULT_MAX_PENDING_MULTIPLIER, DEFAULT_NAME, DEFAULT_RETRY_BACKOFF_INITIAL,
+    DEFAULT_RETRY_BACKOFF_MAX, MAX_CHANNEL_CAPACITY,
 };
 pub use clock::{Clock, MockClock, SystemClock};
+pub use close::{CloseError, CloseGuard};
 pub use memory::{MemoryPubsub, MemoryStore, StoredMetadata};
 pub use metadata::{
     InvalidMetadata, Metadata, MetadataField, MAX_ERROR_BYTES, MAX_KEY_CHARS, MAX_VALUE_BYTES,

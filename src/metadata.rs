@@ -24,12 +24,37 @@ const END_OF_COLLECTED_AT_SECS_AFTER_EPOCH: u64 = 9_224_318_016_000;
 
 /// The range as instants, made once: comparing two `SystemTime`s is a few instructions,
 /// computing a `duration_since` per key was a quarter of `add`'s cost.
-static COLLECTED_AT_RANGE: LazyLock<(SystemTime, SystemTime)> = LazyLock::new(|| {
-    (
-        SystemTime::UNIX_EPOCH - Duration::from_secs(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH),
-        SystemTime::UNIX_EPOCH + Duration::from_secs(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH),
+///
+/// `None` where the platform's `SystemTime` cannot hold the bound, so no time it can hold
+/// is past it: Windows counts 100 ns intervals from 1601 in an `i64`, which ends in the
+/// year 30828, long before the end of PostgreSQL's range (so `UNIX_EPOCH + 294,277 years`
+/// panicked there). Checked arithmetic keeps the same bounds everywhere they exist.
+static COLLECTED_AT_RANGE: LazyLock<CollectedAtRange> = LazyLock::new(|| {
+    CollectedAtRange::new(
+        SystemTime::UNIX_EPOCH
+            .checked_sub(Duration::from_secs(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH)),
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH)),
     )
 });
+
+/// The `collected_at` values PostgreSQL can store: from `earliest` (inclusive) to `end`
+/// (exclusive); a bound the platform cannot represent is `None` and never reached.
+#[derive(Debug, Clone, Copy)]
+struct CollectedAtRange {
+    earliest: Option<SystemTime>,
+    end: Option<SystemTime>,
+}
+
+impl CollectedAtRange {
+    fn new(earliest: Option<SystemTime>, end: Option<SystemTime>) -> Self {
+        CollectedAtRange { earliest, end }
+    }
+
+    fn contains(&self, at: SystemTime) -> bool {
+        self.earliest.is_none_or(|earliest| at >= earliest) && self.end.is_none_or(|end| at < end)
+    }
+}
 
 /// Values longer than this many bytes are cut to it and the error explains why.
 pub const MAX_VALUE_BYTES: usize = 2048;
@@ -47,6 +72,7 @@ pub const MAX_ERROR_BYTES: usize = 2048;
 /// assert_eq!(m.key, "cpu");
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Metadata {
     /// The metadata key, as registered for the agent.
     pub key: String,
@@ -87,8 +113,7 @@ impl Metadata {
                 return Err(InvalidMetadata::KeyTooLong { chars });
             }
         }
-        let (earliest, end) = *COLLECTED_AT_RANGE;
-        if self.collected_at < earliest || self.collected_at >= end {
+        if !COLLECTED_AT_RANGE.contains(self.collected_at) {
             return Err(InvalidMetadata::CollectedAtOutOfRange);
         }
         for (field, text) in [
@@ -152,6 +177,7 @@ fn truncate_at_char_boundary(text: &mut String, max_bytes: usize) {
 
 /// Which field of a [`Metadata`] a problem is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MetadataField {
     /// [`Metadata::key`].
     Key,
@@ -174,6 +200,7 @@ impl MetadataField {
 
 /// What is wrong with one [`Metadata`] that `add` refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InvalidMetadata {
     /// The key is the empty string.
     EmptyKey,
@@ -280,25 +307,21 @@ mod tests {
             md(&"é".repeat(128), "", "").validate(),
             Err(InvalidMetadata::KeyTooLong { chars: 128 })
         );
+        // Each bound and its neighbour, where the platform can hold them (checked, as
+        // `validate` is: Windows cannot hold the end of the range).
         let secs = Duration::from_secs;
+        let before = |s| SystemTime::UNIX_EPOCH.checked_sub(secs(s));
+        let after = |s| SystemTime::UNIX_EPOCH.checked_add(secs(s));
         for (collected_at, valid) in [
-            (
-                SystemTime::UNIX_EPOCH - secs(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH),
-                true,
-            ),
-            (
-                SystemTime::UNIX_EPOCH - secs(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH + 1),
-                false,
-            ),
-            (
-                SystemTime::UNIX_EPOCH + secs(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH - 1),
-                true,
-            ),
-            (
-                SystemTime::UNIX_EPOCH + secs(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH),
-                false,
-            ),
+            (before(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH), true),
+            (before(EARLIEST_COLLECTED_AT_SECS_BEFORE_EPOCH + 1), false),
+            (after(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH - 1), true),
+            (after(END_OF_COLLECTED_AT_SECS_AFTER_EPOCH), false),
+            (Some(SystemTime::UNIX_EPOCH), true),
         ] {
+            let Some(collected_at) = collected_at else {
+                continue;
+            };
             let result = Metadata::new("k", "", "", collected_at).validate();
             assert_eq!(result.is_ok(), valid, "{collected_at:?}");
         }
@@ -308,6 +331,27 @@ mod tests {
             (md("a", "b", "\0c"), MetadataField::Error),
         ] {
             assert_eq!(m.validate(), Err(InvalidMetadata::NulByte { field }));
+        }
+    }
+
+    /// The behaviour on a platform whose `SystemTime` cannot hold a bound (Windows, for
+    /// the end): that side is open, and the bounds it can hold still apply.
+    #[test]
+    fn a_bound_the_platform_cannot_hold_is_never_reached() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let open_ended = CollectedAtRange::new(Some(epoch), None);
+        assert!(open_ended.contains(epoch));
+        assert!(open_ended.contains(epoch + 1000 * year));
+        assert!(!open_ended.contains(epoch - year));
+        let open_start = CollectedAtRange::new(None, Some(epoch));
+        assert!(open_start.contains(epoch - 1000 * year));
+        assert!(!open_start.contains(epoch));
+        // Building the range never panics, and on this platform both bounds exist where
+        // `SystemTime` is 64-bit seconds (Linux and macOS).
+        let range = *COLLECTED_AT_RANGE;
+        if cfg!(unix) {
+            assert!(range.earliest.is_some() && range.end.is_some(), "{range:?}");
         }
     }
 

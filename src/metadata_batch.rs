@@ -26,6 +26,7 @@ use crate::Metadata;
 /// assert_eq!(batch.keys, ["cpu"]);
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MetadataBatch {
     /// `workspace_agent_id` of each row.
     pub agent_ids: Vec<Uuid>,

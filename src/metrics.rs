@@ -165,8 +165,8 @@ pub(crate) type KeysPerAgent = HashMap<Uuid, u32, foldhash::fast::RandomState>;
 pub(crate) struct Metrics {
     batch_utilization: Histogram,
     pub(crate) batch_size: Histogram,
-    flush_duration: [Histogram; FlushReason::ALL.len()],
-    batches: [Counter; FlushReason::ALL.len()],
+    flush_duration: [Histogram; FlushReason::EACH.len()],
+    batches: [Counter; FlushReason::EACH.len()],
     pub(crate) dropped_keys: Counter,
     pub(crate) flushed: Counter,
     pub(crate) publish_errors: Counter,
@@ -194,9 +194,9 @@ impl Metrics {
         Metrics {
             batch_utilization: histogram!(names::BATCH_UTILIZATION, plain()),
             batch_size: histogram!(names::BATCH_SIZE, plain()),
-            flush_duration: FlushReason::ALL
+            flush_duration: FlushReason::EACH
                 .map(|reason| histogram!(names::FLUSH_DURATION_SECONDS, by_reason(reason))),
-            batches: FlushReason::ALL
+            batches: FlushReason::EACH
                 .map(|reason| counter!(names::BATCHES_TOTAL, by_reason(reason))),
             dropped_keys: counter!(names::DROPPED_KEYS_TOTAL, plain()),
             flushed: counter!(names::FLUSHED_TOTAL, plain()),

@@ -14,6 +14,7 @@ use crate::StoreError;
 
 /// Why a flush happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FlushReason {
     /// The batch reached the batch size.
     Capacity,
@@ -26,8 +27,19 @@ pub enum FlushReason {
 }
 
 impl FlushReason {
-    /// Every reason, in declaration order.
-    pub const ALL: [FlushReason; 4] = [
+    /// Every reason, in declaration order. A slice, not an array, so that a new reason
+    /// changes its length without breaking code that iterates it.
+    ///
+    /// ```
+    /// use metadata_batcher::FlushReason;
+    ///
+    /// let labels: Vec<&str> = FlushReason::ALL.iter().map(|r| r.as_str()).collect();
+    /// assert_eq!(labels, ["capacity", "scheduled", "shutdown", "manual"]);
+    /// ```
+    pub const ALL: &'static [FlushReason] = &FlushReason::EACH;
+
+    /// [`ALL`](Self::ALL) as an array, for the crate's per-reason tables.
+    pub(crate) const EACH: [FlushReason; 4] = [
         FlushReason::Capacity,
         FlushReason::Scheduled,
         FlushReason::Shutdown,
@@ -47,6 +59,7 @@ impl FlushReason {
 
 /// What one flush did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FlushReport {
     /// Why it ran.
     pub reason: FlushReason,
@@ -85,6 +98,7 @@ pub struct FlushReport {
 
 /// Flush counts by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FlushCounts {
     /// Flushes because the batch was full.
     pub capacity: u64,
@@ -114,6 +128,7 @@ pub struct FlushCounts {
 /// After a `close` that gave up on a hung store, a call it abandoned may still write rows
 /// it counted as unwritten, so the right side may then exceed `accepted`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Keys `add` accepted (queued or taken in by the worker).
     pub accepted: u64,
@@ -190,6 +205,7 @@ impl Stats {
 
 /// What a readiness probe needs to know.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Health {
     /// The worker thread is running (false after `close`, or if it died).
     pub worker_alive: bool,
@@ -255,7 +271,7 @@ pub(crate) struct Counters {
     /// Bytes of the flush in progress not yet written (see `batch::entry_bytes`); counts
     /// against the byte bound.
     pub(crate) in_flight_bytes: AtomicUsize,
-    flushes: [AtomicU64; FlushReason::ALL.len()],
+    flushes: [AtomicU64; FlushReason::EACH.len()],
     pub(crate) flushed: AtomicU64,
     pub(crate) superseded: AtomicU64,
     pub(crate) dropped: AtomicU64,

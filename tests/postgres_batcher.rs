@@ -22,10 +22,7 @@ const NEVER: Duration = Duration::from_secs(3600);
 const WAIT: Duration = Duration::from_secs(10);
 
 fn options(application_name: &str) -> PgOptions {
-    PgOptions {
-        application_name: Some(application_name.to_owned()),
-        ..PgOptions::default()
-    }
+    PgOptions::new().application_name(application_name)
 }
 
 fn agents(replica: u128, n: u128) -> Vec<Uuid> {
@@ -216,10 +213,7 @@ fn statement_timeout_is_counted_and_a_later_flush_works() {
     let batcher = replica(
         &db,
         "replica",
-        PgOptions {
-            statement_timeout: Duration::from_millis(200),
-            ..options("replica store")
-        },
+        options("replica store").statement_timeout(Duration::from_millis(200)),
     );
 
     batcher
@@ -252,11 +246,9 @@ fn close_returns_in_time_against_a_locked_table(final_flush_timeout: Duration) {
     mbpg::register(&mut locker, agent, &["cpu"]).unwrap();
     // A statement timeout beyond the final flush timeout and no lock timeout: only close's
     // cancel can end it.
-    let store_options = PgOptions {
-        statement_timeout: final_flush_timeout + Duration::from_secs(60),
-        lock_timeout: Duration::ZERO,
-        ..options("replica store")
-    };
+    let store_options = options("replica store")
+        .statement_timeout(final_flush_timeout + Duration::from_secs(60))
+        .lock_timeout(Duration::ZERO);
     let store = PgStore::connect_with(&db.url, store_options).unwrap();
     let publisher = PgPublisher::connect_with(&db.url, options("replica publisher")).unwrap();
     let batcher = Batcher::builder(store, publisher)

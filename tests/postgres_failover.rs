@@ -60,14 +60,12 @@ fn collected_at(round: u64, i: u64) -> SystemTime {
 /// Short bounds, so a failover costs seconds: what the operations docs advise for a URL
 /// with several hosts.
 fn options(role: &str) -> PgOptions {
-    PgOptions {
-        application_name: Some(format!("failover {role}")),
-        connect_timeout: Duration::from_secs(1),
-        statement_timeout: Duration::from_secs(1),
-        deadline_margin: Duration::from_millis(300),
-        subscriber_heartbeat: Duration::from_secs(1),
-        ..PgOptions::default()
-    }
+    PgOptions::new()
+        .application_name(format!("failover {role}"))
+        .connect_timeout(Duration::from_secs(1))
+        .statement_timeout(Duration::from_secs(1))
+        .deadline_margin(Duration::from_millis(300))
+        .subscriber_heartbeat(Duration::from_secs(1))
 }
 
 fn batcher(url: &str) -> Arc<Batcher> {
@@ -198,6 +196,7 @@ impl Listener {
                             heard.push(Heard::Agents(agents))
                         }
                         Ok(Some(SubscriberEvent::Reconnected)) => heard.push(Heard::Reconnected),
+                        Ok(Some(other)) => panic!("an event this test does not know: {other:?}"),
                         // A quiet spell, or still reconnecting: it keeps trying.
                         Ok(None) | Err(_) => {}
                     }

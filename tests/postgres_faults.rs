@@ -49,10 +49,7 @@ struct Replica {
 }
 
 fn replica(db: &TestDb, batch_size: usize, max_pending: usize) -> Replica {
-    let options = |name: &str| PgOptions {
-        application_name: Some(name.to_owned()),
-        ..PgOptions::default()
-    };
+    let options = |name: &str| PgOptions::new().application_name(name);
     let statements = Arc::new(AtomicU64::new(0));
     let store = Counted {
         inner: PgStore::connect_with(&db.url, options("faults store")).unwrap(),

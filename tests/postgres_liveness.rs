@@ -63,14 +63,12 @@ const LOCK_TIMEOUT: Duration = Duration::from_millis(200);
 const DEADLINE_MARGIN: Duration = Duration::from_millis(300);
 
 fn options(application_name: &str) -> PgOptions {
-    PgOptions {
-        statement_timeout: STATEMENT_TIMEOUT,
-        connect_timeout: CONNECT_TIMEOUT,
-        lock_timeout: LOCK_TIMEOUT,
-        deadline_margin: DEADLINE_MARGIN,
-        application_name: Some(application_name.to_owned()),
-        ..PgOptions::default()
-    }
+    PgOptions::new()
+        .statement_timeout(STATEMENT_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .lock_timeout(LOCK_TIMEOUT)
+        .deadline_margin(DEADLINE_MARGIN)
+        .application_name(application_name)
 }
 
 /// One service replica: a batcher over a `PgStore` and a `PgPublisher`, on a mock clock.
@@ -518,10 +516,7 @@ fn a_silent_subscriber_session_is_found_by_the_heartbeat_and_replaced() {
     let mut subscriber = PgSubscriber::listen_with(
         &proxy.url(&db.url),
         METADATA_BATCH_CHANNEL,
-        PgOptions {
-            subscriber_heartbeat: heartbeat,
-            ..options(NAME)
-        },
+        options(NAME).subscriber_heartbeat(heartbeat),
     )
     .unwrap();
     let mut publisher = PgPublisher::connect(&db.url).unwrap();
@@ -585,10 +580,7 @@ fn zero_timeout_polls_never_mistake_a_live_subscriber_session_for_a_silent_one()
     let mut subscriber = PgSubscriber::listen_with(
         &proxy.url(&db.url),
         METADATA_BATCH_CHANNEL,
-        PgOptions {
-            subscriber_heartbeat: heartbeat,
-            ..options("live-f subscriber")
-        },
+        options("live-f subscriber").subscriber_heartbeat(heartbeat),
     )
     .unwrap();
     // Past several heartbeats and connect timeouts of polling.

@@ -60,12 +60,10 @@ fn agent(n: u128) -> Uuid {
 }
 
 fn options(name: &str, mode: StatementMode, statement_timeout: Duration) -> PgOptions {
-    PgOptions {
-        application_name: Some(name.to_owned()),
-        statement_mode: mode,
-        statement_timeout,
-        ..PgOptions::default()
-    }
+    PgOptions::new()
+        .application_name(name)
+        .statement_mode(mode)
+        .statement_timeout(statement_timeout)
 }
 
 #[test]

@@ -82,10 +82,7 @@ fn the_batcher_writes_coders_own_table_without_migrate() {
     assert_eq!(persistence, "u", "the table is UNLOGGED, as Coder's is");
 
     for mode in [StatementMode::Prepared, StatementMode::Unnamed] {
-        let options = PgOptions {
-            statement_mode: mode,
-            ..PgOptions::default()
-        };
+        let options = PgOptions::new().statement_mode(mode);
         let store = PgStore::open(&db.url, options.clone()).expect("store on Coder's table");
         let publisher = PgPublisher::open(&db.url, options).expect("publisher");
         let batcher = Batcher::builder(store, publisher)
@@ -169,10 +166,7 @@ fn a_schema_qualified_table_is_configurable() {
              VALUES ('00000000-0000-0000-0000-000000000007', 'cpu')",
         )
         .unwrap();
-    let options = PgOptions {
-        table: "Coder.agent_metadata".to_owned(),
-        ..PgOptions::default()
-    };
+    let options = PgOptions::new().table("Coder.agent_metadata".to_owned());
     let mut store = PgStore::open(&db.url, options).expect("the qualified table");
     let mut batch = metadata_batcher::MetadataBatch::default();
     batch.push(

@@ -15,10 +15,7 @@ use uuid::Uuid;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn options(application_name: &str) -> PgOptions {
-    PgOptions {
-        application_name: Some(application_name.to_owned()),
-        ..PgOptions::default()
-    }
+    PgOptions::new().application_name(application_name)
 }
 
 fn agents(n: u128) -> Vec<Uuid> {

@@ -78,10 +78,7 @@ fn replicas_write_one_table(
     let subscribers: Vec<PgSubscriber> = (0..REPLICAS)
         .map(|_| PgSubscriber::listen(&db.url, METADATA_BATCH_CHANNEL).expect("listen"))
         .collect();
-    let options = PgOptions {
-        statement_mode: mode,
-        ..PgOptions::default()
-    };
+    let options = PgOptions::new().statement_mode(mode);
     let results: Vec<(
         Offered,
         metadata_batcher::Stats,

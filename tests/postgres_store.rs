@@ -15,10 +15,7 @@ use postgres::{NoTls, Socket};
 use uuid::Uuid;
 
 fn options(application_name: &str) -> PgOptions {
-    PgOptions {
-        application_name: Some(application_name.to_owned()),
-        ..PgOptions::default()
-    }
+    PgOptions::new().application_name(application_name)
 }
 
 fn batch(rows: &[(Uuid, &str, &str, u64)]) -> MetadataBatch {
@@ -185,10 +182,7 @@ fn check_violation_is_rejected_with_the_servers_message() {
         (StatementMode::Prepared, agent(1)),
         (StatementMode::Unnamed, agent(2)),
     ] {
-        let options = PgOptions {
-            statement_mode: mode,
-            ..PgOptions::default()
-        };
+        let options = PgOptions::new().statement_mode(mode);
         let mut store = PgStore::connect_with(&db.url, options).unwrap();
 
         let err = store
@@ -249,10 +243,7 @@ fn statement_timeout_cancels_a_slow_statement() {
         .unwrap();
     let mut store = PgStore::connect_with(
         &db.url,
-        PgOptions {
-            statement_timeout: Duration::from_millis(200),
-            ..options("mb-test store")
-        },
+        options("mb-test store").statement_timeout(Duration::from_millis(200)),
     )
     .unwrap();
 
@@ -490,12 +481,10 @@ fn parallel_statements_run_on_sessions_of_their_own_and_one_interrupt_stops_them
     mbpg::register_agents(&mut locker, &agents, &["a"]).unwrap();
     let mut store = PgStore::connect_with(
         &db.url,
-        PgOptions {
-            parallel_statements: 2,
+        options(NAME)
+            .parallel_statements(2)
             // Only the interrupt ends a wait for a lock here.
-            lock_timeout: Duration::ZERO,
-            ..options(NAME)
-        },
+            .lock_timeout(Duration::ZERO),
     )
     .unwrap();
     assert_eq!(store.parallel_batches(), 2);

@@ -21,10 +21,7 @@ use pg::{Breakage, BrokenTls};
 use uuid::Uuid;
 
 fn named(application_name: &str) -> PgOptions {
-    PgOptions {
-        application_name: Some(application_name.to_owned()),
-        ..PgOptions::default()
-    }
+    PgOptions::new().application_name(application_name)
 }
 
 /// `url` (a URL, as `TlsCluster::url` gives) pointing at database `dbname`.
@@ -221,11 +218,9 @@ fn closes_cancel_request_reaches_a_hung_statement_over_tls() {
     mbpg::register(&mut locker, agent, &["cpu"]).unwrap();
     // Only close's cancel can end the statement: no lock timeout, a statement timeout far
     // beyond the final flush timeout.
-    let options = PgOptions {
-        statement_timeout: Duration::from_secs(120),
-        lock_timeout: Duration::ZERO,
-        ..named("tls hung store")
-    };
+    let options = named("tls hung store")
+        .statement_timeout(Duration::from_secs(120))
+        .lock_timeout(Duration::ZERO);
     let store = PgStore::open(&db, options).unwrap();
     let publisher = PgPublisher::open(&db, named("tls hung publisher")).unwrap();
     let batcher = Batcher::builder(store, publisher)
@@ -436,10 +431,7 @@ fn prefer_gives_up_at_connect_timeout_when_the_tls_attempt_is_black_holed() {
     let db = pg::TestDb::new();
     let front = BrokenTls::in_front_of(&db.url, Breakage::Silence);
     let url = front.url(&db.url, "prefer");
-    let options = PgOptions {
-        connect_timeout: Duration::from_secs(1),
-        ..PgOptions::default()
-    };
+    let options = PgOptions::new().connect_timeout(Duration::from_secs(1));
     let open = pg::background("open into a black hole", move || {
         PgStore::open(&url, options).map(drop)
     });

@@ -41,12 +41,7 @@ pub fn key_names(keys: usize) -> Vec<String> {
 pub fn call(key_names: &[String], round: u64, collected_at: SystemTime) -> Vec<Metadata> {
     key_names
         .iter()
-        .map(|key| Metadata {
-            key: key.clone(),
-            value: format!("{round} %"),
-            error: String::new(),
-            collected_at,
-        })
+        .map(|key| Metadata::new(key.clone(), format!("{round} %"), "", collected_at))
         .collect()
 }
 

@@ -246,8 +246,9 @@ impl Listener {
                         Ok(Some(SubscriberEvent::Reconnected)) => {
                             heard.reconnects.push(Instant::now())
                         }
-                        // Quiet, or still reconnecting: `next` keeps trying on every call.
-                        Ok(None) | Err(_) => {}
+                        // Quiet, still reconnecting (`next` keeps trying on every call),
+                        // or an event this soak does not track.
+                        Ok(None) | Ok(Some(_)) | Err(_) => {}
                     }
                     if thread_stop.load(Relaxed) {
                         let stopped = *stopped_at.get_or_insert_with(Instant::now);

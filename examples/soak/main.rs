@@ -174,11 +174,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
 
 /// Options of replica `replica`'s session `role`, named so faults can pick them.
 fn options(replica: usize, role: &str) -> PgOptions {
-    PgOptions {
-        application_name: Some(format!("{}{replica} {role}", faults::SESSION_PREFIX)),
-        connect_timeout: CONNECT_TIMEOUT,
-        ..PgOptions::default()
-    }
+    PgOptions::new()
+        .application_name(format!("{}{replica} {role}", faults::SESSION_PREFIX))
+        .connect_timeout(CONNECT_TIMEOUT)
 }
 
 /// Brings each replica to its steady state before the warm-up measures it: one update of

@@ -167,12 +167,7 @@ impl Generator {
                 let metadata: Vec<Metadata> = self
                     .key_names
                     .iter()
-                    .map(|key| Metadata {
-                        key: key.clone(),
-                        value: value.clone(),
-                        error: String::new(),
-                        collected_at,
-                    })
+                    .map(|key| Metadata::new(key.clone(), value.clone(), "", collected_at))
                     .collect();
                 let called = Instant::now();
                 let added = self.batcher.add(agent(a), metadata);

@@ -11,6 +11,7 @@ use crate::{MetadataBatch, Store, StoreError};
 
 /// A row of the in-memory table.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StoredMetadata {
     /// The stored value.
     pub value: String,

@@ -35,6 +35,7 @@
 //! match subscriber.next(Duration::from_secs(1))? {
 //!     Some(SubscriberEvent::Agents(agents)) => println!("changed: {agents:?}"),
 //!     Some(SubscriberEvent::Reconnected) => println!("may have missed some; re-read the table"),
+//!     Some(_) => println!("an event this code does not know; re-read the table"),
 //!     None => println!("nothing within a second"),
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())

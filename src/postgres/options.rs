@@ -11,19 +11,23 @@ use std::time::Duration;
 /// Connection settings shared by [`PgStore`](super::PgStore),
 /// [`PgPublisher`](super::PgPublisher) and [`PgSubscriber`](super::PgSubscriber).
 ///
+/// Made with [`PgOptions::new`] (the defaults) and a setter per field, each named after
+/// the field it sets; the fields stay public to read. `#[non_exhaustive]`: a new setting
+/// is added with its own default, without breaking code that sets the others.
+///
 /// ```
 /// use std::time::Duration;
 /// use metadata_batcher::postgres::{PgOptions, StatementMode};
 ///
-/// let options = PgOptions {
-///     statement_timeout: Duration::from_secs(2),
-///     application_name: Some("coderd metadata store".to_owned()),
-///     statement_mode: StatementMode::Unnamed, // behind PgBouncer in transaction mode
-///     ..PgOptions::default()
-/// };
+/// let options = PgOptions::new()
+///     .statement_timeout(Duration::from_secs(2))
+///     .application_name("coderd metadata store")
+///     .statement_mode(StatementMode::Unnamed); // behind PgBouncer in transaction mode
+/// assert_eq!(options.statement_timeout, Duration::from_secs(2));
 /// assert_eq!(options.connect_timeout, Duration::from_secs(5));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PgOptions {
     /// The server-side `statement_timeout` of every statement: a statement still running
     /// after it is canceled by the server and fails with
@@ -170,6 +174,92 @@ impl Default for PgOptions {
             max_statement_rows: DEFAULT_MAX_STATEMENT_ROWS,
             parallel_statements: DEFAULT_PARALLEL_STATEMENTS,
         }
+    }
+}
+
+impl PgOptions {
+    /// The defaults, as [`PgOptions::default`]; set what differs with the setters below.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the session's `application_name`; see
+    /// [`application_name`](#structfield.application_name).
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+
+    /// Sets the table the store updates; see [`table`](#structfield.table).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// Sets the server-side `statement_timeout`; see [`statement_timeout`](#structfield.statement_timeout).
+    pub fn statement_timeout(mut self, statement_timeout: Duration) -> Self {
+        self.statement_timeout = statement_timeout;
+        self
+    }
+
+    /// Sets how long one connection attempt may take in all; see [`connect_timeout`](#structfield.connect_timeout).
+    pub fn connect_timeout(mut self, connect_timeout: Duration) -> Self {
+        self.connect_timeout = connect_timeout;
+        self
+    }
+
+    /// Sets the server-side `lock_timeout`; see [`lock_timeout`](#structfield.lock_timeout).
+    pub fn lock_timeout(mut self, lock_timeout: Duration) -> Self {
+        self.lock_timeout = lock_timeout;
+        self
+    }
+
+    /// Sets the margin added to `statement_timeout` for the client-side deadline; see [`deadline_margin`](#structfield.deadline_margin).
+    pub fn deadline_margin(mut self, deadline_margin: Duration) -> Self {
+        self.deadline_margin = deadline_margin;
+        self
+    }
+
+    /// Sets `TCP_USER_TIMEOUT`; see [`tcp_user_timeout`](#structfield.tcp_user_timeout).
+    pub fn tcp_user_timeout(mut self, tcp_user_timeout: Duration) -> Self {
+        self.tcp_user_timeout = tcp_user_timeout;
+        self
+    }
+
+    /// Sets the idle time before TCP keepalives start probing; see [`keepalives_idle`](#structfield.keepalives_idle).
+    pub fn keepalives_idle(mut self, keepalives_idle: Duration) -> Self {
+        self.keepalives_idle = keepalives_idle;
+        self
+    }
+
+    /// Sets how statements are sent; see [`statement_mode`](#structfield.statement_mode).
+    pub fn statement_mode(mut self, statement_mode: StatementMode) -> Self {
+        self.statement_mode = statement_mode;
+        self
+    }
+
+    /// Sets the store session's `synchronous_commit`; see [`synchronous_commit`](#structfield.synchronous_commit).
+    pub fn synchronous_commit(mut self, synchronous_commit: bool) -> Self {
+        self.synchronous_commit = synchronous_commit;
+        self
+    }
+
+    /// Sets how long a subscriber may hear nothing before it checks its session; see [`subscriber_heartbeat`](#structfield.subscriber_heartbeat).
+    pub fn subscriber_heartbeat(mut self, subscriber_heartbeat: Duration) -> Self {
+        self.subscriber_heartbeat = subscriber_heartbeat;
+        self
+    }
+
+    /// Sets the most rows one statement carries; see [`max_statement_rows`](#structfield.max_statement_rows).
+    pub fn max_statement_rows(mut self, max_statement_rows: usize) -> Self {
+        self.max_statement_rows = max_statement_rows;
+        self
+    }
+
+    /// Sets how many statements a store runs at once; see [`parallel_statements`](#structfield.parallel_statements).
+    pub fn parallel_statements(mut self, parallel_statements: usize) -> Self {
+        self.parallel_statements = parallel_statements;
+        self
     }
 }
 

@@ -108,7 +108,7 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
 ///
 /// let mut store = PgStore::open(
 ///     "postgres://postgres@db.internal:5432/postgres?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem",
-///     PgOptions { statement_timeout: Duration::from_secs(2), ..PgOptions::default() },
+///     PgOptions::new().statement_timeout(Duration::from_secs(2)),
 /// )?;
 /// let mut batch = MetadataBatch::default();
 /// batch.push(Uuid::from_u128(1), Metadata::new("cpu", "42%", "", SystemTime::now()));

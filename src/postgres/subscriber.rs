@@ -25,6 +25,7 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// What [`PgSubscriber::next`] received.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubscriberEvent {
     /// The agents one payload announced: their metadata changed; re-read their rows.
     Agents(Vec<Uuid>),
@@ -50,6 +51,7 @@ pub enum SubscriberEvent {
 ///     match subscriber.next(Duration::from_secs(5)) {
 ///         Ok(Some(SubscriberEvent::Agents(agents))) => println!("re-read {} agents", agents.len()),
 ///         Ok(Some(SubscriberEvent::Reconnected)) => println!("re-read everything"),
+///         Ok(Some(_)) => println!("re-read everything"), // an event a later version adds
 ///         Ok(None) => {}                                   // quiet for 5 s
 ///         Err(err) => eprintln!("{err}"),                  // still down; the next call retries
 ///     }
@@ -360,6 +362,7 @@ impl Drop for PgSubscriber {
 
 /// Why a [`PgSubscriber`] could not listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SubscribeError {
     /// The connection URL could not be parsed.
     InvalidUrl(String),

@@ -137,7 +137,7 @@ impl ScriptedStore {
     ///
     /// Bind the gate after the batcher (`let gate = gate;` after building it): locals drop
     /// in reverse order, so a failing assertion then opens the gate before the batcher's
-    /// drop waits for the blocked call.
+    /// drop, and the close that drop starts does not wait for the blocked call.
     pub fn gated() -> (ScriptedStore, Gate) {
         let (entered_tx, entered) = crossbeam_channel::unbounded();
         let (release, released) = crossbeam_channel::bounded::<()>(0);

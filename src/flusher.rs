@@ -49,7 +49,8 @@ use crate::panic::panic_message;
 use crate::shared::Shared;
 use crate::statement_size::StatementSize;
 use crate::{
-    agent_ids, notifier, FlushReason, FlushReport, MetadataBatch, Publisher, Store, StoreError,
+    agent_ids, notifier, BatchResult, FlushReason, FlushReport, MetadataBatch, Publisher, Store,
+    StoreError, StoreErrorKind,
 };
 
 /// A batch handed to the flusher.
@@ -152,8 +153,9 @@ impl Flusher {
         shared: Arc<Shared>,
         batch_size: usize,
     ) -> Self {
-        let size = StatementSize::new(batch_size, store.max_batch_rows());
-        let parallel = store.parallel_batches().max(1);
+        let capabilities = store.capabilities();
+        let size = StatementSize::new(batch_size, capabilities.max_batch_rows());
+        let parallel = capabilities.parallel_batches();
         Flusher {
             store,
             announcer,
@@ -257,7 +259,7 @@ impl Flusher {
         );
         written.stopped = true;
         written.panicked = true;
-        written.error = Some(StoreError::Unavailable(format!(
+        written.error = Some(StoreError::unavailable(format!(
             "the flush panicked: {message}"
         )));
     }
@@ -316,7 +318,7 @@ impl Flusher {
             Ok(results) => results,
             Err(StoreCall::Abandoned) => {
                 written.stopped = true;
-                written.error = Some(StoreError::Canceled);
+                written.error = Some(StoreError::canceled());
                 for chunk in &mut chunks {
                     written.retained.append(chunk);
                 }
@@ -340,35 +342,32 @@ impl Flusher {
                 );
                 written.stopped = true;
                 written.panicked = true;
-                written.error = Some(StoreError::Unavailable(format!(
+                written.error = Some(StoreError::unavailable(format!(
                     "store panicked: {message}"
                 )));
                 return Vec::new();
             }
         };
-        let tried = results.len();
+        let handed = results.len();
+        let tried = results
+            .iter()
+            .filter(|result| !matches!(result, BatchResult::NotTried))
+            .count();
         let mut canceled = Vec::new();
-        let mut chunks = chunks.into_iter();
-        // Results first: `zip` takes from its first iterator first, and a chunk taken past
-        // the last result would be lost.
-        for (result, chunk) in results.into_iter().zip(chunks.by_ref()) {
+        for (result, mut chunk) in results.into_iter().zip(chunks) {
+            if let BatchResult::NotTried = result {
+                // Kept, and this flush writes nothing more.
+                if !written.stopped {
+                    written.stopped = true;
+                    written.error = Some(StoreError::unavailable(format!(
+                        "the store tried {tried} of the {handed} batches handed to it"
+                    )));
+                }
+                written.retained.append(&mut chunk);
+                continue;
+            }
             written.statements += 1;
             canceled.extend(self.outcome(chunk, result, written));
-        }
-        // Chunks the store did not try: kept, and this flush writes nothing more.
-        for mut chunk in chunks {
-            if !written.stopped {
-                tracing::error!(
-                    tried,
-                    "metadata store stopped before trying every batch of a call without \
-                     saying why; the rest are kept and retried"
-                );
-                written.stopped = true;
-                written.error = Some(StoreError::Unavailable(format!(
-                    "the store tried {tried} of the batches handed to it"
-                )));
-            }
-            written.retained.append(&mut chunk);
         }
         canceled
     }
@@ -377,28 +376,34 @@ impl Flusher {
     fn outcome(
         &mut self,
         mut chunk: MetadataBatch,
-        result: Result<u64, StoreError>,
+        result: BatchResult,
         written: &mut Written,
     ) -> Option<MetadataBatch> {
         let rows = chunk.len();
-        match result {
-            Ok(updated) => {
+        let error = match result {
+            BatchResult::Written(done) => {
+                let updated = done.updated();
                 written.updated += updated;
                 // Recorded before the metrics recorder (user code) runs: a stored row is
                 // announced even if that panics.
                 written.agent_ids.extend_from_slice(&chunk.agent_ids);
                 self.count_stored(&chunk, updated);
+                return None;
             }
-            Err(StoreError::Rejected(message)) => {
+            BatchResult::Failed(error) => error,
+            BatchResult::NotTried => unreachable!("handled by the caller"),
+        };
+        match error.kind() {
+            StoreErrorKind::Rejected => {
                 self.count_store_error();
                 if rows == 1 {
-                    self.reject(&chunk, &message);
+                    self.reject(&chunk, error.message());
                     written.rejected += 1;
-                    written.error = Some(StoreError::Rejected(message));
+                    written.error = Some(error);
                 } else {
                     tracing::debug!(
                         rows,
-                        error = %message,
+                        error = %error.message(),
                         "the database refused a chunk; splitting it to find the refused rows"
                     );
                     let second_half = chunk.split_off(rows / 2);
@@ -406,12 +411,12 @@ impl Flusher {
                     self.write_chunk(second_half, written);
                 }
             }
-            Err(StoreError::Canceled) => {
+            StoreErrorKind::Canceled | StoreErrorKind::ConflictsExhausted => {
                 self.count_store_error();
-                written.error = Some(StoreError::Canceled);
+                written.error = Some(error);
                 return Some(chunk);
             }
-            Err(error) => {
+            _ => {
                 self.count_store_error();
                 tracing::error!(
                     rows,
@@ -498,10 +503,7 @@ impl Flusher {
 
     /// One store call for `chunks`: `batch_update` for one, `batch_update_many` for more.
     /// Returns a result per chunk the store tried.
-    fn call_store(
-        &mut self,
-        chunks: &[MetadataBatch],
-    ) -> Result<Vec<Result<u64, StoreError>>, StoreCall> {
+    fn call_store(&mut self, chunks: &[MetadataBatch]) -> Result<Vec<BatchResult>, StoreCall> {
         let store = &mut self.store;
         let counters = &self.shared.counters;
         // Read before the call: a clock that panics here has cost no write.
@@ -511,18 +513,28 @@ impl Flusher {
             if !self.shared.cancellation.arm(interrupt) {
                 return None;
             }
-            let conflicts_before = store.conflicts();
             counters.set_store_call_started(Some(started));
-            let results = match chunks {
-                [chunk] => vec![store.batch_update(chunk)],
+            let mut results = match chunks {
+                [chunk] => vec![BatchResult::from(store.batch_update(chunk))],
                 _ => store.batch_update_many(chunks),
             };
-            Some((results, store.conflicts().saturating_sub(conflicts_before)))
+            if results.len() < chunks.len() {
+                tracing::warn!(
+                    batches = chunks.len(),
+                    results = results.len(),
+                    "the metadata store answered fewer results than batches; the batches \
+                     without one are read as not tried and kept (answer \
+                     BatchResult::NotTried for them)"
+                );
+            }
+            results.resize(chunks.len(), BatchResult::NotTried);
+            Some(results)
         }));
         counters.set_store_call_started(None);
         self.shared.cancellation.disarm();
         match result {
-            Ok(Some((results, conflicts))) => {
+            Ok(Some(results)) => {
+                let conflicts = results.iter().map(conflicts_of).sum();
                 // What the store answered stands whatever the clock does after it: rows it
                 // wrote are counted and announced.
                 let took = catch_unwind(AssertUnwindSafe(|| self.shared.clock.now()));
@@ -538,15 +550,22 @@ impl Flusher {
                     }
                 };
                 let rows = chunks.iter().map(MetadataBatch::len).sum();
-                self.count_conflicts(rows, conflicts, results.iter().all(Result::is_ok));
+                let all_written = results
+                    .iter()
+                    .all(|result| matches!(result, BatchResult::Written(_)));
+                self.count_conflicts(rows, conflicts, all_written);
                 // Statements in one call run at once: each took the call's time. A
                 // retried statement's time includes the wait for the conflict.
                 for (chunk, result) in chunks.iter().zip(&results) {
                     match (result, took) {
-                        (Ok(_), Some(took)) if conflicts == 0 => {
+                        (BatchResult::Written(_), Some(took)) if conflicts == 0 => {
                             self.size.observe(chunk.len(), took)
                         }
-                        (Err(StoreError::Canceled), _) => self.size.reset(),
+                        (BatchResult::Failed(error), _)
+                            if error.kind() == StoreErrorKind::Canceled =>
+                        {
+                            self.size.reset()
+                        }
                         _ => {}
                     }
                 }
@@ -720,4 +739,13 @@ enum StoreCall {
     /// `close` gave up before the call started.
     Abandoned,
     Panicked(String),
+}
+
+/// Statements a result says the store ran again after a conflict.
+fn conflicts_of(result: &BatchResult) -> u64 {
+    match result {
+        BatchResult::Written(written) => written.conflicts(),
+        BatchResult::Failed(error) => error.conflicts(),
+        _ => 0,
+    }
 }

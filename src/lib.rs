@@ -69,6 +69,7 @@ mod metadata;
 mod metadata_batch;
 pub mod metrics;
 mod notifier;
+mod observe;
 mod panic;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -78,6 +79,7 @@ mod shared;
 mod statement_size;
 mod stats;
 mod store;
+mod store_error;
 mod worker;
 
 pub use batcher::{AddError, AddReport, Batcher};
@@ -92,9 +94,11 @@ pub use metadata::{
     InvalidMetadata, Metadata, MetadataField, MAX_ERROR_BYTES, MAX_KEY_CHARS, MAX_VALUE_BYTES,
 };
 pub use metadata_batch::MetadataBatch;
+pub use observe::{Observe, Observer, StoreCall};
 pub use publish::{PublishError, Publisher};
 pub use stats::{CloseReport, FlushCounts, FlushReason, FlushReport, Health, Stats};
-pub use store::{Interrupt, Store, StoreError};
+pub use store::{BatchResult, Capabilities, Interrupt, Store, Written};
+pub use store_error::{StoreError, StoreErrorKind};
 
 /// Compiles and runs the README's examples with the doctests.
 #[cfg(doctest)]

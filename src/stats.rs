@@ -73,7 +73,7 @@ pub struct FlushReport {
     /// in this flush.
     pub retained: usize,
     /// Store calls made: one per chunk (`batch_size` rows, or as sized for a store that
-    /// takes more; see [`Store::max_batch_rows`](crate::Store::max_batch_rows)), plus the calls that
+    /// takes more; see [`Capabilities::with_max_batch_rows`](crate::Capabilities::with_max_batch_rows)), plus the calls that
     /// split refused or canceled chunks.
     pub statements: usize,
     /// Payloads whose publish failed. When announcements were merged behind a slow
@@ -139,7 +139,7 @@ pub struct Stats {
     pub store_errors: u64,
     /// Statements the store ran again because another writer's transaction conflicted
     /// with them (a deadlock or a serialization failure); see
-    /// [`Store::conflicts`](crate::Store::conflicts). Not counted in `store_errors` unless
+    /// [`Written::with_conflicts`](crate::Written::with_conflicts). Not counted in `store_errors` unless
     /// the retries ran out.
     pub conflicts: u64,
     /// Failed publishes, panics included.

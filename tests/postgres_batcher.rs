@@ -226,7 +226,7 @@ fn statement_timeout_is_counted_and_a_later_flush_works() {
         .add(agent, vec![Metadata::new("cpu", "slow", "", micros(1))])
         .unwrap();
     let report = batcher.flush().unwrap();
-    assert_eq!(report.error, Some(StoreError::Canceled), "{report:?}");
+    assert_eq!(report.error, Some(StoreError::canceled()), "{report:?}");
     assert_eq!(batcher.stats().store_errors, 1);
 
     client

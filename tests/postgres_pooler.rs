@@ -15,7 +15,7 @@ use metadata_batcher::postgres::{
     SubscriberEvent,
 };
 use metadata_batcher::{
-    Batcher, Metadata, MetadataBatch, MockClock, Store, StoreError, METADATA_BATCH_CHANNEL,
+    Batcher, Metadata, MetadataBatch, MockClock, Store, StoreError, Written, METADATA_BATCH_CHANNEL,
 };
 use pg::{PgBouncer, TestDb};
 use uuid::Uuid;
@@ -177,7 +177,7 @@ fn statement_timeout_is_in_force_on_every_pooled_statement() {
             let elapsed = started.elapsed();
             // The server's own timeout: Canceled well before the client-side deadline
             // (statement_timeout + 2 s), which would report Unavailable.
-            assert_eq!(result, Err(StoreError::Canceled), "{mode:?} #{i}");
+            assert_eq!(result, Err(StoreError::canceled()), "{mode:?} #{i}");
             assert!(
                 elapsed < Duration::from_millis(1500),
                 "{mode:?} #{i}: {elapsed:?}"
@@ -185,7 +185,11 @@ fn statement_timeout_is_in_force_on_every_pooled_statement() {
             // And a normal statement on the same store still works.
             let mut fine = MetadataBatch::default();
             fine.push(agent(1), Metadata::new("cpu", "ok", "", SystemTime::now()));
-            assert_eq!(store.batch_update(&fine), Ok(1), "{mode:?} #{i}");
+            assert_eq!(
+                store.batch_update(&fine),
+                Ok(Written::rows(1)),
+                "{mode:?} #{i}"
+            );
         }
     }
 }

@@ -17,8 +17,9 @@ use crossbeam_channel::{select, Receiver, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
+use crate::announcer::Announcer;
 use crate::builder::Builder;
-use crate::flusher::{Announcer, Flusher};
+use crate::flusher::Flusher;
 use crate::panic::panic_message;
 use crate::shared::Shared;
 use crate::worker::{Control, Flushing, Update, Worker, WorkerConfig};
@@ -164,30 +165,15 @@ impl Batcher {
         let flushing = match builder.flush_mode {
             FlushMode::Inline => Flushing::Inline(Flusher::new(
                 builder.store,
-                Announcer::Inline(builder.publisher),
+                Announcer::inline(builder.publisher),
                 shared.clone(),
                 builder.batch_size,
             )),
             FlushMode::Pipelined => {
-                let publisher = builder.publisher;
-                let notify_shared = shared.clone();
-                let (notifier_alive, notifier_ended) = crossbeam_channel::bounded::<()>(0);
-                let notifier = thread::Builder::new()
-                    .name("mdbatch-notify".into())
-                    .spawn(move || {
-                        let _alive = notifier_alive;
-                        notify_shared.notifier.run(publisher, &notify_shared)
-                    })
+                let announcer = Announcer::spawn(builder.publisher, shared.clone())
                     .map_err(crate::BuildError::Spawn)?;
-                let flusher = Flusher::new(
-                    builder.store,
-                    Announcer::Thread {
-                        thread: Some(notifier),
-                        ended: notifier_ended,
-                    },
-                    shared.clone(),
-                    builder.batch_size,
-                );
+                let flusher =
+                    Flusher::new(builder.store, announcer, shared.clone(), builder.batch_size);
                 let (jobs, jobs_rx) = crossbeam_channel::bounded(1);
                 let (completed_tx, completed) = crossbeam_channel::bounded(1);
                 let thread = thread::Builder::new()

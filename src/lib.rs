@@ -57,6 +57,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod agent_ids;
+mod announcer;
 mod batch;
 mod batcher;
 mod builder;
@@ -74,11 +75,13 @@ mod panic;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
+mod progress;
 mod publish;
 mod shared;
 mod statement_size;
 mod stats;
 mod store;
+mod store_call;
 mod store_error;
 mod worker;
 

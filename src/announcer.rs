@@ -50,7 +50,9 @@ impl Announcer {
             .name("mdbatch-notify".into())
             .spawn(move || {
                 let _alive = alive;
-                notify_shared.notifier.run(publisher, &notify_shared)
+                notify_shared
+                    .notifier
+                    .run(publisher, &notify_shared.telemetry)
             })?;
         Ok(Announcer::Thread {
             shared,
@@ -70,7 +72,7 @@ impl Announcer {
         let Announcer::Inline(publisher) = self else {
             return None;
         };
-        let failures = notifier::publish(&mut **publisher, shared, agents);
+        let failures = notifier::publish(&mut **publisher, &shared.telemetry, agents);
         shared.notifier.published_inline(seq, failures);
         Some(failures)
     }
@@ -79,7 +81,7 @@ impl Announcer {
     /// last step of a flush, so that no user code after it can leave a waiter unanswered.
     pub(crate) fn hand_over(&self, seq: u64, agents: &[Uuid], shared: &Shared) {
         if let Announcer::Thread { .. } = self {
-            shared.notifier.announce(seq, agents, shared);
+            shared.notifier.announce(seq, agents, &shared.telemetry);
         }
     }
 }

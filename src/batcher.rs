@@ -152,7 +152,7 @@ impl Batcher {
             retry_backoff_max: builder.retry_backoff_max,
         };
         let shared = Shared::new(builder.clock, &builder.metric_labels, builder.interval);
-        crate::gauges::spawn(&shared).map_err(crate::BuildError::Spawn)?;
+        crate::shared::spawn_gauges(&shared).map_err(crate::BuildError::Spawn)?;
         // Every message carries at least one key, so a channel of `channel_capacity`
         // messages never refuses a send that the key budget admitted.
         let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);
@@ -256,11 +256,11 @@ impl Batcher {
                     // counted, not the caller's thread panicked.
                     debug_assert!(false, "the key budget admitted more messages than fit");
                     tracing::error!("metadata channel full despite the key budget; keys dropped");
-                    self.shared.counters.queued.fetch_sub(accepted, Relaxed);
+                    self.shared.telemetry.queued.fetch_sub(accepted, Relaxed);
                     accepted = 0;
                 }
                 Err(TrySendError::Disconnected(_)) => {
-                    self.shared.counters.queued.fetch_sub(accepted, Relaxed);
+                    self.shared.telemetry.queued.fetch_sub(accepted, Relaxed);
                     return Err(AddError::Closed);
                 }
             }
@@ -282,7 +282,7 @@ impl Batcher {
     /// Reserves room for up to `wanted` keys in the channel's budget; returns how many fit.
     /// Also returns how many keys were queued before.
     fn reserve(&self, wanted: usize) -> (usize, usize) {
-        let queued = &self.shared.counters.queued;
+        let queued = &self.shared.telemetry.queued;
         let mut current = queued.load(Relaxed);
         loop {
             let fits = wanted.min(self.channel_capacity.saturating_sub(current));
@@ -297,18 +297,14 @@ impl Batcher {
     }
 
     fn count_dropped(&self, agent_id: Uuid, dropped: usize) {
-        self.shared
-            .counters
-            .dropped
-            .fetch_add(dropped as u64, Relaxed);
-        self.shared.metrics.dropped_keys.increment(dropped as u64);
-        let now = self.shared.counters.encode(self.shared.clock.now());
-        let last = self.shared.counters.last_drop_warning.load(Relaxed);
+        self.shared.telemetry.dropped_at_add(dropped as u64);
+        let now = self.shared.telemetry.encode(self.shared.clock.now());
+        let last = self.shared.telemetry.last_drop_warning.load(Relaxed);
         let due = last == u64::MAX || now.saturating_sub(last) >= WARNING_EVERY.as_nanos() as u64;
         if due
             && self
                 .shared
-                .counters
+                .telemetry
                 .last_drop_warning
                 .compare_exchange(last, now, Relaxed, Relaxed)
                 .is_ok()
@@ -377,12 +373,12 @@ impl Batcher {
 
     /// Running totals; never waits on the worker.
     pub fn stats(&self) -> Stats {
-        self.shared.counters.snapshot()
+        self.shared.telemetry.snapshot()
     }
 
     /// What a readiness probe needs; never waits on the worker.
     pub fn health(&self) -> Health {
-        self.shared.counters.health(self.shared.clock.now())
+        self.shared.telemetry.health(self.shared.clock.now())
     }
 
     /// Stops intake, drains everything already accepted, makes the final flush and joins
@@ -420,7 +416,7 @@ impl Batcher {
             return *self.close_report.lock();
         };
         *self.shared.intake.write() = false;
-        let flushed_before = self.shared.counters.flushed.load(Relaxed);
+        let flushed_before = self.shared.telemetry.flushed.load(Relaxed);
         let deadline = self.shared.clock.after(self.final_flush_timeout);
         // A worker that died of a panic has ended already, and counted what it held.
         let _ = self.control.send(Control::Shutdown);
@@ -439,11 +435,11 @@ impl Batcher {
         let report = CloseReport {
             written: self
                 .shared
-                .counters
+                .telemetry
                 .flushed
                 .load(Relaxed)
                 .saturating_sub(flushed_before),
-            unwritten: self.shared.counters.unwritten_at_shutdown.load(Relaxed),
+            unwritten: self.shared.telemetry.unwritten_at_shutdown.load(Relaxed),
             unannounced: unannounced as u64,
             deadline_hit,
         };
@@ -459,7 +455,7 @@ impl Batcher {
         // Count and refuse further calls under one lock: the worker records no more after
         // this, its rows are in the batch or in flight (never neither, never both) while
         // they are counted, and the interrupt (user code) runs only once the count is safe.
-        let counters = &self.shared.counters;
+        let counters = &self.shared.telemetry;
         let mut unwritten = 0;
         let store_call = self.health().store_call_age;
         let interrupt = self.shared.cancellation.abandon(|| {
@@ -472,7 +468,7 @@ impl Batcher {
             // Added, not stored: a worker that died has counted what it held already.
             counters.unwritten_at_shutdown.fetch_add(unwritten, Relaxed);
         });
-        let unannounced = self.shared.notifier.abandon(&self.shared);
+        let unannounced = self.shared.notifier.abandon(&self.shared.telemetry);
         let timeout = self.final_flush_timeout;
         // Say what held `close`: a store call, retries of failed flushes, or the publisher.
         if let Some(running) = store_call {
@@ -511,7 +507,7 @@ impl Batcher {
             .name("mdbatch-cancel".into())
             .spawn(move || {
                 if let Err(panic) = catch_unwind(AssertUnwindSafe(|| interrupt.fire())) {
-                    shared.counters.panics.fetch_add(1, Relaxed);
+                    shared.telemetry.panics.fetch_add(1, Relaxed);
                     tracing::error!(
                         panic = %panic_message(&*panic),
                         "the store's interrupt panicked; the store call is left running"

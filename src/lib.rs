@@ -62,6 +62,7 @@ mod batch;
 mod batcher;
 mod builder;
 mod cancellation;
+mod chunk_writer;
 mod clock;
 mod flusher;
 mod gauges;
@@ -83,6 +84,7 @@ mod stats;
 mod store;
 mod store_call;
 mod store_error;
+mod telemetry;
 mod worker;
 
 pub use batcher::{AddError, AddReport, Batcher};

@@ -33,7 +33,7 @@ pub(crate) fn call(
     shared: &Shared,
     chunks: &[MetadataBatch],
 ) -> Result<Answered, NoAnswer> {
-    let counters = &shared.counters;
+    let telemetry = &shared.telemetry;
     // Read before the call: a clock that panics here has cost no write.
     let started = shared.clock.now();
     let result = catch_unwind(AssertUnwindSafe(|| {
@@ -41,13 +41,13 @@ pub(crate) fn call(
         if !shared.cancellation.arm(interrupt) {
             return None;
         }
-        counters.set_store_call_started(Some(started));
+        telemetry.set_store_call_started(Some(started));
         Some(match chunks {
             [chunk] => vec![BatchResult::from(store.batch_update(chunk))],
             _ => store.batch_update_many(chunks),
         })
     }));
-    counters.set_store_call_started(None);
+    telemetry.set_store_call_started(None);
     shared.cancellation.disarm();
     let mut results = match result {
         Ok(Some(results)) => results,
@@ -68,7 +68,7 @@ pub(crate) fn call(
     let took = match catch_unwind(AssertUnwindSafe(|| shared.clock.now())) {
         Ok(now) => Some(now.saturating_duration_since(started)),
         Err(panic) => {
-            counters.panics.fetch_add(1, Relaxed);
+            telemetry.panics.fetch_add(1, Relaxed);
             tracing::error!(
                 panic = %panic_message(&*panic),
                 "the clock panicked after a store call; its results are kept"

@@ -340,15 +340,15 @@ impl Worker {
     fn take_in(&mut self, update: Update) {
         let keys = update.metadata.len();
         self.shared
-            .counters
+            .telemetry
             .taken_in
             .fetch_add(keys as u64, Relaxed);
-        self.shared.counters.queued.fetch_sub(keys, Relaxed);
+        self.shared.telemetry.queued.fetch_sub(keys, Relaxed);
         let agent_id = update.agent_id;
         for (taken, metadata) in update.metadata.into_iter().enumerate() {
             if self.batch_since.is_none() {
                 self.batch_since = Some(self.shared.clock.now());
-                self.shared.counters.set_oldest_batched(self.batch_since);
+                self.shared.telemetry.set_oldest_batched(self.batch_since);
             }
             self.batch.insert(agent_id, metadata);
             let len = self.batch.len();
@@ -369,7 +369,7 @@ impl Worker {
                 self.trim_bytes();
             }
         }
-        let counters = &self.shared.counters;
+        let counters = &self.shared.telemetry;
         counters.batched.store(self.batch.len(), Relaxed);
         counters.superseded.store(self.batch.superseded(), Relaxed);
     }
@@ -428,15 +428,15 @@ impl Worker {
         }
         let since = self.batch_since.take();
         self.in_flight = Some((seq, reason, since));
-        let (counters, in_hand) = (&self.shared.counters, self.in_hand);
+        let (counters, in_hand) = (&self.shared.telemetry, self.in_hand);
         self.shared.cancellation.moving_rows(|| {
             counters.in_flight.store(batch.len(), Relaxed);
             counters.batched.store(in_hand, Relaxed);
         });
-        self.shared.counters.in_flight_bytes.store(bytes, Relaxed);
+        self.shared.telemetry.in_flight_bytes.store(bytes, Relaxed);
         self.byte_budget = self.config.max_pending_bytes.saturating_sub(bytes);
-        self.shared.counters.set_oldest_in_flight(since);
-        self.shared.counters.set_oldest_batched(None);
+        self.shared.telemetry.set_oldest_in_flight(since);
+        self.shared.telemetry.set_oldest_batched(None);
         let job = FlushJob { seq, reason, batch };
         match &mut self.flushing {
             Flushing::Inline(flusher) => {
@@ -462,9 +462,9 @@ impl Worker {
     fn complete(&mut self, outcome: FlushOutcome) {
         let since = self.in_flight.take().and_then(|(_, _, since)| since);
         self.last_completed = outcome.seq;
-        self.shared.counters.in_flight_bytes.store(0, Relaxed);
+        self.shared.telemetry.in_flight_bytes.store(0, Relaxed);
         self.byte_budget = self.config.max_pending_bytes;
-        self.shared.counters.set_oldest_in_flight(None);
+        self.shared.telemetry.set_oldest_in_flight(None);
         self.count_outcome(outcome.failed);
         self.batch.recycle(outcome.emptied);
         if !outcome.retained.is_empty() {
@@ -473,10 +473,10 @@ impl Worker {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            self.shared.counters.set_oldest_batched(self.batch_since);
+            self.shared.telemetry.set_oldest_batched(self.batch_since);
             self.trim();
         }
-        let (counters, batched) = (&self.shared.counters, self.batch.len() + self.in_hand);
+        let (counters, batched) = (&self.shared.telemetry, self.batch.len() + self.in_hand);
         let superseded = self.batch.superseded();
         self.shared.cancellation.moving_rows(|| {
             counters.in_flight.store(0, Relaxed);
@@ -485,7 +485,7 @@ impl Worker {
         });
         // Before anyone waiting on this flush is answered, so they see the gauges after it,
         // and a test that moves a mock clock once `flush()` returns reaches the retry.
-        crate::gauges::update(&self.shared);
+        self.shared.update_gauges();
         self.timer = self.shared.clock.after(self.next_delay());
         let notifier = &self.shared.notifier;
         for reply in self.manual_in_flight.drain(..) {
@@ -505,7 +505,7 @@ impl Worker {
     /// the flush are counted as lost, its waiters are answered, and later flushes fail
     /// (their rows are kept, within the bound) instead of hanging.
     fn lose_flusher(&mut self) {
-        let counters = &self.shared.counters;
+        let counters = &self.shared.telemetry;
         let lost = counters.in_flight.swap(0, Relaxed);
         counters.lost_to_panics.fetch_add(lost as u64, Relaxed);
         counters.panics.fetch_add(1, Relaxed);
@@ -534,7 +534,7 @@ impl Worker {
             0
         };
         self.shared
-            .counters
+            .telemetry
             .consecutive_failures
             .store(self.consecutive_failures.into(), Relaxed);
     }
@@ -570,7 +570,7 @@ impl Worker {
     /// The byte bound less what the flush in flight still holds (the flusher releases
     /// each chunk as it is written).
     fn refresh_byte_budget(&mut self) -> usize {
-        let in_flight = self.shared.counters.in_flight_bytes.load(Relaxed);
+        let in_flight = self.shared.telemetry.in_flight_bytes.load(Relaxed);
         self.byte_budget = self.config.max_pending_bytes.saturating_sub(in_flight);
         self.byte_budget
     }
@@ -583,16 +583,9 @@ impl Worker {
         if self.batch.is_empty() {
             // Nothing waits: `health()` must not report the age of what was dropped.
             self.batch_since = None;
-            self.shared.counters.set_oldest_batched(None);
+            self.shared.telemetry.set_oldest_batched(None);
         }
-        self.shared
-            .counters
-            .retention_dropped
-            .fetch_add(dropped as u64, Relaxed);
-        self.shared
-            .metrics
-            .retention_dropped
-            .increment(dropped as u64);
+        self.shared.telemetry.retention_dropped(dropped as u64);
         let max_entries = (max_entries != usize::MAX).then_some(max_entries);
         // While a flush in flight holds nearly all of the byte bound, every insert trims.
         let now = self.shared.clock.now();
@@ -669,7 +662,7 @@ impl Worker {
         // After `close` has given up, it has recorded what was unwritten when it did, and
         // its report says the same: the worker does not change it afterwards.
         let recorded = self.shared.cancellation.unless_abandoned(|| {
-            let counters = &self.shared.counters;
+            let counters = &self.shared.telemetry;
             counters
                 .unwritten_at_shutdown
                 .store(unwritten as u64, Relaxed);
@@ -682,7 +675,7 @@ impl Worker {
                 "metadata batcher closed with entries it could not write"
             );
         }
-        self.shared.counters.worker_alive.store(false, Relaxed);
+        self.shared.telemetry.worker_alive.store(false, Relaxed);
         self.end_flushing();
     }
 
@@ -708,7 +701,7 @@ impl Worker {
     /// which is what `close` then reports. Runs no user code but logging.
     fn die(&mut self, message: &str) {
         let shared = self.shared.clone();
-        let counters = &shared.counters;
+        let counters = &shared.telemetry;
         counters.panics.fetch_add(1, Relaxed);
         // First, so that no caller answered below sees the worker alive.
         counters.worker_alive.store(false, Relaxed);

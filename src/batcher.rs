@@ -22,16 +22,11 @@ use crate::builder::Builder;
 use crate::flusher::Flusher;
 use crate::panic::panic_message;
 use crate::shared::Shared;
-use crate::worker::{Control, Flushing, Update, Worker, WorkerConfig};
+use crate::worker::{Control, Flushing, Update, Worker, WorkerConfig, WARNING_EVERY};
 use crate::{
     CloseReport, FlushMode, FlushReport, Health, Interrupt, InvalidMetadata, Metadata, Publisher,
     Stats, Store,
 };
-
-/// A warning that repeats (keys dropped at `add`, entries dropped at the batch's bound) is
-/// logged at warn level at most this often, by the injected clock, and at debug level
-/// otherwise, as in Go: a full channel drops on every call, a full batch on every insert.
-pub(crate) const WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Batches metadata updates and flushes them to a [`Store`], announcing changed agents on
 /// a [`Publisher`].

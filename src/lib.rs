@@ -11,7 +11,7 @@
 //! # A tour
 //!
 //! - [`Batcher`] and [`Builder`]: the handle callers share, and its settings.
-//! - `worker` (private, `src/worker.rs`): the select loop over updates, the flush timer,
+//! - `worker` (private, `src/worker/mod.rs`): the select loop over updates, the flush timer,
 //!   flusher completions and control messages. Start reading there.
 //! - `flusher` (private, `src/flusher.rs`): one flush: the store call, isolating refused rows,
 //!   announcing the agents.

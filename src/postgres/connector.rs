@@ -5,9 +5,10 @@
 //! Two ways in, one way out:
 //!
 //! - **A libpq connection string** ([`Connector::from_url`]): `sslmode`, `sslrootcert`,
-//!   `sslcert` and `sslkey` are read by [`params`](super::params) and served by
-//!   [`tls`](super::tls), with libpq's fallbacks: `prefer` tries TLS and falls back to
-//!   plaintext when the TLS attempt fails, `allow` tries plaintext and falls back to TLS.
+//!   `sslcert` and `sslkey` are read by [`conninfo`](super::conninfo) and served by
+//!   [`tls`](super::tls), with libpq's fallbacks ([`tls_setup`](super::tls_setup)):
+//!   `prefer` tries TLS and falls back to plaintext when the TLS attempt fails, `allow`
+//!   tries plaintext and falls back to TLS.
 //! - **Bring your own** ([`Connector::from_config`]): a `postgres::Config` plus any
 //!   `MakeTlsConnect`, used as given (its `ssl_mode` included), as `r2d2_postgres` does.
 //!
@@ -15,202 +16,19 @@
 //! keepalives and `application_name`, and sends cancel requests over the same TLS setup.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use postgres::config::{LoadBalanceHosts, SslMode as ClientSslMode};
-use postgres::tls::{MakeTlsConnect, TlsConnect};
-use postgres::{Client, Config, NoTls, Socket};
+use postgres::config::LoadBalanceHosts;
+use postgres::{Client, Config};
 use tokio_postgres::CancelToken;
 
+use super::conninfo;
+#[cfg(not(feature = "tls"))]
+use super::conninfo::SslMode;
 use super::error::ConnectError;
-use super::params::{self, SslMode};
+pub(crate) use super::tls_setup::TlsConnector;
+use super::tls_setup::{Connect, Connection, Custom, Libpq};
 use super::{PgOptions, StatementMode};
-
-/// A TLS connector of your own for the `*_config` constructors: anything
-/// `postgres::Config::connect` takes (`postgres::NoTls`, `postgres-openssl`'s or
-/// `tokio-postgres-rustls`' connectors, ...) that can be cloned for each reconnect and cancel
-/// request. Implemented for every such type; there is nothing to implement.
-pub trait TlsConnector:
-    MakeTlsConnect<Socket, Stream: Send, TlsConnect: Send + TlsConnect<Socket, Future: Send>>
-    + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<T> TlsConnector for T where
-    T: MakeTlsConnect<Socket, Stream: Send, TlsConnect: Send + TlsConnect<Socket, Future: Send>>
-        + Clone
-        + Send
-        + Sync
-        + 'static
-{
-}
-
-/// A connection's half that does the I/O: driven by whoever waits on the session (see
-/// [`deadline`](super::deadline)), dropped to close the socket.
-pub(crate) type Connection = Pin<Box<dyn Future<Output = Result<(), postgres::Error>> + Send>>;
-
-/// An async connection attempt's result: the client and its [`Connection`].
-type Connecting<'a> = Pin<
-    Box<
-        dyn Future<Output = Result<(tokio_postgres::Client, Connection), ConnectError>> + Send + 'a,
-    >,
->;
-
-/// A cancel request on its way.
-type Canceling<'a> = Pin<Box<dyn Future<Output = Result<(), postgres::Error>> + Send + 'a>>;
-
-/// Opens connections and sends cancel requests with one TLS setup: blocking clients for
-/// the subscriber and the admin client, `tokio-postgres` ones for the sessions the store and
-/// the publisher drive themselves.
-trait Connect: Send + Sync {
-    fn connect(&self, config: &Config) -> Result<Client, ConnectError>;
-    fn connect_async<'a>(&'a self, config: &'a tokio_postgres::Config) -> Connecting<'a>;
-    fn cancel<'a>(&'a self, token: &'a CancelToken) -> Canceling<'a>;
-}
-
-/// A failed connection attempt, as a [`ConnectError`].
-fn connecting(err: postgres::Error) -> ConnectError {
-    ConnectError::from_postgres("connecting", err)
-}
-
-/// Connects `config` over `tls`, the connection half boxed.
-async fn connect_with<T: TlsConnector>(
-    config: &tokio_postgres::Config,
-    tls: T,
-) -> Result<(tokio_postgres::Client, Connection), postgres::Error> {
-    let (client, connection) = config.connect(tls).await?;
-    Ok((client, Box::pin(connection)))
-}
-
-/// A caller's own `MakeTlsConnect`, used as the caller configured it.
-struct Custom<T>(T);
-
-impl<T: TlsConnector> Connect for Custom<T> {
-    fn connect(&self, config: &Config) -> Result<Client, ConnectError> {
-        config.connect(self.0.clone()).map_err(connecting)
-    }
-
-    fn connect_async<'a>(&'a self, config: &'a tokio_postgres::Config) -> Connecting<'a> {
-        Box::pin(async move {
-            connect_with(config, self.0.clone())
-                .await
-                .map_err(connecting)
-        })
-    }
-
-    fn cancel<'a>(&'a self, token: &'a CancelToken) -> Canceling<'a> {
-        Box::pin(token.cancel_query(self.0.clone()))
-    }
-}
-
-/// libpq's `sslmode`, with its fallbacks.
-struct Libpq {
-    mode: SslMode,
-    #[cfg(feature = "tls")]
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
-}
-
-/// One connection attempt: what it is called in an error, and the client's TLS mode.
-type Attempt = (&'static str, ClientSslMode);
-
-impl Libpq {
-    /// The attempts libpq makes: a second one, the other way, when the first fails (a
-    /// server that takes only TLS, for `allow`; a TLS setup that does not work out, for
-    /// `prefer`).
-    fn attempts(&self) -> (Attempt, Option<Attempt>) {
-        match self.mode {
-            SslMode::Disable => (("plaintext", ClientSslMode::Disable), None),
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
-                (("TLS", ClientSslMode::Require), None)
-            }
-            SslMode::Allow => (
-                ("plaintext", ClientSslMode::Disable),
-                Some(("TLS", ClientSslMode::Require)),
-            ),
-            SslMode::Prefer => (
-                ("TLS", ClientSslMode::Prefer),
-                Some(("plaintext", ClientSslMode::Disable)),
-            ),
-        }
-    }
-
-    fn attempt(&self, config: &Config, mode: ClientSslMode) -> Result<Client, postgres::Error> {
-        let mut config = config.clone();
-        config.ssl_mode(mode);
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &self.tls {
-            return config.connect(tls.clone());
-        }
-        config.connect(NoTls)
-    }
-
-    async fn attempt_async(
-        &self,
-        config: &tokio_postgres::Config,
-        mode: ClientSslMode,
-    ) -> Result<(tokio_postgres::Client, Connection), postgres::Error> {
-        let mut config = config.clone();
-        config.ssl_mode(mode);
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &self.tls {
-            return connect_with(&config, tls.clone()).await;
-        }
-        connect_with(&config, NoTls).await
-    }
-}
-
-/// Both attempts failed: one error naming both.
-fn both_failed(
-    first: (&'static str, postgres::Error),
-    second: (&'static str, postgres::Error),
-) -> ConnectError {
-    ConnectError::from_attempts("connecting", first, second)
-}
-
-impl Connect for Libpq {
-    fn connect(&self, config: &Config) -> Result<Client, ConnectError> {
-        let (first, second) = self.attempts();
-        let first_err = match self.attempt(config, first.1) {
-            Ok(client) => return Ok(client),
-            Err(err) => err,
-        };
-        let Some(second) = second else {
-            return Err(connecting(first_err));
-        };
-        self.attempt(config, second.1)
-            .map_err(|second_err| both_failed((first.0, first_err), (second.0, second_err)))
-    }
-
-    fn connect_async<'a>(&'a self, config: &'a tokio_postgres::Config) -> Connecting<'a> {
-        Box::pin(async move {
-            let (first, second) = self.attempts();
-            let first_err = match self.attempt_async(config, first.1).await {
-                Ok(connected) => return Ok(connected),
-                Err(err) => err,
-            };
-            let Some(second) = second else {
-                return Err(connecting(first_err));
-            };
-            self.attempt_async(config, second.1)
-                .await
-                .map_err(|second_err| both_failed((first.0, first_err), (second.0, second_err)))
-        })
-    }
-
-    fn cancel<'a>(&'a self, token: &'a CancelToken) -> Canceling<'a> {
-        // The token carries the mode of the attempt that connected.
-        #[cfg(feature = "tls")]
-        if let Some(tls) = &self.tls {
-            return Box::pin(token.cancel_query(tls.clone()));
-        }
-        Box::pin(token.cancel_query(NoTls))
-    }
-}
 
 /// A connection recipe: the config with the options applied, and the TLS setup.
 pub(crate) struct Connector {
@@ -237,7 +55,7 @@ impl Connector {
         options: PgOptions,
         role: &str,
     ) -> Result<Connector, ConnectError> {
-        let split = params::split(url)?;
+        let split = conninfo::split(url)?;
         let config: Config = split.rest.parse().map_err(|err: postgres::Error| {
             ConnectError::config(format!(
                 "invalid PostgreSQL connection string ({err}); expected e.g. \
@@ -428,8 +246,6 @@ impl Connector {
     }
 }
 
-/// Keepalive probes after the idle time: one every 5 s, 3 unanswered ones close the
-/// connection, so a vanished peer is noticed 15 s after `keepalives_idle`.
 /// `config` as a `tokio_postgres::Config`: every setting `postgres::Config` has, but its
 /// notice callback (the driven sessions log notices through the `log` facade, as
 /// `tokio-postgres` does).
@@ -508,6 +324,8 @@ fn async_config(config: &Config, host: Option<usize>) -> tokio_postgres::Config 
     out
 }
 
+/// Keepalive probes after the idle time: one every 5 s, 3 unanswered ones close the
+/// connection, so a vanished peer is noticed 15 s after `keepalives_idle`.
 const KEEPALIVES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 const KEEPALIVES_RETRIES: u32 = 3;
 
@@ -536,55 +354,6 @@ impl fmt::Debug for Connector {
             .field("table", &self.options.table)
             .finish_non_exhaustive()
     }
-}
-
-/// A plain `postgres::Client` for a libpq connection string, with the same `sslmode`
-/// handling (`verify-full`, `sslrootcert`, client certificates, `prefer`'s fallback) and
-/// bounds as the store's sessions: for [`migrate`](super::migrate),
-/// [`register`](super::register) and your own queries with the very URL the store uses.
-/// The whole connection attempt is bounded by `options.connect_timeout`; statements on the
-/// returned client are not (its `statement_timeout` is set, as on every session).
-///
-/// ```no_run
-/// use metadata_batcher::postgres::{self, PgOptions};
-///
-/// let url = "postgres://app@db.internal/app?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem";
-/// let mut client = postgres::connect_client(url, &PgOptions::default())?;
-/// postgres::migrate(&mut client)?;
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub fn connect_client(url: &str, options: &PgOptions) -> Result<Client, ConnectError> {
-    let connector = Connector::from_url(url, options.clone(), "admin")?;
-    let timeout = connector.attempt_timeout();
-    let (opened_tx, opened) = crossbeam_channel::bounded(1);
-    std::thread::Builder::new()
-        .name("mdbatch-connect".to_owned())
-        .spawn(move || {
-            let settings = options_settings(&connector);
-            let result = connector.open(Some(&settings));
-            // A caller that gave up has dropped the receiver; the client is dropped here.
-            let _ = opened_tx.send(result);
-        })
-        .map_err(|err| {
-            ConnectError::new(
-                super::ConnectErrorKind::Unavailable,
-                format!("cannot start a thread to connect: {err}"),
-            )
-        })?;
-    opened.recv_timeout(timeout).unwrap_or_else(|_| {
-        Err(ConnectError::new(
-            super::ConnectErrorKind::Unavailable,
-            format!(
-                "no session within connect_timeout ({timeout:?}, per host): the server did \
-                 not complete the TCP connect, TLS handshake and authentication in time"
-            ),
-        ))
-    })
-}
-
-/// The session settings of a plain client: the timeouts, whatever the statement mode.
-fn options_settings(connector: &Connector) -> String {
-    connector.options.session_settings("SESSION", false)
 }
 
 #[cfg(test)]

@@ -34,8 +34,9 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_postgres::{CancelToken, Client};
 use tracing::debug;
 
-use super::connector::{Connection, Connector};
+use super::connector::Connector;
 use super::error::ConnectError;
+use super::tls_setup::Connection;
 use super::ConnectErrorKind;
 
 /// Why a call gave no answer.

@@ -40,20 +40,24 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod client;
 mod connector;
+mod conninfo;
 mod deadline;
 mod error;
+mod listen;
 mod options;
-mod params;
 mod publisher;
 mod schema;
 mod session;
+mod statement_params;
 mod store;
 mod subscriber;
 #[cfg(feature = "tls")]
 mod tls;
+mod tls_setup;
 
-pub use connector::{connect_client, TlsConnector};
+pub use client::connect_client;
 pub(crate) use deadline::NoAnswer;
 pub use error::{ConnectError, ConnectErrorKind};
 pub use options::{
@@ -69,3 +73,4 @@ pub use schema::{
 };
 pub use store::{PgStore, BATCH_UPDATE_SQL};
 pub use subscriber::{PgSubscriber, SubscribeError, SubscriberEvent};
+pub use tls_setup::TlsConnector;

@@ -7,7 +7,8 @@ use postgres::Config;
 
 use super::connector::{Connector, TlsConnector};
 use super::error::{describe, ConnectError};
-use super::session::{Encoded, Failure, PreparedSession, SessionStatement};
+use super::session::{Failure, StatementSession, StatementSpec};
+use super::statement_params::Encoded;
 use super::PgOptions;
 use crate::{PublishError, Publisher};
 
@@ -34,7 +35,7 @@ pub const MAX_NOTIFY_PAYLOAD: usize = 8000;
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct PgPublisher {
-    session: PreparedSession,
+    session: StatementSession,
 }
 
 impl PgPublisher {
@@ -65,7 +66,7 @@ impl PgPublisher {
     }
 
     fn start(connector: Connector) -> Result<PgPublisher, ConnectError> {
-        let statement = SessionStatement {
+        let statement = StatementSpec {
             sql: "SELECT pg_notify($1, $2)".to_owned(),
             types: vec![Type::TEXT, Type::TEXT],
             with_settings: false,
@@ -73,7 +74,7 @@ impl PgPublisher {
             role: "publisher",
         };
         Ok(PgPublisher {
-            session: PreparedSession::connect(connector, statement)?,
+            session: StatementSession::connect(connector, statement)?,
         })
     }
 }

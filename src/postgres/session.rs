@@ -22,56 +22,18 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 use std::thread;
 
-use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use postgres::types::{ToSql, Type};
 use tokio_postgres::Client;
 use tracing::{debug, warn};
 
 use super::connector::Connector;
 use super::deadline::{self, Abort, DeadlineClient, NoAnswer, SessionRuntime};
 use super::error::{classify, describe, Class, ConnectError};
+use super::statement_params::{typed, Encoded};
 use super::{ConnectErrorKind, StatementMode};
 
-/// A parameter encoded in PostgreSQL's binary format once, before the statement, so that a
-/// value that cannot be sent is found before anything is, and a statement run again (a
-/// conflict, a reconnect) does not encode it again.
-#[derive(Debug)]
-pub(crate) struct Encoded(Vec<u8>);
-
-impl Encoded {
-    /// Encodes `value` as `ty`; fails when the value cannot be represented (the server
-    /// would refuse it too, so callers treat it as refused data).
-    pub(crate) fn new(
-        value: &(dyn ToSql + Sync),
-        ty: &Type,
-    ) -> Result<Encoded, Box<dyn StdError + Sync + Send>> {
-        let mut buf = bytes::BytesMut::new();
-        match value.to_sql_checked(ty, &mut buf)? {
-            IsNull::No => Ok(Encoded(buf.to_vec())),
-            IsNull::Yes => Err("a NULL parameter".into()),
-        }
-    }
-}
-
-impl ToSql for Encoded {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<IsNull, Box<dyn StdError + Sync + Send>> {
-        out.extend_from_slice(&self.0);
-        Ok(IsNull::No)
-    }
-
-    fn accepts(_ty: &Type) -> bool {
-        // Encoded for the statement's own parameter types by `Encoded::new`.
-        true
-    }
-
-    to_sql_checked!();
-}
-
 /// The statement a session runs, with its parameter types.
-pub(crate) struct SessionStatement {
+pub(crate) struct StatementSpec {
     pub(crate) sql: String,
     pub(crate) types: Vec<Type>,
     /// Whether the session settings apply to it (the store's update; not a NOTIFY).
@@ -83,7 +45,7 @@ pub(crate) struct SessionStatement {
     pub(crate) role: &'static str,
 }
 
-/// Why [`PreparedSession::execute`] failed.
+/// Why [`StatementSession::execute`] failed.
 pub(crate) enum Failure {
     /// No session could be opened.
     Open(ConnectError),
@@ -98,9 +60,11 @@ struct Open {
     prepared: Option<tokio_postgres::Statement>,
 }
 
-pub(crate) struct PreparedSession {
+/// A session that runs one statement, prepared or unnamed as [`StatementMode`] says (and
+/// unnamed for good once a pooler shows), reopened when it breaks.
+pub(crate) struct StatementSession {
     connector: Arc<Connector>,
-    statement: Arc<SessionStatement>,
+    statement: Arc<StatementSpec>,
     mode: StatementMode,
     session: Option<Open>,
     /// Drives the session; shared with its [`sibling`](Self::sibling)s, so that they can
@@ -108,15 +72,15 @@ pub(crate) struct PreparedSession {
     runtime: Arc<SessionRuntime>,
 }
 
-impl PreparedSession {
+impl StatementSession {
     /// Opens the first session at once, so a wrong URL, a refused login or a missing table
     /// shows at start-up.
     pub(crate) fn connect(
         connector: Connector,
-        statement: SessionStatement,
-    ) -> Result<PreparedSession, ConnectError> {
+        statement: StatementSpec,
+    ) -> Result<StatementSession, ConnectError> {
         let mode = connector.options.statement_mode;
-        let mut session = PreparedSession {
+        let mut session = StatementSession {
             runtime: deadline::runtime()?,
             connector: Arc::new(connector),
             statement: Arc::new(statement),
@@ -164,8 +128,8 @@ impl PreparedSession {
     /// Another session for the same statement on the same runtime, not opened until its
     /// first call, which starts in the mode this one has come to (unnamed, once a pooler
     /// showed).
-    pub(crate) fn sibling(&self) -> PreparedSession {
-        PreparedSession {
+    pub(crate) fn sibling(&self) -> StatementSession {
+        StatementSession {
             runtime: self.runtime.clone(),
             connector: self.connector.clone(),
             statement: self.statement.clone(),
@@ -334,7 +298,7 @@ const SESSION_MARKER: &str = "metadata_batcher.session";
 async fn set_up(
     connector: &Connector,
     client: &Client,
-    statement: &SessionStatement,
+    statement: &StatementSpec,
     mode: StatementMode,
 ) -> Result<SetUp, ConnectError> {
     if mode == StatementMode::Prepared {
@@ -373,19 +337,10 @@ async fn set_up(
     })
 }
 
-/// `params` with their types, as an unnamed statement takes them.
-fn typed<'a>(params: &'a [Encoded], types: &[Type]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
-    params
-        .iter()
-        .zip(types)
-        .map(|(param, ty)| (param as &(dyn ToSql + Sync), ty.clone()))
-        .collect()
-}
-
 /// One call of the statement.
 async fn run(
     client: &Client,
-    statement: &SessionStatement,
+    statement: &StatementSpec,
     prepared: Option<&tokio_postgres::Statement>,
     settings: Option<&str>,
     params: &[Encoded],

@@ -8,7 +8,8 @@ use postgres::Config;
 
 use super::connector::{Connector, TlsConnector};
 use super::error::{classify, store_error, Class, ConnectError};
-use super::session::{Encoded, Failure, PreparedSession, SessionStatement};
+use super::session::{Failure, StatementSession, StatementSpec};
+use super::statement_params::Encoded;
 use super::{NoAnswer, PgOptions, DEFAULT_TABLE};
 use crate::{BatchResult, Capabilities, Interrupt, MetadataBatch, Store, StoreError, Written};
 
@@ -117,7 +118,7 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
 pub struct PgStore {
     /// The first writes every flush that fits one statement; the others join it, one
     /// statement each, for a backlog ([`PgOptions::parallel_statements`]).
-    sessions: Vec<PreparedSession>,
+    sessions: Vec<StatementSession>,
 }
 
 /// How many times a statement that conflicted with another writer's transaction (a
@@ -181,7 +182,7 @@ impl PgStore {
 
     fn start(connector: Connector) -> Result<PgStore, ConnectError> {
         let sql = batch_update_sql(&connector.options.table)?;
-        let statement = SessionStatement {
+        let statement = StatementSpec {
             sql,
             types: PARAM_TYPES.to_vec(),
             with_settings: true,
@@ -198,7 +199,7 @@ impl PgStore {
             ));
         }
         Ok(PgStore {
-            sessions: vec![PreparedSession::connect(connector, statement)?],
+            sessions: vec![StatementSession::connect(connector, statement)?],
         })
     }
 }
@@ -222,7 +223,7 @@ fn encode(batch: &MetadataBatch) -> Result<Vec<Encoded>, Box<dyn std::error::Err
 /// Writes `batch` on `session`, running it again after a conflict with another writer; the
 /// result says how many times it ran again. Runs inside the session's runtime.
 async fn write(
-    session: &mut PreparedSession,
+    session: &mut StatementSession,
     batch: &MetadataBatch,
 ) -> Result<Written, StoreError> {
     let params = match encode(batch) {
@@ -278,7 +279,7 @@ impl PgStore {
             Err(no_answer) => {
                 self.sessions
                     .iter_mut()
-                    .for_each(PreparedSession::drop_session);
+                    .for_each(StatementSession::drop_session);
                 let message = no_answer.describe();
                 batches
                     .iter()
@@ -311,7 +312,7 @@ impl Store for PgStore {
         let aborts: Vec<_> = self
             .sessions
             .iter_mut()
-            .filter_map(PreparedSession::abort_handle)
+            .filter_map(StatementSession::abort_handle)
             .collect();
         if aborts.is_empty() {
             return None;

@@ -26,8 +26,8 @@ use rustls::{
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::conninfo::{RootCerts, SslMode, TlsParams};
 use super::error::ConnectError;
-use super::params::{RootCerts, SslMode, TlsParams};
 
 /// The rustls connector for `params`, or `None` for `sslmode=disable`.
 pub(crate) fn connector(params: &TlsParams) -> Result<Option<MakeRustlsConnect>, ConnectError> {

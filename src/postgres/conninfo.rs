@@ -1,4 +1,5 @@
-//! libpq's connection parameters that the `postgres` crate does not take.
+//! A connection string (libpq's "conninfo": a URL or `key=value` pairs) split into the
+//! TLS parameters the `postgres` crate does not take and the rest, which it does.
 //!
 //! A URL copied from a cloud console says `sslmode=verify-full&sslrootcert=...`; the
 //! `postgres` crate's parser refuses `verify-ca`, `verify-full` and `allow`, and knows no

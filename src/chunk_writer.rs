@@ -246,7 +246,7 @@ impl ChunkWriter {
     /// What a call tells beyond its rows: conflicts are counted and logged once per call,
     /// and each statement's time sizes the next ones (those of one call ran at once, so each
     /// took the call's time; a retried statement's time includes the wait for the conflict,
-    /// so it is not used). A cancel resets the size.
+    /// so it is not used). A cancel, or conflicts that ran out, resets the size.
     fn observe(&mut self, chunks: &[MetadataBatch], answered: &Answered) {
         let conflicts = answered.conflicts;
         if conflicts > 0 {
@@ -270,7 +270,13 @@ impl ChunkWriter {
                 (BatchResult::Written(_), Some(took)) if conflicts == 0 => {
                     self.size.observe(chunk.len(), took)
                 }
-                (BatchResult::Failed(error), _) if error.kind() == StoreErrorKind::Canceled => {
+                // Smaller statements time out less, and hold fewer locks to conflict on.
+                (BatchResult::Failed(error), _)
+                    if matches!(
+                        error.kind(),
+                        StoreErrorKind::Canceled | StoreErrorKind::ConflictsExhausted
+                    ) =>
+                {
                     self.size.reset()
                 }
                 _ => {}

@@ -13,8 +13,10 @@
 //! - [`Batcher`] and [`Builder`]: the handle callers share, and its settings.
 //! - `worker` (private, `src/worker/mod.rs`): the select loop over updates, the flush timer,
 //!   flusher completions and control messages. Start reading there.
-//! - `flusher` (private, `src/flusher.rs`): one flush: the store call, isolating refused rows,
-//!   announcing the agents.
+//! - `flusher` (private, `src/flusher.rs`): one flush: write, announce, record. Its write
+//!   path is `chunk_writer` (chunks, isolating refused rows, splitting canceled ones) and
+//!   `progress` (every way a flush keeps rows and stops); `announcer` owns the
+//!   `mdbatch-notify` thread; `telemetry` records each event in the totals and the metrics.
 //! - [`Clock`], [`SystemClock`], [`MockClock`]: every timer and duration comes from an
 //!   injected clock, so tests are deterministic.
 //! - [`Store`], [`Publisher`] and their in-process implementations [`MemoryStore`] and

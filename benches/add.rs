@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use cpu_time::ThreadTime;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use crossbeam_channel::{Receiver, Sender};
-use metadata_batcher::{Batcher, FlushMode, MetadataBatch, Store, StoreError};
+use metadata_batcher::{Batcher, FlushMode, MetadataBatch, Store, StoreError, Written};
 
 use common::{agent, at, call, key_names, NoopPublisher, NoopStore};
 
@@ -159,10 +159,10 @@ struct GateStore {
 }
 
 impl Store for GateStore {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
         let _ = self.entered.send(());
         let _ = self.release.recv();
-        Ok(batch.len() as u64)
+        Ok(Written::rows(batch.len() as u64))
     }
 }
 

@@ -48,7 +48,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{Criterion, Throughput};
 use metadata_batcher::postgres::{self as pg, PgOptions, PgStore, StatementMode, BATCH_UPDATE_SQL};
-use metadata_batcher::{Batcher, Interrupt, Metadata, MetadataBatch, Store, StoreError};
+use metadata_batcher::{
+    Batcher, Metadata, MetadataBatch, Observe, Observer, Store, StoreCall, StoreError, Written,
+};
 use postgres::types::Type;
 use postgres::{Client, NoTls};
 
@@ -111,7 +113,7 @@ fn batch(n: usize, keys: &[String]) -> MetadataBatch {
 fn time_store(store: &mut PgStore, n: usize, keys: &[String]) -> Duration {
     let rows = batch(n, keys);
     let start = Instant::now();
-    let updated = store.batch_update(&rows).expect("batch_update");
+    let updated = store.batch_update(&rows).expect("batch_update").updated();
     let elapsed = start.elapsed();
     assert_eq!(updated, BATCH as u64);
     elapsed
@@ -184,10 +186,12 @@ impl Sustained {
             };
         let (started_tx, started) = crossbeam_channel::unbounded();
         let batcher = Batcher::builder(
-            Announcing {
+            Observe::new(
                 store,
-                started: started_tx,
-            },
+                Announcing {
+                    started: started_tx,
+                },
+            ),
             NoopPublisher,
         )
         .batch_size(BATCH)
@@ -238,35 +242,24 @@ impl Sustained {
     }
 }
 
-/// The library's `PgStore`, saying when each statement starts.
+/// Says when each statement of the library's `PgStore` starts; through `Observe`, which
+/// forwards its interrupts, capabilities and parallel statements.
 struct Announcing {
-    store: Box<dyn Store>,
     started: crossbeam_channel::Sender<()>,
 }
 
 impl Store for Direct {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        Ok(self.execute(batch))
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
+        Ok(Written::rows(self.execute(batch)))
     }
 }
 
-impl Store for Announcing {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+impl Observer for Announcing {
+    fn before(&mut self, _batches: &[MetadataBatch]) {
         let _ = self.started.send(());
-        self.store.batch_update(batch)
     }
 
-    fn interrupt_handle(&mut self) -> Option<Interrupt> {
-        self.store.interrupt_handle()
-    }
-
-    fn conflicts(&self) -> u64 {
-        self.store.conflicts()
-    }
-
-    fn max_batch_rows(&self) -> Option<usize> {
-        self.store.max_batch_rows()
-    }
+    fn after(&mut self, _call: &StoreCall<'_>) {}
 }
 
 struct Fixture {

@@ -115,8 +115,9 @@ use metadata_batcher::postgres::{
     self as pg, PgOptions, PgPublisher, PgStore, PgSubscriber, StatementMode, SubscriberEvent,
 };
 use metadata_batcher::{
-    Batcher, CloseReport, FlushMode, Interrupt, Metadata, MetadataBatch, PublishError, Publisher,
-    Stats, Store, StoreError, METADATA_BATCH_CHANNEL,
+    BatchResult, Batcher, Capabilities, CloseReport, FlushMode, Metadata, MetadataBatch, Observe,
+    Observer, PublishError, Publisher, Stats, Store, StoreCall, StoreError, Written,
+    METADATA_BATCH_CHANNEL,
 };
 use postgres::types::{ToSql, Type};
 use uuid::Uuid;
@@ -387,25 +388,31 @@ impl Recorder {
     }
 }
 
-/// Wraps the real store: times each call and, right after it returned, records each
-/// written row's freshness (commit instant − `collected_at`, which is the add instant).
-struct Timed<S> {
-    inner: S,
+/// Watches the real store through `Observe` (which forwards its interrupts, capabilities and
+/// parallel statements): times each call and, right after it returned, records each written
+/// row's freshness (commit instant − `collected_at`, which is the add instant).
+struct Timing {
     recorder: Arc<Mutex<Recorder>>,
 }
 
-impl<S> Timed<S> {
+/// The store each replica's batcher writes through.
+fn timed<S: Store>(inner: S, recorder: &Arc<Mutex<Recorder>>) -> Observe<S, Timing> {
+    let recorder = recorder.clone();
+    Observe::new(inner, Timing { recorder })
+}
+
+impl Observer for Timing {
     /// Records the statements of one call that succeeded; those of one call ran at once, so
     /// each took the call's time.
-    fn record<'a>(
-        &self,
-        written: impl IntoIterator<Item = &'a MetadataBatch>,
-        committed: SystemTime,
-        elapsed: Duration,
-    ) {
+    fn after(&mut self, call: &StoreCall<'_>) {
+        let committed = SystemTime::now();
+        let elapsed = call.elapsed;
         // Shared by the replicas' flusher threads: a lock per call, not per row.
         let mut r = lock(&self.recorder);
-        for batch in written {
+        for (batch, result) in call.batches.iter().zip(call.results) {
+            if !matches!(result, BatchResult::Written(_)) {
+                continue;
+            }
             load::record_freshness(&mut r.freshness_us, batch, committed);
             r.calls += 1;
             r.rows += batch.len() as u64;
@@ -416,66 +423,21 @@ impl<S> Timed<S> {
     }
 }
 
-impl<S: Store> Store for Timed<S> {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        let start = Instant::now();
-        let result = self.inner.batch_update(batch);
-        let (committed, elapsed) = (SystemTime::now(), start.elapsed());
-        if result.is_ok() {
-            self.record([batch], committed, elapsed);
-        }
-        result
-    }
-
-    // Forwarded, or the batcher would keep one statement in flight behind the wrapper and
-    // --parallel-statements would change nothing.
-    fn parallel_batches(&self) -> usize {
-        self.inner.parallel_batches()
-    }
-
-    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
-        let start = Instant::now();
-        let results = self.inner.batch_update_many(batches);
-        let (committed, elapsed) = (SystemTime::now(), start.elapsed());
-        let written = batches
-            .iter()
-            .zip(&results)
-            .filter(|(_, result)| result.is_ok())
-            .map(|(batch, _)| batch);
-        self.record(written, committed, elapsed);
-        results
-    }
-
-    fn interrupt_handle(&mut self) -> Option<Interrupt> {
-        self.inner.interrupt_handle()
-    }
-
-    // Forwarded, or the batcher would count no conflicts behind the wrapper.
-    fn conflicts(&self) -> u64 {
-        self.inner.conflicts()
-    }
-
-    // Forwarded, or the batcher would keep every statement at batch_size.
-    fn max_batch_rows(&self) -> Option<usize> {
-        self.inner.max_batch_rows()
-    }
-}
-
 /// A store that costs `latency + 5 µs × rows` (a sleep) and writes nothing.
 struct SimStore {
     latency: Duration,
 }
 
 impl Store for SimStore {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
         thread::sleep(self.latency + SIM_PER_ROW * batch.len() as u32);
-        Ok(batch.len() as u64)
+        Ok(Written::rows(batch.len() as u64))
     }
 
     /// As a database far away takes big statements (`PgStore` up to
     /// `PgOptions::max_statement_rows`): the batcher sizes them to the latency.
-    fn max_batch_rows(&self) -> Option<usize> {
-        Some(SIM_MAX_ROWS)
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().with_max_batch_rows(SIM_MAX_ROWS)
     }
 }
 
@@ -927,24 +889,15 @@ fn build_batcher(
             for a in 0..config.agents {
                 store.register(agent(a), key_names.iter().cloned());
             }
-            Batcher::builder(
-                Timed {
-                    inner: store,
-                    recorder: recorder.clone(),
-                },
-                CountingPublisher(published.clone()),
-            )
+            Batcher::builder(timed(store, recorder), CountingPublisher(published.clone()))
         }
         (StoreKind::Sim(latency), _) => Batcher::builder(
-            Timed {
-                inner: SimStore { latency: *latency },
-                recorder: recorder.clone(),
-            },
+            timed(SimStore { latency: *latency }, recorder),
             CountingPublisher(published.clone()),
         ),
         (StoreKind::Postgres, Some(db)) => Batcher::builder(
-            Timed {
-                inner: PgStore::open(
+            timed(
+                PgStore::open(
                     &db.data_url,
                     session_options(&role("store"), statement_mode)
                         .max_statement_rows(
@@ -959,8 +912,8 @@ fn build_batcher(
                         ),
                 )
                 .map_err(|err| format!("replica {replica}: PgStore::open: {err}"))?,
-                recorder: recorder.clone(),
-            },
+                recorder,
+            ),
             PgPublisher::open(
                 &db.data_url,
                 session_options(&role("publisher"), statement_mode),

@@ -150,7 +150,7 @@ impl Batcher {
                     tracing::error!("metadata channel full despite the key budget; keys dropped");
                     self.inner
                         .shared
-                        .counters
+                        .telemetry
                         .queued
                         .fetch_sub(accepted, Relaxed);
                     accepted = 0;
@@ -158,7 +158,7 @@ impl Batcher {
                 Err(TrySendError::Disconnected(_)) => {
                     self.inner
                         .shared
-                        .counters
+                        .telemetry
                         .queued
                         .fetch_sub(accepted, Relaxed);
                     return Err(AddError::Closed);
@@ -182,7 +182,7 @@ impl Batcher {
     /// Reserves room for up to `wanted` keys in the channel's budget; returns how many fit.
     /// Also returns how many keys were queued before.
     fn reserve(&self, wanted: usize) -> (usize, usize) {
-        let queued = &self.shared.counters.queued;
+        let queued = &self.shared.telemetry.queued;
         let mut current = queued.load(Relaxed);
         loop {
             let fits = wanted.min(self.channel_capacity.saturating_sub(current));
@@ -198,9 +198,8 @@ impl Batcher {
 
     fn count_dropped(&self, agent_id: Uuid, dropped: usize) {
         let shared = &self.shared;
-        let counters = &shared.counters;
-        counters.dropped.fetch_add(dropped as u64, Relaxed);
-        shared.metrics.dropped_keys.increment(dropped as u64);
+        let counters = &shared.telemetry;
+        counters.dropped_at_add(dropped as u64);
         let now = counters.encode(shared.clock.now());
         let last = counters.last_drop_warning.load(Relaxed);
         let due = last == u64::MAX || now.saturating_sub(last) >= WARNING_EVERY.as_nanos() as u64;
@@ -338,12 +337,12 @@ impl Batcher {
 
     /// Running totals; never waits on the worker.
     pub fn stats(&self) -> Stats {
-        self.shared.counters.snapshot()
+        self.shared.telemetry.snapshot()
     }
 
     /// What a readiness probe needs; never waits on the worker.
     pub fn health(&self) -> Health {
-        self.inner.shared.counters.health(self.shared.clock.now())
+        self.inner.shared.telemetry.health(self.shared.clock.now())
     }
 }
 

@@ -169,7 +169,7 @@ impl Inner {
             return Err(CloseError::Closed(*self.close_report.lock()));
         };
         *self.shared.intake.write() = false;
-        let flushed_before = self.shared.counters.flushed.load(Relaxed);
+        let flushed_before = self.shared.telemetry.flushed.load(Relaxed);
         let deadline = self.shared.clock.after(timeout);
         // A worker that died of a panic has ended already, and counted what it held.
         let _ = self.control.send(Control::Shutdown);
@@ -188,11 +188,11 @@ impl Inner {
         let report = CloseReport {
             written: self
                 .shared
-                .counters
+                .telemetry
                 .flushed
                 .load(Relaxed)
                 .saturating_sub(flushed_before),
-            unwritten: self.shared.counters.unwritten_at_shutdown.load(Relaxed),
+            unwritten: self.shared.telemetry.unwritten_at_shutdown.load(Relaxed),
             unannounced: unannounced as u64,
             deadline_hit,
         };
@@ -240,11 +240,11 @@ impl Inner {
         // Count and refuse further calls under one lock: the worker records no more after
         // this, its rows are in the batch or in flight (never neither, never both) while
         // they are counted, and the interrupt (user code) runs only once the count is safe.
-        let counters = &self.shared.counters;
+        let counters = &self.shared.telemetry;
         let mut unwritten = 0;
         let store_call = self
             .shared
-            .counters
+            .telemetry
             .health(self.shared.clock.now())
             .store_call_age;
         let interrupt = self.shared.cancellation.abandon(|| {
@@ -257,7 +257,7 @@ impl Inner {
             // Added, not stored: a worker that died has counted what it held already.
             counters.unwritten_at_shutdown.fetch_add(unwritten, Relaxed);
         });
-        let unannounced = self.shared.notifier.abandon(&self.shared);
+        let unannounced = self.shared.notifier.abandon(&self.shared.telemetry);
         // Say what held `close`: a store call, retries of failed flushes, or the publisher.
         if let Some(running) = store_call {
             tracing::error!(
@@ -295,7 +295,7 @@ impl Inner {
             .name(thread_name(&self.name, "cancel"))
             .spawn(move || {
                 if let Err(panic) = catch_unwind(AssertUnwindSafe(|| interrupt.fire())) {
-                    shared.counters.panics.fetch_add(1, Relaxed);
+                    shared.telemetry.panics.fetch_add(1, Relaxed);
                     tracing::error!(
                         panic = %panic_message(&*panic),
                         "the store's interrupt panicked; the store call is left running"

@@ -6,19 +6,17 @@
 //! worker sets them when a flush completes, the moment they jump ([`Gauges::update`]).
 //! Between flushes the oldest entry's age grows on its own, and it goes on growing while a
 //! store call hangs and holds the flusher (or, inline, the worker): so a thread of their
-//! own, `mdbatch-gauges`, also sets them every [`EVERY`] by the injected clock. It reads
-//! only the shared atomics, never waits on the worker, and ends after the worker has.
+//! own, `mdbatch-gauges` (started by `crate::shared::spawn_gauges`), also sets them every
+//! [`EVERY`] by the injected clock. It reads only the shared atomics, never waits on the
+//! worker, and ends after the worker has.
 
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ::metrics::{gauge, Gauge, Label};
 use parking_lot::Mutex;
 
 use crate::metrics::names;
-use crate::shared::Shared;
-use crate::stats::Counters;
+use crate::stats::Health;
 
 /// How often the thread sets the gauges: short against any scrape interval (15 s is
 /// common), so a scrape sees an age at most a second old; long against what a wake-up
@@ -51,49 +49,19 @@ impl Gauges {
         }
     }
 
-    /// Sets every gauge from the shared totals as they are at `now`.
-    pub(crate) fn update(&self, counters: &Counters, now: Instant) {
+    /// Sets every gauge from the health and the pending entries that `read` returns, read
+    /// under the lock.
+    pub(crate) fn update(&self, read: impl FnOnce() -> (Health, usize)) {
         let _setting = self.setting.lock();
-        let health = counters.health(now);
+        let (health, pending) = read();
         let seconds = |age: Option<Duration>| age.map_or(0.0, |age| age.as_secs_f64());
         self.oldest_unflushed_age
             .set(seconds(health.oldest_unflushed_age));
         self.consecutive_store_failures
             .set(health.consecutive_store_failures as f64);
         self.store_call_age.set(seconds(health.store_call_age));
-        self.pending_entries.set(counters.pending() as f64);
+        self.pending_entries.set(pending as f64);
         self.worker_alive
             .set(if health.worker_alive { 1.0 } else { 0.0 });
     }
-}
-
-/// Sets the gauges of `shared` now: after a flush completes, and on every tick.
-pub(crate) fn update(shared: &Shared) {
-    shared
-        .metrics
-        .gauges
-        .update(&shared.counters, shared.clock.now());
-}
-
-/// Sets the gauges, so they hold true values before the first tick, and starts the thread
-/// `thread_name` (`mdbatch-gauges` by default). It holds the shared state weakly, so it keeps nothing alive; it sets
-/// the gauges one last time once the worker has ended (`worker_alive` 0), and returns.
-pub(crate) fn spawn(shared: &Arc<Shared>, thread_name: String) -> std::io::Result<()> {
-    update(shared);
-    let ticks = shared.clock.tick(EVERY);
-    let shared: Weak<Shared> = Arc::downgrade(shared);
-    std::thread::Builder::new()
-        .name(thread_name)
-        .spawn(move || {
-            for _ in ticks {
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                update(&shared);
-                if !shared.counters.worker_alive.load(Relaxed) {
-                    return;
-                }
-            }
-        })
-        .map(drop)
 }

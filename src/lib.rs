@@ -13,8 +13,10 @@
 //! - [`Batcher`] and [`Builder`]: the handle callers share, and its settings.
 //! - `worker` (private, `src/worker/mod.rs`): the select loop over updates, the flush timer,
 //!   flusher completions and control messages. Start reading there.
-//! - `flusher` (private, `src/flusher.rs`): one flush: the store call, isolating refused rows,
-//!   announcing the agents.
+//! - `flusher` (private, `src/flusher.rs`): one flush: write, announce, record. Its write
+//!   path is `chunk_writer` (chunks, isolating refused rows, splitting canceled ones) and
+//!   `progress` (every way a flush keeps rows and stops); `announcer` owns the
+//!   `mdbatch-notify` thread; `telemetry` records each event in the totals and the metrics.
 //! - [`Clock`], [`SystemClock`], [`MockClock`]: every timer and duration comes from an
 //!   injected clock, so tests are deterministic.
 //! - [`Store`], [`Publisher`] and their in-process implementations [`MemoryStore`] and
@@ -58,10 +60,12 @@
 
 mod add_report;
 pub mod agent_ids;
+mod announcer;
 mod batch;
 mod batcher;
 mod builder;
 mod cancellation;
+mod chunk_writer;
 mod clock;
 mod close;
 mod flusher;
@@ -71,16 +75,21 @@ mod metadata;
 mod metadata_batch;
 pub mod metrics;
 mod notifier;
+mod observe;
 mod panic;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
+mod progress;
 mod publish;
 mod shared;
 mod start;
 mod statement_size;
 mod stats;
 mod store;
+mod store_call;
+mod store_error;
+mod telemetry;
 mod worker;
 
 pub use add_report::{AddError, AddReport};
@@ -98,9 +107,11 @@ pub use metadata::{
     InvalidMetadata, Metadata, MetadataField, MAX_ERROR_BYTES, MAX_KEY_CHARS, MAX_VALUE_BYTES,
 };
 pub use metadata_batch::MetadataBatch;
+pub use observe::{Observe, Observer, StoreCall};
 pub use publish::{PublishError, Publisher};
 pub use stats::{CloseReport, FlushCounts, FlushReason, FlushReport, Health, Stats};
-pub use store::{Interrupt, Store, StoreError};
+pub use store::{BatchResult, Capabilities, Interrupt, Store, Written};
+pub use store_error::{StoreError, StoreErrorKind};
 
 /// Compiles and runs the README's examples with the doctests.
 #[cfg(doctest)]

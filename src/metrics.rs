@@ -11,7 +11,8 @@
 //! crate measures differently and why. The crate's own add what Go's cannot show: how far
 //! the table lags (the write lag, the oldest entry not yet written) and whether the store is
 //! failing now, so that an operator tells "behind" from "down" from "dropping" from
-//! `/metrics` alone; `crate::gauges` keeps their gauges current. Several batchers in one
+//! `/metrics` alone; `crate::gauges` keeps their gauges current. `crate::telemetry` records
+//! each event here and in the totals with one call. Several batchers in one
 //! process tell their series apart with constant labels
 //! ([`Builder::metric_labels`](crate::Builder::metric_labels)); without them the series are
 //! unlabelled, as Go's are.
@@ -37,7 +38,6 @@ use ::metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use uuid::Uuid;
 
-use crate::gauges::Gauges;
 use crate::FlushReason;
 
 /// The metric names, exactly as Coder's Go batcher exports them (plus ours, marked so).
@@ -175,7 +175,6 @@ pub(crate) struct Metrics {
     pub(crate) store_errors: Counter,
     pub(crate) conflicts: Counter,
     write_lag: Histogram,
-    pub(crate) gauges: Gauges,
 }
 
 impl Metrics {
@@ -206,7 +205,6 @@ impl Metrics {
             store_errors: counter!(names::STORE_ERRORS_TOTAL, plain()),
             conflicts: counter!(names::STORE_CONFLICTS_TOTAL, plain()),
             write_lag: histogram!(names::WRITE_LAG_SECONDS, plain()),
-            gauges: Gauges::register(labels),
         }
     }
 

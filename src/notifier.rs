@@ -31,7 +31,7 @@ use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 use uuid::Uuid;
 
-use crate::shared::Shared;
+use crate::telemetry::Telemetry;
 use crate::{agent_ids, FlushReport, Publisher, METADATA_BATCH_CHANNEL};
 
 /// An answer that waits for a flush's announcement.
@@ -84,13 +84,13 @@ pub(crate) struct Notifier {
 impl Notifier {
     /// Queues the agents flush `seq` stored (possibly none) for the publisher thread; once
     /// nothing more is published, counts them as not announced instead.
-    pub(crate) fn announce(&self, seq: u64, agents: &[Uuid], shared: &Shared) {
+    pub(crate) fn announce(&self, seq: u64, agents: &[Uuid], telemetry: &Telemetry) {
         let mut state = self.state.lock();
         state.announced = seq;
         if state.done {
             Self::release(&mut state, seq, 0);
             drop(state);
-            count_unannounced(shared, agents.len());
+            count_unannounced(telemetry, agents.len());
             return;
         }
         state.agents.extend(agents.iter().copied());
@@ -125,7 +125,7 @@ impl Notifier {
     /// `close` gave up: the agents still queued or being published are counted as not
     /// announced, every waiter is answered now, and the thread ends once the publish it may
     /// be stuck in returns. Returns how many agents that counted.
-    pub(crate) fn abandon(&self, shared: &Shared) -> usize {
+    pub(crate) fn abandon(&self, telemetry: &Telemetry) -> usize {
         let mut state = self.state.lock();
         state.closed = true;
         // A publish that has not returned by now may never return: its agents count too
@@ -136,7 +136,7 @@ impl Notifier {
         Self::finish(&mut state, failures);
         drop(state);
         self.wake.notify_one();
-        count_unannounced(shared, unannounced);
+        count_unannounced(telemetry, unannounced);
         unannounced
     }
 
@@ -165,7 +165,7 @@ impl Notifier {
     }
 
     /// The `mdbatch-notify` thread: publishes what is queued until closed.
-    pub(crate) fn run(&self, mut publisher: Box<dyn Publisher>, shared: &Shared) {
+    pub(crate) fn run(&self, mut publisher: Box<dyn Publisher>, telemetry: &Telemetry) {
         // However the thread ends (a panic in a tracing subscriber or metrics recorder
         // included), no caller is left waiting for an answer.
         let _finish = FinishOnExit(self);
@@ -189,10 +189,8 @@ impl Notifier {
                 state.publishing = agents.len();
                 (state.published, state.announced)
             };
-            let failures = publish(&mut *publisher, shared, &agents);
-            shared
-                .counters
-                .set_last_publish_errors(after, through, failures);
+            let failures = publish(&mut *publisher, telemetry, &agents);
+            telemetry.set_last_publish_errors(after, through, failures);
             let mut state = self.state.lock();
             state.publishing = 0;
             Self::release(&mut state, through, failures);
@@ -216,16 +214,12 @@ fn payloads(agents: usize) -> usize {
 
 /// Agents that were stored but will not be announced: counted as failed payloads, as a
 /// publish that failed would be, and logged, so a watcher's missed refresh is visible.
-fn count_unannounced(shared: &Shared, agents: usize) {
+fn count_unannounced(telemetry: &Telemetry, agents: usize) {
     if agents == 0 {
         return;
     }
     let failures = payloads(agents);
-    shared
-        .counters
-        .publish_errors
-        .fetch_add(failures as u64, Relaxed);
-    shared.metrics.publish_errors.increment(failures as u64);
+    telemetry.publish_errors(failures);
     tracing::error!(
         agents,
         payloads = failures,
@@ -237,7 +231,11 @@ fn count_unannounced(shared: &Shared, agents: usize) {
 /// Publishes `agents` in payloads of at most 363 IDs; returns how many failed. Each
 /// failure (an error, a panic, a publish deadline in the publisher) is counted and logged
 /// on one line; the remaining payloads are still sent.
-pub(crate) fn publish(publisher: &mut dyn Publisher, shared: &Shared, agents: &[Uuid]) -> usize {
+pub(crate) fn publish(
+    publisher: &mut dyn Publisher,
+    telemetry: &Telemetry,
+    agents: &[Uuid],
+) -> usize {
     let mut failures = 0;
     for payload in agent_ids::encode_chunks(agents) {
         let result = catch_unwind(AssertUnwindSafe(|| {
@@ -247,7 +245,7 @@ pub(crate) fn publish(publisher: &mut dyn Publisher, shared: &Shared, agents: &[
             Ok(Ok(())) => continue,
             Ok(Err(error)) => error.to_string(),
             Err(panic) => {
-                shared.counters.panics.fetch_add(1, Relaxed);
+                telemetry.panics.fetch_add(1, Relaxed);
                 format!(
                     "publisher panicked: {}",
                     crate::panic::panic_message(&*panic)
@@ -255,8 +253,7 @@ pub(crate) fn publish(publisher: &mut dyn Publisher, shared: &Shared, agents: &[
             }
         };
         failures += 1;
-        shared.counters.publish_errors.fetch_add(1, Relaxed);
-        shared.metrics.publish_errors.increment(1);
+        telemetry.publish_errors(1);
         tracing::error!(
             error = %error,
             chunk_size = payload.len() / agent_ids::UUID_BASE64_LEN,

@@ -17,7 +17,8 @@ use parking_lot::Mutex;
 
 use crate::batcher::Inner;
 use crate::builder::Builder;
-use crate::flusher::{Announcer, Flusher};
+use crate::announcer::Announcer;
+use crate::flusher::Flusher;
 use crate::shared::Shared;
 use crate::worker::{Flushing, Worker, WorkerConfig};
 use crate::{Batcher, BuildError, CloseReport, FlushMode};
@@ -47,7 +48,7 @@ impl Batcher {
             retry_backoff_max: builder.retry_backoff_max,
         };
         let shared = Shared::new(builder.clock, &builder.metric_labels, builder.interval);
-        crate::gauges::spawn(&shared, thread_name(&name, "gauges")).map_err(BuildError::Spawn)?;
+        crate::shared::spawn_gauges(&shared, thread_name(&name, "gauges")).map_err(BuildError::Spawn)?;
         // Every message carries at least one key, so a channel of `channel_capacity`
         // messages never refuses a send that the key budget admitted.
         let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);
@@ -59,30 +60,16 @@ impl Batcher {
         let flushing = match builder.flush_mode {
             FlushMode::Inline => Flushing::Inline(Flusher::new(
                 builder.store,
-                Announcer::Inline(builder.publisher),
+                Announcer::inline(builder.publisher),
                 shared.clone(),
                 builder.batch_size,
             )),
             FlushMode::Pipelined => {
-                let publisher = builder.publisher;
-                let notify_shared = shared.clone();
-                let (notifier_alive, notifier_ended) = crossbeam_channel::bounded::<()>(0);
-                let notifier = thread::Builder::new()
-                    .name(thread_name(&name, "notify"))
-                    .spawn(move || {
-                        let _alive = notifier_alive;
-                        notify_shared.notifier.run(publisher, &notify_shared)
-                    })
-                    .map_err(BuildError::Spawn)?;
-                let flusher = Flusher::new(
-                    builder.store,
-                    Announcer::Thread {
-                        thread: Some(notifier),
-                        ended: notifier_ended,
-                    },
-                    shared.clone(),
-                    builder.batch_size,
-                );
+                let announcer =
+                    Announcer::spawn(builder.publisher, shared.clone(), thread_name(&name, "notify"))
+                        .map_err(BuildError::Spawn)?;
+                let flusher =
+                    Flusher::new(builder.store, announcer, shared.clone(), builder.batch_size);
                 let (jobs, jobs_rx) = crossbeam_channel::bounded(1);
                 let (completed_tx, completed) = crossbeam_channel::bounded(1);
                 let thread = thread::Builder::new()

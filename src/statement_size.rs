@@ -8,7 +8,7 @@
 //! to a third, so a backlog drains at the distance's pace instead of the server's.
 //!
 //! So for a store that takes more than `batch_size` rows a call
-//! ([`Store::max_batch_rows`](crate::Store::max_batch_rows)), [`StatementSize`] fits `fixed`
+//! ([`Capabilities::with_max_batch_rows`](crate::Capabilities::with_max_batch_rows)), [`StatementSize`] fits `fixed`
 //! and `per_row` to the statements that succeeded (least squares, recent ones weighted
 //! more) and sizes the next so that the fixed cost is at most a tenth of it:
 //! `rows = 9 × fixed / per_row`, within `[batch_size, max_batch_rows]`. Measured on the

@@ -5,10 +5,7 @@
 //! [`Batcher::health`](crate::Batcher::health) answer at once, even while a flush is stuck
 //! in a hung database.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::{Duration, Instant};
-
-use parking_lot::Mutex;
+use std::time::Duration;
 
 use crate::StoreError;
 
@@ -86,7 +83,7 @@ pub struct FlushReport {
     /// in this flush.
     pub retained: usize,
     /// Store calls made: one per chunk (`batch_size` rows, or as sized for a store that
-    /// takes more; see [`Store::max_batch_rows`](crate::Store::max_batch_rows)), plus the calls that
+    /// takes more; see [`Capabilities::with_max_batch_rows`](crate::Capabilities::with_max_batch_rows)), plus the calls that
     /// split refused or canceled chunks.
     pub statements: usize,
     /// Payloads whose publish failed. When announcements were merged behind a slow
@@ -154,7 +151,7 @@ pub struct Stats {
     pub store_errors: u64,
     /// Statements the store ran again because another writer's transaction conflicted
     /// with them (a deadlock or a serialization failure); see
-    /// [`Store::conflicts`](crate::Store::conflicts). Not counted in `store_errors` unless
+    /// [`Written::with_conflicts`](crate::Written::with_conflicts). Not counted in `store_errors` unless
     /// the retries ran out.
     pub conflicts: u64,
     /// Failed publishes, panics included.
@@ -252,190 +249,4 @@ pub struct CloseReport {
     /// left to finish on their own. The log says what held it: a store call, a store that
     /// kept failing, or the publisher.
     pub deadline_hit: bool,
-}
-
-/// Sentinel for "no instant" in the atomics below.
-const NONE: u64 = u64::MAX;
-
-/// The totals, shared by the handle, the worker and the flusher.
-#[derive(Debug)]
-pub(crate) struct Counters {
-    /// Instants are stored as nanoseconds since this one, the clock's time at build.
-    epoch: Instant,
-    pub(crate) queued: AtomicUsize,
-    /// Keys the worker has taken in; with `queued`, what `add` accepted. Counted by the
-    /// worker rather than in `add`, to keep one more shared atomic off the callers' path.
-    pub(crate) taken_in: AtomicU64,
-    pub(crate) batched: AtomicUsize,
-    pub(crate) in_flight: AtomicUsize,
-    /// Bytes of the flush in progress not yet written (see `batch::entry_bytes`); counts
-    /// against the byte bound.
-    pub(crate) in_flight_bytes: AtomicUsize,
-    flushes: [AtomicU64; FlushReason::EACH.len()],
-    pub(crate) flushed: AtomicU64,
-    pub(crate) superseded: AtomicU64,
-    pub(crate) dropped: AtomicU64,
-    pub(crate) unmatched: AtomicU64,
-    pub(crate) store_errors: AtomicU64,
-    pub(crate) conflicts: AtomicU64,
-    pub(crate) publish_errors: AtomicU64,
-    pub(crate) retention_dropped: AtomicU64,
-    pub(crate) rejected: AtomicU64,
-    pub(crate) lost_to_panics: AtomicU64,
-    pub(crate) panics: AtomicU64,
-    pub(crate) unwritten_at_shutdown: AtomicU64,
-    pub(crate) consecutive_failures: AtomicU64,
-    pub(crate) worker_alive: AtomicBool,
-    /// When the oldest entry of the batch arrived, and of the flush in progress.
-    oldest_batched: AtomicU64,
-    oldest_in_flight: AtomicU64,
-    /// When the store call running now started.
-    store_call_started: AtomicU64,
-    /// When `add` last logged dropped keys at warn level.
-    pub(crate) last_drop_warning: AtomicU64,
-    /// The last flush that carried entries, with its sequence number, so the publisher
-    /// thread can add its publish errors once they are known.
-    last_flush: Mutex<Option<(u64, FlushReport)>>,
-}
-
-impl Counters {
-    pub(crate) fn new(epoch: Instant) -> Self {
-        Counters {
-            epoch,
-            queued: AtomicUsize::new(0),
-            taken_in: AtomicU64::new(0),
-            batched: AtomicUsize::new(0),
-            in_flight: AtomicUsize::new(0),
-            in_flight_bytes: AtomicUsize::new(0),
-            flushes: Default::default(),
-            flushed: AtomicU64::new(0),
-            superseded: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            unmatched: AtomicU64::new(0),
-            store_errors: AtomicU64::new(0),
-            conflicts: AtomicU64::new(0),
-            publish_errors: AtomicU64::new(0),
-            retention_dropped: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            lost_to_panics: AtomicU64::new(0),
-            panics: AtomicU64::new(0),
-            unwritten_at_shutdown: AtomicU64::new(0),
-            consecutive_failures: AtomicU64::new(0),
-            worker_alive: AtomicBool::new(true),
-            oldest_batched: AtomicU64::new(NONE),
-            oldest_in_flight: AtomicU64::new(NONE),
-            store_call_started: AtomicU64::new(NONE),
-            last_drop_warning: AtomicU64::new(NONE),
-            last_flush: Mutex::new(None),
-        }
-    }
-
-    /// An instant as stored in the atomics.
-    pub(crate) fn encode(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(NONE - 1)
-    }
-
-    fn decode(&self, stored: u64) -> Option<Instant> {
-        (stored != NONE).then(|| self.epoch + Duration::from_nanos(stored))
-    }
-
-    pub(crate) fn set_oldest_batched(&self, at: Option<Instant>) {
-        self.oldest_batched
-            .store(at.map_or(NONE, |at| self.encode(at)), Relaxed);
-    }
-
-    pub(crate) fn set_oldest_in_flight(&self, at: Option<Instant>) {
-        self.oldest_in_flight
-            .store(at.map_or(NONE, |at| self.encode(at)), Relaxed);
-    }
-
-    pub(crate) fn count_flush(&self, reason: FlushReason) {
-        self.flushes[reason as usize].fetch_add(1, Relaxed);
-    }
-
-    /// The flusher wrote `rows` entries of `bytes` of the flush in progress.
-    pub(crate) fn release_in_flight(&self, rows: usize, bytes: usize) {
-        let _ = self
-            .in_flight
-            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(rows)));
-        let _ = self
-            .in_flight_bytes
-            .fetch_update(Relaxed, Relaxed, |n| Some(n.saturating_sub(bytes)));
-    }
-
-    pub(crate) fn set_store_call_started(&self, at: Option<Instant>) {
-        self.store_call_started
-            .store(at.map_or(NONE, |at| self.encode(at)), Relaxed);
-    }
-
-    pub(crate) fn set_last_flush(&self, seq: u64, report: FlushReport) {
-        // A lock, deliberately: a report is several words and is written once per flush.
-        *self.last_flush.lock() = Some((seq, report));
-    }
-
-    /// Records the publish errors of the flushes after `after` up to `through`, once the
-    /// publisher thread has announced them.
-    pub(crate) fn set_last_publish_errors(&self, after: u64, through: u64, errors: usize) {
-        if let Some((seq, report)) = self.last_flush.lock().as_mut() {
-            if *seq > after && *seq <= through {
-                report.publish_errors = errors;
-            }
-        }
-    }
-
-    pub(crate) fn snapshot(&self) -> Stats {
-        let flushes = |reason: FlushReason| self.flushes[reason as usize].load(Relaxed);
-        // Taken in first: the worker counts a message as taken in before it releases its
-        // place in the queue, so this order never counts a key twice.
-        let taken_in = self.taken_in.load(Relaxed);
-        let queued = self.queued.load(Relaxed);
-        Stats {
-            accepted: taken_in + queued as u64,
-            queued,
-            batched: self.batched.load(Relaxed),
-            in_flight: self.in_flight.load(Relaxed),
-            flushes: FlushCounts {
-                capacity: flushes(FlushReason::Capacity),
-                scheduled: flushes(FlushReason::Scheduled),
-                shutdown: flushes(FlushReason::Shutdown),
-                manual: flushes(FlushReason::Manual),
-            },
-            flushed: self.flushed.load(Relaxed),
-            superseded: self.superseded.load(Relaxed),
-            dropped: self.dropped.load(Relaxed),
-            unmatched: self.unmatched.load(Relaxed),
-            store_errors: self.store_errors.load(Relaxed),
-            conflicts: self.conflicts.load(Relaxed),
-            publish_errors: self.publish_errors.load(Relaxed),
-            retention_dropped: self.retention_dropped.load(Relaxed),
-            rejected: self.rejected.load(Relaxed),
-            lost_to_panics: self.lost_to_panics.load(Relaxed),
-            panics: self.panics.load(Relaxed),
-            unwritten_at_shutdown: self.unwritten_at_shutdown.load(Relaxed),
-            last_flush: self.last_flush.lock().as_ref().map(|(_, r)| r.clone()),
-        }
-    }
-
-    /// Keys accepted and not yet written: queued, batched, or in the flush in flight.
-    pub(crate) fn pending(&self) -> usize {
-        self.queued.load(Relaxed) + self.batched.load(Relaxed) + self.in_flight.load(Relaxed)
-    }
-
-    pub(crate) fn health(&self, now: Instant) -> Health {
-        let oldest = [
-            self.decode(self.oldest_batched.load(Relaxed)),
-            self.decode(self.oldest_in_flight.load(Relaxed)),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        Health {
-            worker_alive: self.worker_alive.load(Relaxed),
-            consecutive_store_failures: self.consecutive_failures.load(Relaxed),
-            oldest_unflushed_age: oldest.map(|at| now.saturating_duration_since(at)),
-            store_call_age: self
-                .decode(self.store_call_started.load(Relaxed))
-                .map(|at| now.saturating_duration_since(at)),
-        }
-    }
 }

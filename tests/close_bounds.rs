@@ -48,9 +48,7 @@ fn hung_until_interrupted() -> (ScriptedStore, crossbeam_channel::Receiver<()>) 
     let store = ScriptedStore::new(move |_| {
         let _ = started_tx.send(());
         let _ = fired.recv();
-        Err(StoreError::Unavailable(
-            "connection closed by the cancel".into(),
-        ))
+        Err::<u64, _>(StoreError::unavailable("connection closed by the cancel"))
     })
     .with_interrupt(move || {
         let fire = fire.clone();

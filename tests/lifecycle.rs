@@ -126,7 +126,7 @@ fn hung_until_interrupted() -> (ScriptedStore, Hung) {
     let store = ScriptedStore::new(move |_| {
         let _ = started_tx.send(());
         let _ = fired.recv();
-        Err(StoreError::Unavailable("interrupted".into()))
+        Err::<u64, _>(StoreError::unavailable("interrupted"))
     })
     .with_interrupt(move || {
         let (fire, ran_on_tx) = (fire.clone(), ran_on_tx.clone());

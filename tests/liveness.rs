@@ -39,7 +39,7 @@ fn locking(table: &MemoryStore, locked: &[u128]) -> (ScriptedStore, Locks) {
     let held = locks.clone();
     let store = ScriptedStore::new(move |batch: &MetadataBatch| {
         if batch.agent_ids.iter().any(|id| held.lock().contains(id)) {
-            return Err(StoreError::Canceled);
+            return Err(StoreError::canceled());
         }
         table.batch_update(batch)
     });
@@ -55,7 +55,7 @@ fn a_retained_backlog_goes_out_in_statements_of_at_most_batch_size() {
         .batch_size(100)
         .build()
         .unwrap();
-    store.set_outage(Some(StoreError::Unavailable("down".into())));
+    store.set_outage(Some(StoreError::unavailable("down")));
     for i in 0..350 {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
@@ -79,7 +79,7 @@ fn an_unavailable_chunk_stops_the_flush_and_keeps_the_rest() {
     let store = ScriptedStore::new(move |batch| {
         calls += 1;
         if calls == 1 || calls == 3 {
-            Err(StoreError::Unavailable("connection reset".into()))
+            Err(StoreError::unavailable("connection reset"))
         } else {
             Ok(batch.len() as u64)
         }
@@ -131,7 +131,7 @@ fn a_locked_row_is_split_out_the_rest_written_and_it_is_retried_with_backoff() {
         (report.stored, report.retained, report.rejected),
         (499, 1, 0)
     );
-    assert_eq!(report.error, Some(StoreError::Canceled));
+    assert_eq!(report.error, Some(StoreError::canceled()));
     // The whole chunk, then one half per level down to the row: at most ⌈log2 500⌉ + 1
     // canceled statements (9 when the row's halves are the smaller ones).
     let stats = b.stats();
@@ -227,7 +227,7 @@ fn a_flush_stops_splitting_canceled_statements_after_its_budget() {
     let _unlock = Unlock(locks.clone());
     // An outage first, so that the first 500 do not go out in a capacity flush of their
     // own: the manual flush then carries all 1000, in two chunks.
-    table.set_outage(Some(StoreError::Unavailable("down".into())));
+    table.set_outage(Some(StoreError::unavailable("down")));
     for i in 0..1000 {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
@@ -283,7 +283,7 @@ fn a_backlog_goes_out_in_statements_sized_to_the_round_trip() {
         .build()
         .unwrap();
     // The backlog an outage leaves: the first capacity flush fails, the rest waits.
-    table.set_outage(Some(StoreError::Unavailable("down".into())));
+    table.set_outage(Some(StoreError::unavailable("down")));
     for i in 0..20_000 {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
@@ -409,7 +409,7 @@ fn close_a_hung_store(
     let store = ScriptedStore::new(move |_| {
         store_clock.advance(timeout);
         let _ = unblocked.recv();
-        Err(StoreError::Canceled)
+        Err::<u64, _>(StoreError::canceled())
     })
     .with_interrupt(interrupt);
     let b = Batcher::builder(store, MemoryPubsub::new())
@@ -508,7 +508,7 @@ fn past_the_byte_bound_the_oldest_are_shed() {
         .max_pending_bytes(100 * 290)
         .build()
         .unwrap();
-    store.set_outage(Some(StoreError::Unavailable("down".into())));
+    store.set_outage(Some(StoreError::unavailable("down")));
     for i in 0..300u64 {
         b.add(agent(i.into()), vec![md("k", "v", i)]).unwrap();
     }

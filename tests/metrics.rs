@@ -48,7 +48,7 @@ fn store_failing_first(calls: usize) -> ScriptedStore {
     let count = Arc::new(AtomicUsize::new(0));
     ScriptedStore::new(move |batch| {
         if count.fetch_add(1, Ordering::Relaxed) < calls {
-            Err(StoreError::Unavailable("connection refused".into()))
+            Err(StoreError::unavailable("connection refused"))
         } else {
             Ok(batch.len() as u64)
         }
@@ -174,9 +174,9 @@ fn flushed_total_counts_the_rows_a_failed_flush_did_store() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
     let store = ScriptedStore::new(move |batch| match counted.fetch_add(1, Ordering::Relaxed) {
-        0 => Err(StoreError::Rejected("invalid input".into())),
+        0 => Err(StoreError::rejected("invalid input")),
         1 | 3.. => Ok(batch.len() as u64),
-        _ => Err(StoreError::Unavailable("connection reset".into())),
+        _ => Err(StoreError::unavailable("connection reset")),
     });
     let (batcher, handle) = with_recorder(store, |b| b);
     batcher

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use common::{agent, md, ScriptedStore};
 use metadata_batcher::{
-    Batcher, MemoryPubsub, MemoryStore, MetadataBatch, MockClock, Store, StoreError,
+    BatchResult, Batcher, Capabilities, MemoryPubsub, MemoryStore, MetadataBatch, MockClock, Store,
+    StoreError, StoreErrorKind, Written,
 };
 use parking_lot::Mutex;
 
@@ -31,7 +32,7 @@ fn backlog(store: ScriptedStore, table: &MemoryStore, rows: u128) -> Batcher {
         .batch_size(100)
         .build()
         .unwrap();
-    table.set_outage(Some(StoreError::Unavailable("down".into())));
+    table.set_outage(Some(StoreError::unavailable("down")));
     for i in 0..rows {
         b.add(agent(i), vec![md("k", "v", 1)]).unwrap();
     }
@@ -91,10 +92,10 @@ fn each_statement_of_a_group_is_split_or_kept_on_its_own() {
     let held = locked.clone();
     let store = ScriptedStore::new(move |batch: &MetadataBatch| {
         if batch.agent_ids.contains(&agent(10)) {
-            return Err(StoreError::Rejected("value out of range".into()));
+            return Err(StoreError::rejected("value out of range"));
         }
         if held.load(SeqCst) && batch.agent_ids.contains(&agent(250)) {
-            return Err(StoreError::Canceled);
+            return Err(StoreError::canceled());
         }
         writer.batch_update(batch)
     });
@@ -132,7 +133,7 @@ fn an_outage_in_a_group_keeps_the_rest_of_the_flush() {
         if let Some(calls) = counted.lock().as_mut() {
             *calls += 1;
             if *calls == 2 {
-                return Err(StoreError::Unavailable("connection reset".into()));
+                return Err(StoreError::unavailable("connection reset"));
             }
         }
         writer.batch_update(batch)
@@ -147,7 +148,10 @@ fn an_outage_in_a_group_keeps_the_rest_of_the_flush() {
     // store stopped there: nothing more this flush.
     assert_eq!((report.stored, report.retained), (100, 300), "{report:?}");
     assert_eq!(*groups.lock(), [2]);
-    assert!(matches!(report.error, Some(StoreError::Unavailable(_))));
+    assert_eq!(
+        report.error.map(|e| e.kind()),
+        Some(StoreErrorKind::Unavailable)
+    );
     assert_eq!(b.stats().batched, 300);
 
     // The next flush writes the rest.
@@ -169,10 +173,11 @@ fn batches_a_store_did_not_try_are_kept() {
     let report = b.flush().unwrap();
     assert_eq!((report.stored, report.retained), (100, 100), "{report:?}");
     assert_eq!(report.statements, 1);
-    let Some(StoreError::Unavailable(message)) = &report.error else {
+    let Some(error) = &report.error else {
         panic!("{report:?}");
     };
-    assert!(message.contains("tried 1 of"), "{message}");
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable);
+    assert!(error.message().contains("tried 1 of"), "{error}");
     assert_eq!(b.stats().batched, 100);
 }
 
@@ -182,12 +187,12 @@ fn the_default_writes_one_batch_after_another_and_stops_at_an_outage() {
     struct Failing(u32);
 
     impl Store for Failing {
-        fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+        fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
             self.0 += 1;
             match self.0 {
-                1 => Ok(batch.len() as u64),
-                2 => Err(StoreError::Canceled),
-                _ => Err(StoreError::Unavailable("down".into())),
+                1 => Ok(Written::rows(batch.len() as u64)),
+                2 => Err(StoreError::canceled()),
+                _ => Err(StoreError::unavailable("down")),
             }
         }
     }
@@ -196,13 +201,15 @@ fn the_default_writes_one_batch_after_another_and_stops_at_an_outage() {
     one.push(agent(1), md("k", "v", 1));
     let batches = vec![one; 5];
     let mut store = Failing(0);
-    assert_eq!(store.parallel_batches(), 1);
+    assert_eq!(store.capabilities(), Capabilities::default());
     assert_eq!(
         store.batch_update_many(&batches),
         [
-            Ok(1),
-            Err(StoreError::Canceled),
-            Err(StoreError::Unavailable("down".into()))
+            BatchResult::Written(Written::rows(1)),
+            BatchResult::Failed(StoreError::canceled()),
+            BatchResult::Failed(StoreError::unavailable("down")),
+            BatchResult::NotTried,
+            BatchResult::NotTried,
         ]
     );
     assert_eq!(store.0, 3, "nothing tried after the outage");

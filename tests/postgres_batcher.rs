@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use metadata_batcher::postgres::{
     self as mbpg, PgOptions, PgPublisher, PgStore, PgSubscriber, SubscriberEvent,
 };
-use metadata_batcher::{Batcher, Metadata, StoreError, METADATA_BATCH_CHANNEL};
+use metadata_batcher::{Batcher, Metadata, StoreErrorKind, METADATA_BATCH_CHANNEL};
 use pg::{micros, row, TestDb};
 use uuid::Uuid;
 
@@ -220,7 +220,9 @@ fn statement_timeout_is_counted_and_a_later_flush_works() {
         .add(agent, vec![Metadata::new("cpu", "slow", "", micros(1))])
         .unwrap();
     let report = batcher.flush().unwrap();
-    assert_eq!(report.error, Some(StoreError::Canceled), "{report:?}");
+    let error = report.error.as_ref().expect("the statement timed out");
+    assert_eq!(error.kind(), StoreErrorKind::Canceled, "{report:?}");
+    assert_eq!(error.sqlstate(), Some("57014"), "{report:?}");
     assert_eq!(batcher.stats().store_errors, 1);
 
     client

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use metadata_batcher::postgres::{self as mbpg, PgOptions, PgPublisher, PgStore};
 use metadata_batcher::{
     Batcher, FlushReason, Interrupt, Metadata, MetadataBatch, MockClock, Store, StoreError,
+    StoreErrorKind, Written,
 };
 use pg::{micros, row, TestDb};
 use uuid::Uuid;
@@ -32,7 +33,7 @@ struct Counted {
 }
 
 impl Store for Counted {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
         self.statements.fetch_add(1, Ordering::Relaxed);
         self.inner.batch_update(batch)
     }
@@ -223,7 +224,7 @@ fn a_refused_row_costs_only_itself_in_the_same_flush() {
         (499, 499, 1)
     );
     assert!(
-        matches!(&report.error, Some(StoreError::Rejected(m)) if m.contains("no_poison")),
+        matches!(&report.error, Some(e) if e.kind() == StoreErrorKind::Rejected && e.message().contains("no_poison")),
         "{report:?}"
     );
     // One statement for the batch, then two per halving down to the refused row:

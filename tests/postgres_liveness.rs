@@ -24,8 +24,8 @@ use metadata_batcher::postgres::{
     self as mbpg, PgOptions, PgPublisher, PgStore, PgSubscriber, SubscriberEvent,
 };
 use metadata_batcher::{
-    Batcher, FlushReport, Metadata, MetadataBatch, MockClock, Publisher, Store, StoreError,
-    METADATA_BATCH_CHANNEL,
+    Batcher, FlushReport, Metadata, MetadataBatch, MockClock, Publisher, Store, StoreErrorKind,
+    Written, METADATA_BATCH_CHANNEL,
 };
 use pg::{background, micros, Cluster, ClusterOptions, Proxy, SilentServer, TestDb};
 use postgres::Client;
@@ -294,7 +294,7 @@ fn a_long_silence_holds_no_session_and_the_next_call_writes_once_the_path_works(
         let result = call.expect_within(FLUSH_BOUND, "a store call");
         (result, call.elapsed())
     };
-    assert_eq!(write(0).0, Ok(1));
+    assert_eq!(write(0).0, Ok(Written::rows(1)));
     // The count sees the session in use.
     assert_eq!(proxy.client_sockets(), 1);
 
@@ -303,7 +303,9 @@ fn a_long_silence_holds_no_session_and_the_next_call_writes_once_the_path_works(
     for round in 1..=6 {
         let (result, elapsed) = write(round);
         assert!(
-            matches!(result, Err(StoreError::Unavailable(_))),
+            result
+                .as_ref()
+                .is_err_and(|e| e.kind() == StoreErrorKind::Unavailable),
             "round {round}: {result:?}"
         );
         took.push(elapsed);
@@ -317,7 +319,7 @@ fn a_long_silence_holds_no_session_and_the_next_call_writes_once_the_path_works(
     // What is open now stays frozen; a new connection reaches the server.
     proxy.freeze_existing();
     let (result, elapsed) = write(7);
-    assert_eq!(result, Ok(1));
+    assert_eq!(result, Ok(Written::rows(1)));
     assert!(elapsed < CONNECT_TIMEOUT, "{elapsed:?}");
     assert_eq!(stored(&mut check, 7), 1);
     eprintln!(

@@ -15,7 +15,8 @@ use metadata_batcher::postgres::{
     SubscriberEvent,
 };
 use metadata_batcher::{
-    Batcher, Metadata, MetadataBatch, MockClock, Store, StoreError, METADATA_BATCH_CHANNEL,
+    Batcher, Metadata, MetadataBatch, MockClock, Store, StoreErrorKind, Written,
+    METADATA_BATCH_CHANNEL,
 };
 use pg::{PgBouncer, TestDb};
 use uuid::Uuid;
@@ -175,7 +176,12 @@ fn statement_timeout_is_in_force_on_every_pooled_statement() {
             let elapsed = started.elapsed();
             // The server's own timeout: Canceled well before the client-side deadline
             // (statement_timeout + 2 s), which would report Unavailable.
-            assert_eq!(result, Err(StoreError::Canceled), "{mode:?} #{i}");
+            let kind = result.as_ref().map_err(|err| (err.kind(), err.sqlstate()));
+            assert_eq!(
+                kind.err(),
+                Some((StoreErrorKind::Canceled, Some("57014"))),
+                "{mode:?} #{i}"
+            );
             assert!(
                 elapsed < Duration::from_millis(1500),
                 "{mode:?} #{i}: {elapsed:?}"
@@ -183,7 +189,11 @@ fn statement_timeout_is_in_force_on_every_pooled_statement() {
             // And a normal statement on the same store still works.
             let mut fine = MetadataBatch::default();
             fine.push(agent(1), Metadata::new("cpu", "ok", "", SystemTime::now()));
-            assert_eq!(store.batch_update(&fine), Ok(1), "{mode:?} #{i}");
+            assert_eq!(
+                store.batch_update(&fine),
+                Ok(Written::rows(1)),
+                "{mode:?} #{i}"
+            );
         }
     }
 }

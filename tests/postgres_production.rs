@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use metadata_batcher::postgres::{
     ConnectErrorKind, PgOptions, PgPublisher, PgStore, PgSubscriber, StatementMode,
 };
-use metadata_batcher::{Batcher, Metadata, MockClock};
+use metadata_batcher::{Batcher, Metadata, MockClock, Written};
 use pg::{micros, TestDb};
 use uuid::Uuid;
 
@@ -134,7 +134,7 @@ fn the_batcher_writes_coders_own_table_without_migrate() {
         Metadata::new("cpu", "gone", "", SystemTime::now()),
     );
     use metadata_batcher::Store as _;
-    assert_eq!(store.batch_update(&batch), Ok(0));
+    assert_eq!(store.batch_update(&batch), Ok(Written::rows(0)));
 
     // The crate's own register cannot fill Coder's NOT NULL columns, and says so in the
     // server's words rather than the driver's bare "db error".
@@ -174,7 +174,7 @@ fn a_schema_qualified_table_is_configurable() {
         Metadata::new("cpu", "9%", "", SystemTime::now()),
     );
     use metadata_batcher::Store as _;
-    assert_eq!(store.batch_update(&batch), Ok(1));
+    assert_eq!(store.batch_update(&batch), Ok(Written::rows(1)));
 
     // The default table does not exist here: a configuration problem, said at connect.
     let err = PgStore::open(&db.url, PgOptions::default()).unwrap_err();
@@ -270,7 +270,7 @@ fn async_callers_use_spawn_blocking_for_connect_and_close() {
         let batcher = tokio::task::spawn_blocking(move || {
             let store = PgStore::connect(&url)?;
             let publisher = PgPublisher::connect(&url)
-                .map_err(|err| metadata_batcher::StoreError::Unavailable(err.to_string()))?;
+                .map_err(|err| metadata_batcher::StoreError::unavailable(err.to_string()))?;
             Ok::<_, metadata_batcher::StoreError>(
                 Batcher::builder(store, publisher)
                     .interval(Duration::from_secs(3600))

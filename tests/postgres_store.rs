@@ -8,7 +8,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use metadata_batcher::postgres::{self as mbpg, PgOptions, PgStore, StatementMode};
-use metadata_batcher::{Metadata, MetadataBatch, Store, StoreError};
+use metadata_batcher::{
+    BatchResult, Metadata, MetadataBatch, Store, StoreError, StoreErrorKind, Written,
+};
 use pg::{micros, row, row_count, TestDb};
 use postgres::tls::{MakeTlsConnect, NoTlsError, NoTlsStream};
 use postgres::{NoTls, Socket};
@@ -48,7 +50,7 @@ fn round_trip_exact_values_and_timestamps() {
     // Before 1970 and before 2000 (PostgreSQL's epoch) must survive too.
     let early = std::time::SystemTime::UNIX_EPOCH - Duration::from_micros(86_400_000_001);
     batch.push(agent(2), Metadata::new("mem", "old", "", early));
-    assert_eq!(store.batch_update(&batch).unwrap(), 4);
+    assert_eq!(store.batch_update(&batch).unwrap(), Written::rows(4));
 
     assert_eq!(
         row(&mut client, agent(1), "cpu"),
@@ -82,7 +84,7 @@ fn unknown_rows_are_neither_created_nor_counted() {
             (agent(9), "cpu", "3", 10),
         ]))
         .unwrap();
-    assert_eq!(updated, 1);
+    assert_eq!(updated, Written::rows(1));
     assert_eq!(row_count(&mut client), 1);
     assert_eq!(row(&mut client, agent(1), "invented"), None);
 }
@@ -101,7 +103,7 @@ fn older_collected_at_never_overwrites_newer() {
                 (agent(1), "b", "new", 2_000)
             ]))
             .unwrap(),
-        2
+        Written::rows(2)
     );
     // Older: ignored and not counted. Equal: a retried write of the same moment applies.
     let updated = store
@@ -110,7 +112,7 @@ fn older_collected_at_never_overwrites_newer() {
             (agent(1), "b", "same", 2_000),
         ]))
         .unwrap();
-    assert_eq!(updated, 1);
+    assert_eq!(updated, Written::rows(1));
     assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "new");
     assert_eq!(row(&mut client, agent(1), "b").unwrap().0, "same");
 }
@@ -191,9 +193,8 @@ fn check_violation_is_rejected_with_the_servers_message() {
                 (agent, "b", "poison", 1),
             ]))
             .unwrap_err();
-        let StoreError::Rejected(message) = &err else {
-            panic!("{mode:?}: expected Rejected, got {err:?}");
-        };
+        assert_eq!(err.kind(), StoreErrorKind::Rejected, "{mode:?}: {err:?}");
+        let message = err.message();
         assert!(message.contains("23514"), "{mode:?}: {message}");
         assert!(message.contains("no_poison"), "{mode:?}: {message}");
         // The statement is atomic: the good row was not written either.
@@ -203,7 +204,7 @@ fn check_violation_is_rejected_with_the_servers_message() {
             store
                 .batch_update(&batch(&[(agent, "a", "fine", 1)]))
                 .unwrap(),
-            1,
+            Written::rows(1),
             "{mode:?}"
         );
         assert_eq!(row(&mut client, agent, "a").unwrap().0, "fine", "{mode:?}");
@@ -222,7 +223,10 @@ fn timestamp_out_of_range_is_rejected() {
     batch.push(agent(1), Metadata::new("a", "v", "", prehistoric));
     let err = store.batch_update(&batch).unwrap_err();
     assert!(
-        matches!(&err, StoreError::Rejected(message) if message.contains("22008")),
+        err.kind() == StoreErrorKind::Rejected && {
+            let message = err.message();
+            message.contains("22008")
+        },
         "{err:?}"
     );
 }
@@ -251,7 +255,8 @@ fn statement_timeout_cancels_a_slow_statement() {
     let err = store
         .batch_update(&batch(&[(agent(1), "a", "v", 1)]))
         .unwrap_err();
-    assert_eq!(err, StoreError::Canceled);
+    assert_eq!(err.kind(), StoreErrorKind::Canceled, "{err:?}");
+    assert_eq!(err.sqlstate(), Some("57014"), "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
@@ -265,7 +270,7 @@ fn statement_timeout_cancels_a_slow_statement() {
         store
             .batch_update(&batch(&[(agent(1), "a", "v", 1)]))
             .unwrap(),
-        1
+        Written::rows(1)
     );
 }
 
@@ -279,7 +284,7 @@ fn terminated_connection_is_reopened_by_a_later_call() {
         store
             .batch_update(&batch(&[(agent(1), "a", "1", 1)]))
             .unwrap(),
-        1
+        Written::rows(1)
     );
 
     assert_eq!(db.terminate("mb-test store"), 1);
@@ -290,13 +295,13 @@ fn terminated_connection_is_reopened_by_a_later_call() {
         store
             .batch_update(&batch(&[(agent(1), "a", "2", 2)]))
             .unwrap(),
-        1
+        Written::rows(1)
     );
     assert_eq!(
         store
             .batch_update(&batch(&[(agent(1), "a", "3", 3)]))
             .unwrap(),
-        1
+        Written::rows(1)
     );
     assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "3");
 }
@@ -312,7 +317,7 @@ fn database_refusing_connections_is_unavailable_until_restored() {
         store
             .batch_update(&batch(&[(agent(1), "a", "1", 1)]))
             .unwrap(),
-        1
+        Written::rows(1)
     );
 
     let mut admin = db.admin();
@@ -329,13 +334,16 @@ fn database_refusing_connections_is_unavailable_until_restored() {
         let err = store
             .batch_update(&batch(&[(agent(1), "a", "2", 2)]))
             .unwrap_err();
-        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(err.kind() == StoreErrorKind::Unavailable, "{err:?}");
     }
     let err = store
         .batch_update(&batch(&[(agent(1), "a", "2", 2)]))
         .unwrap_err();
     assert!(
-        matches!(&err, StoreError::Unavailable(m) if m.contains("55000") && m.contains("not currently accepting connections")),
+        err.kind() == StoreErrorKind::Unavailable && {
+            let m = err.message();
+            m.contains("55000") && m.contains("not currently accepting connections")
+        },
         "{err:?}"
     );
     assert!(
@@ -353,7 +361,7 @@ fn database_refusing_connections_is_unavailable_until_restored() {
         store
             .batch_update(&batch(&[(agent(1), "a", "2", 2)]))
             .unwrap(),
-        1
+        Written::rows(1)
     );
     assert_eq!(
         row(&mut db.client("mb-test check"), agent(1), "a")
@@ -386,7 +394,7 @@ fn interrupt_cancels_a_statement_blocked_on_a_row_lock() {
     db.wait_for_lock_wait("mb-test store");
     interrupt.fire();
     let (mut store, result) = writer.join().unwrap();
-    assert_eq!(result, Err(StoreError::Canceled));
+    assert_eq!(result, Err(StoreError::canceled()));
     // Well below the 10 s statement timeout: the cancel request ended it.
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -399,7 +407,7 @@ fn interrupt_cancels_a_statement_blocked_on_a_row_lock() {
         store
             .batch_update(&batch(&[(agent(1), "a", "v", 1)]))
             .unwrap(),
-        1
+        Written::rows(1)
     );
 }
 
@@ -428,7 +436,7 @@ fn an_interrupt_fired_before_the_statement_starts_stops_it() {
     interrupt.fire();
     let started = Instant::now();
     let result = store.batch_update(&batch(&[(agent(1), "a", "v", 1)]));
-    assert_eq!(result, Err(StoreError::Canceled));
+    assert_eq!(result, Err(StoreError::canceled()));
     // Well below the 2 s lock timeout it would otherwise wait for.
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -444,7 +452,7 @@ fn an_interrupt_fired_before_the_statement_starts_stops_it() {
         store
             .batch_update(&batch(&[(agent(1), "a", "v", 1)]))
             .unwrap(),
-        1
+        Written::rows(1)
     );
 }
 
@@ -452,14 +460,20 @@ fn an_interrupt_fired_before_the_statement_starts_stops_it() {
 fn connect_failures_are_unavailable_and_say_why() {
     let err = PgStore::connect("not a url at all").expect_err("invalid URL");
     assert!(
-        matches!(&err, StoreError::Unavailable(m) if m.contains("invalid PostgreSQL configuration") && m.contains("connection string")),
+        err.kind() == StoreErrorKind::Unavailable && {
+            let m = err.message();
+            m.contains("invalid PostgreSQL configuration") && m.contains("connection string")
+        },
         "{err:?}"
     );
     // Port 1 is never PostgreSQL: the connection is refused at once.
     let err = PgStore::connect("postgres://postgres@127.0.0.1:1/postgres")
         .expect_err("nothing listens on port 1");
     assert!(
-        matches!(&err, StoreError::Unavailable(m) if m.contains("refused")),
+        err.kind() == StoreErrorKind::Unavailable && {
+            let m = err.message();
+            m.contains("refused")
+        },
         "{err:?}"
     );
 
@@ -467,7 +481,10 @@ fn connect_failures_are_unavailable_and_say_why() {
     let db = TestDb::empty();
     let err = PgStore::connect(&db.url).expect_err("no table");
     assert!(
-        matches!(&err, StoreError::Unavailable(m) if m.contains("workspace_agent_metadata")),
+        err.kind() == StoreErrorKind::Unavailable && {
+            let m = err.message();
+            m.contains("workspace_agent_metadata")
+        },
         "{err:?}"
     );
 }
@@ -487,7 +504,7 @@ fn parallel_statements_run_on_sessions_of_their_own_and_one_interrupt_stops_them
             .lock_timeout(Duration::ZERO),
     )
     .unwrap();
-    assert_eq!(store.parallel_batches(), 2);
+    assert_eq!(store.capabilities().parallel_batches(), 2);
     let sessions = |admin: &mut postgres::Client| -> i64 {
         admin
             .query_one(
@@ -504,7 +521,13 @@ fn parallel_statements_run_on_sessions_of_their_own_and_one_interrupt_stops_them
         batch(&[(agent(1), "a", "v1", 1), (agent(2), "a", "v1", 1)]),
         batch(&[(agent(3), "a", "v1", 1), (agent(4), "a", "v1", 1)]),
     ]);
-    assert_eq!(results, [Ok(2), Ok(2)]);
+    assert_eq!(
+        results,
+        [
+            BatchResult::Written(Written::rows(2)),
+            BatchResult::Written(Written::rows(2))
+        ]
+    );
     assert_eq!(sessions(&mut admin), 2);
 
     // Each statement waits on a row another session holds, at the same time.
@@ -533,7 +556,10 @@ fn parallel_statements_run_on_sessions_of_their_own_and_one_interrupt_stops_them
     let (mut store, results) = writer.join().unwrap();
     assert_eq!(
         results,
-        [Err(StoreError::Canceled), Err(StoreError::Canceled)]
+        [
+            BatchResult::Failed(StoreError::canceled()),
+            BatchResult::Failed(StoreError::canceled())
+        ]
     );
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -547,7 +573,13 @@ fn parallel_statements_run_on_sessions_of_their_own_and_one_interrupt_stops_them
         batch(&[(agent(1), "a", "v3", 3)]),
         batch(&[(agent(4), "a", "v3", 3)]),
     ]);
-    assert_eq!(results, [Ok(1), Ok(1)]);
+    assert_eq!(
+        results,
+        [
+            BatchResult::Written(Written::rows(1)),
+            BatchResult::Written(Written::rows(1))
+        ]
+    );
     assert_eq!(row(&mut locker, agent(4), "a").unwrap().0, "v3");
 }
 
@@ -579,22 +611,24 @@ fn a_panic_in_the_client_fails_the_call_as_unavailable_and_the_next_call_reconne
         PgStore::open_config(config, PanickyConnector(panicking.clone()), options(NAME)).unwrap();
     assert_eq!(
         store.batch_update(&batch(&[(agent(1), "a", "1", 1)])),
-        Ok(1)
+        Ok(Written::rows(1))
     );
 
     // The session ends; the next call reconnects, and the connector panics.
     assert_eq!(db.terminate(NAME), 1);
     panicking.store(true, SeqCst);
     let result = store.batch_update(&batch(&[(agent(1), "a", "2", 2)]));
-    let Err(StoreError::Unavailable(message)) = &result else {
+    let Err(error) = &result else {
         panic!("{result:?}");
     };
+    assert_eq!(error.kind(), StoreErrorKind::Unavailable, "{error:?}");
+    let message = error.message();
     assert!(message.contains("panicked"), "{message}");
 
     panicking.store(false, SeqCst);
     assert_eq!(
         store.batch_update(&batch(&[(agent(1), "a", "3", 3)])),
-        Ok(1)
+        Ok(Written::rows(1))
     );
     assert_eq!(row(&mut client, agent(1), "a").unwrap().0, "3");
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use metadata_batcher::postgres::{
     self as mbpg, ConnectErrorKind, PgOptions, PgPublisher, PgStore, PgSubscriber, SubscriberEvent,
 };
-use metadata_batcher::{Batcher, Metadata, METADATA_BATCH_CHANNEL};
+use metadata_batcher::{Batcher, Metadata, Written, METADATA_BATCH_CHANNEL};
 use pg::certs::{Certs, TlsCluster, CERT_USER};
 use pg::{Breakage, BrokenTls};
 use uuid::Uuid;
@@ -197,7 +197,7 @@ fn a_client_certificate_logs_in() {
     use metadata_batcher::Store as _;
     assert_eq!(
         store.batch_update(&batch),
-        Ok(0),
+        Ok(Written::rows(0)),
         "no such row, but allowed"
     );
 

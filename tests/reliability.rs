@@ -9,14 +9,14 @@ use std::time::Duration;
 use common::{agent, at, md, ScriptedStore};
 use metadata_batcher::{
     Batcher, CloseReport, FlushReason, Interrupt, MemoryPubsub, MemoryStore, MockClock, Store,
-    StoreError, METADATA_BATCH_CHANNEL,
+    StoreError, StoreErrorKind, METADATA_BATCH_CHANNEL,
 };
 use proptest::prelude::*;
 
 const INTERVAL: Duration = Duration::from_secs(5);
 
 fn down() -> Option<StoreError> {
-    Some(StoreError::Unavailable("connection refused".into()))
+    Some(StoreError::unavailable("connection refused"))
 }
 
 fn registered(agents: u128, keys: &[&str]) -> MemoryStore {
@@ -107,7 +107,10 @@ fn manual_flush_does_not_wait_out_the_backoff() {
     b.add(agent(0), vec![md("a", "v", 1)]).unwrap();
     let failed = b.flush().unwrap();
     assert_eq!((failed.stored, failed.retained), (0, 1));
-    assert!(matches!(failed.error, Some(StoreError::Unavailable(_))));
+    assert_eq!(
+        failed.error.as_ref().map(StoreError::kind),
+        Some(StoreErrorKind::Unavailable)
+    );
     store.set_outage(None);
     let report = b.flush().unwrap();
     assert_eq!((report.reason, report.stored), (FlushReason::Manual, 1));
@@ -121,7 +124,7 @@ fn canceled_statements_are_retried() {
     let store = ScriptedStore::new(move |batch| {
         calls += 1;
         if calls == 1 {
-            Err(StoreError::Canceled)
+            Err(StoreError::canceled())
         } else {
             Ok(batch.len() as u64)
         }
@@ -257,7 +260,7 @@ fn close_during_an_outage_retries_until_its_deadline_and_reports_what_it_could_n
     // Each failed call takes a second of the outage's time.
     let store = ScriptedStore::new(move |_| {
         store_clock.advance(Duration::from_secs(1));
-        Err(StoreError::Unavailable("connection refused".into()))
+        Err::<u64, _>(StoreError::unavailable("connection refused"))
     });
     let calls = store.calls.clone();
     let (b, report) = ten_entries_then_close(store, &clock);
@@ -286,7 +289,7 @@ fn close_retries_what_the_final_flush_could_not_write() {
         if failures > 0 {
             failures -= 1;
             store_clock.advance(Duration::from_secs(1));
-            return Err(StoreError::Unavailable("the server is restarting".into()));
+            return Err(StoreError::unavailable("the server is restarting"));
         }
         writer.batch_update(batch)
     });
@@ -314,7 +317,7 @@ fn close_waits_out_the_retry_backoff_on_the_injected_clock() {
         if failures > 0 {
             failures -= 1;
             failed_tx.send(()).unwrap();
-            return Err(StoreError::Unavailable("connection refused".into()));
+            return Err(StoreError::unavailable("connection refused"));
         }
         writer.batch_update(batch)
     });
@@ -360,7 +363,7 @@ fn close_interrupts_a_hung_store_at_the_final_flush_timeout() {
         // A database that hangs: the time passes, and only an interrupt ends the call.
         store_clock.advance(Duration::from_secs(15));
         interrupted.recv().ok();
-        Err(StoreError::Canceled)
+        Err::<u64, _>(StoreError::canceled())
     })
     .with_interrupt(move || {
         let interrupt_tx = interrupt_tx.clone();

@@ -5,15 +5,17 @@
 
 use std::time::{Duration, SystemTime};
 
-use metadata_batcher::{Metadata, MetadataBatch, PublishError, Publisher, Store, StoreError};
+use metadata_batcher::{
+    Metadata, MetadataBatch, PublishError, Publisher, Store, StoreError, Written,
+};
 use uuid::Uuid;
 
 /// A store that accepts every row and does nothing, so the worker is all that is measured.
 pub struct NoopStore;
 
 impl Store for NoopStore {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        Ok(batch.len() as u64)
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
+        Ok(Written::rows(batch.len() as u64))
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use metadata_batcher::postgres::{PgSubscriber, SubscriberEvent};
-use metadata_batcher::{Interrupt, MetadataBatch, Store, StoreError};
+use metadata_batcher::{BatchResult, MetadataBatch, Observer, StoreCall};
 
 use super::load;
 
@@ -115,47 +115,21 @@ impl Observed {
     }
 }
 
-/// The real store, watched; see the module docs. Every optional method is forwarded, so
-/// the batcher sees the store's own conflicts, sizing and parallel statements.
-pub struct Watched<S> {
-    pub inner: S,
+/// Watches the real store through `Observe`, which forwards every optional method, so the
+/// batcher sees the store's own interrupts, sizing and parallel statements; see the module
+/// docs.
+pub struct Watched {
     pub replica: usize,
     pub observed: Arc<Observed>,
 }
 
-impl<S: Store> Store for Watched<S> {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        let result = self.inner.batch_update(batch);
-        if result.is_ok() {
-            self.observed.record(self.replica, batch);
-        }
-        result
-    }
-
-    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
-        let results = self.inner.batch_update_many(batches);
-        for (batch, result) in batches.iter().zip(&results) {
-            if result.is_ok() {
+impl Observer for Watched {
+    fn after(&mut self, call: &StoreCall<'_>) {
+        for (batch, result) in call.batches.iter().zip(call.results) {
+            if let BatchResult::Written(_) = result {
                 self.observed.record(self.replica, batch);
             }
         }
-        results
-    }
-
-    fn interrupt_handle(&mut self) -> Option<Interrupt> {
-        self.inner.interrupt_handle()
-    }
-
-    fn conflicts(&self) -> u64 {
-        self.inner.conflicts()
-    }
-
-    fn max_batch_rows(&self) -> Option<usize> {
-        self.inner.max_batch_rows()
-    }
-
-    fn parallel_batches(&self) -> usize {
-        self.inner.parallel_batches()
     }
 }
 

@@ -63,7 +63,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metadata_batcher::postgres::{PgOptions, PgPublisher, PgStore, PgSubscriber};
 use metadata_batcher::{
-    Batcher, Metadata, DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
+    Batcher, Metadata, Observe, DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
     METADATA_BATCH_CHANNEL,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -247,11 +247,13 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
             .map_err(|err| format!("replica {replica}: PgStore::open: {err}"))?;
         let publisher = PgPublisher::open(&url, options(replica, "publisher"))
             .map_err(|err| format!("replica {replica}: PgPublisher::open: {err}"))?;
-        let watched = Watched {
-            inner: store,
-            replica,
-            observed: observed.clone(),
-        };
+        let watched = Observe::new(
+            store,
+            Watched {
+                replica,
+                observed: observed.clone(),
+            },
+        );
         batchers.push(Arc::new(
             Batcher::builder(watched, publisher)
                 .retry_backoff(

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 use uuid::Uuid;
 
-use crate::{MetadataBatch, Store, StoreError};
+use crate::{MetadataBatch, Store, StoreError, Written};
 
 /// A row of the in-memory table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +46,7 @@ struct Table {
 /// let mut batch = MetadataBatch::default();
 /// batch.push(agent, Metadata::new("cpu", "42%", "", SystemTime::now()));
 /// batch.push(agent, Metadata::new("invented", "x", "", SystemTime::now()));
-/// assert_eq!(store.batch_update(&batch).unwrap(), 1); // only registered rows are updated
+/// assert_eq!(store.batch_update(&batch).unwrap().updated(), 1); // only registered rows are updated
 /// assert_eq!(store.get(agent, "cpu").unwrap().value, "42%");
 /// assert!(store.get(agent, "invented").is_none());
 /// ```
@@ -103,7 +103,7 @@ impl MemoryStore {
     }
 
     /// Simulates a CHECK constraint: a statement holding any row for which `check` returns
-    /// an error fails as a whole with [`StoreError::Rejected`], as PostgreSQL does.
+    /// an error fails as a whole with [`StoreErrorKind::Rejected`](crate::StoreErrorKind::Rejected), as PostgreSQL does.
     /// `check` gets the row's agent ID, key and value.
     pub fn set_check(
         &self,
@@ -114,7 +114,7 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
         let mut table = self.table.lock();
         table.statements += 1;
         if let Some(error) = &table.outage {
@@ -123,7 +123,7 @@ impl Store for MemoryStore {
         if let Some(check) = &table.check {
             for i in 0..batch.len() {
                 check(batch.agent_ids[i], &batch.keys[i], &batch.values[i])
-                    .map_err(StoreError::Rejected)?;
+                    .map_err(StoreError::rejected)?;
             }
         }
         let mut updated = 0;
@@ -144,6 +144,6 @@ impl Store for MemoryStore {
                 updated += 1;
             }
         }
-        Ok(updated)
+        Ok(Written::rows(updated))
     }
 }

@@ -1,7 +1,7 @@
 //! How a PostgreSQL error is classified and described, and [`ConnectError`].
 //!
 //! The classification decides what the batcher does with a batch, so it errs towards
-//! [`StoreError::Unavailable`]: calling an outage "rejected" would make the batcher throw good
+//! [`StoreErrorKind::Unavailable`](crate::StoreErrorKind::Unavailable): calling an outage "rejected" would make the batcher throw good
 //! rows away, while calling bad data "unavailable" only costs retries.
 
 use std::error::Error as StdError;
@@ -79,14 +79,21 @@ pub(crate) fn describe(err: &postgres::Error) -> String {
     message
 }
 
-pub(crate) fn store_error(class: Class, message: String) -> StoreError {
-    match class {
-        Class::Rejected => StoreError::Rejected(message),
-        // Retries ran out: the rows are kept, and a split makes smaller statements that
-        // conflict less.
-        Class::Canceled | Class::Conflict => StoreError::Canceled,
-        Class::Unavailable => StoreError::Unavailable(message),
+/// The store error for a failed statement: its kind from `class`, the server's words, the
+/// SQLSTATE and the error itself as the source.
+pub(crate) fn store_error(class: Class, err: postgres::Error) -> StoreError {
+    let error = match class {
+        Class::Rejected => StoreError::rejected(describe(&err)),
+        Class::Canceled => StoreError::canceled(),
+        // Only once the store's own retries ran out (see `postgres::store`).
+        Class::Conflict => StoreError::conflicts_exhausted(),
+        Class::Unavailable => StoreError::unavailable(describe(&err)),
+    };
+    match err.code() {
+        Some(code) => error.with_sqlstate(code.code()),
+        None => error,
     }
+    .with_source(err)
 }
 
 /// Why a store, publisher or subscriber could not connect.

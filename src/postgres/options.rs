@@ -31,7 +31,7 @@ use std::time::Duration;
 pub struct PgOptions {
     /// The server-side `statement_timeout` of every statement: a statement still running
     /// after it is canceled by the server and fails with
-    /// [`StoreError::Canceled`](crate::StoreError::Canceled). `Duration::ZERO` disables it
+    /// [`StoreErrorKind::Canceled`](crate::StoreErrorKind::Canceled). `Duration::ZERO` disables it
     /// (and with it the client-side deadline below). Default 10 s.
     pub statement_timeout: Duration,
     /// How long one connection attempt may take in all: TCP connect, TLS handshake,
@@ -90,7 +90,7 @@ pub struct PgOptions {
     /// The most rows one statement of [`PgStore`](super::PgStore) carries. A flush that
     /// carries more than the batcher's `batch_size` goes out in statements sized so that
     /// the network's round trip is at most a tenth of each (see
-    /// [`Store::max_batch_rows`](crate::Store::max_batch_rows)), up to this bound: at most
+    /// [`Capabilities::with_max_batch_rows`](crate::Capabilities::with_max_batch_rows)), up to this bound: at most
     /// a few hundred milliseconds of row locks at a few microseconds a row. Below the
     /// batcher's `batch_size` it has no effect. Default 20,000.
     pub max_statement_rows: usize,
@@ -102,7 +102,7 @@ pub struct PgOptions {
     /// transaction-mode pooler, that many of its server connections while a backlog lasts);
     /// the sessions past the first are opened when a backlog first needs them. A flush that
     /// fits one statement uses one session. See
-    /// [`Store::parallel_batches`](crate::Store::parallel_batches). 0 is refused. Default 2.
+    /// [`Capabilities::with_parallel_batches`](crate::Capabilities::with_parallel_batches). 0 is refused. Default 2.
     pub parallel_statements: usize,
 }
 

@@ -7,11 +7,11 @@ use postgres::types::{ToSql, Type};
 use postgres::Config;
 
 use super::connector::{Connector, TlsConnector};
-use super::error::{classify, describe, store_error, Class, ConnectError};
+use super::error::{classify, store_error, Class, ConnectError};
 use super::session::{Failure, StatementSession, StatementSpec};
 use super::statement_params::Encoded;
 use super::{NoAnswer, PgOptions, DEFAULT_TABLE};
-use crate::{Interrupt, MetadataBatch, Store, StoreError};
+use crate::{BatchResult, Capabilities, Interrupt, MetadataBatch, Store, StoreError, Written};
 
 /// The one statement a flush runs, on the default table. The five arrays travel in binary
 /// and are zipped back into rows by `unnest`, so a batch of any size is one round trip of
@@ -79,12 +79,12 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
 /// [`open_config`](Self::open_config) takes your own `postgres::Config` and TLS connector.
 /// Both fail with a [`ConnectError`] that tells a configuration problem from an outage.
 /// [`connect`](Self::connect) and [`connect_with`](Self::connect_with) are the same with the
-/// error flattened into [`StoreError::Unavailable`].
+/// error flattened into an unavailable [`StoreError`].
 ///
 /// **Every call is bounded** (see `docs/design.md`): connecting by `connect_timeout`, each
 /// statement by `statement_timeout + deadline_margin`, past which a cancel request is sent,
 /// the session closed and the call fails as unavailable. A lock held elsewhere fails the
-/// statement after `lock_timeout` with [`StoreError::Canceled`], and the batcher splits the
+/// statement after `lock_timeout` as [`StoreErrorKind::Canceled`](crate::StoreErrorKind::Canceled), and the batcher splits the
 /// batch so the other rows are written.
 ///
 /// **A backlog goes out in parallel statements**, one per session, up to
@@ -97,7 +97,7 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
 /// sat idle finds that the server had ended it meanwhile (`pg_terminate_backend`, a restart,
 /// an idle timeout), the store opens a new session and runs the update once more, which
 /// cannot write anything twice (the update is idempotent under its `collected_at` guard).
-/// After any other [`Unavailable`](StoreError::Unavailable) error the session is dropped and
+/// After any other [`Unavailable`](crate::StoreErrorKind::Unavailable) error the session is dropped and
 /// the *next* call reconnects. Pacing those retries is the batcher's job.
 ///
 /// ```no_run
@@ -112,20 +112,19 @@ pub(crate) fn quote_table(table: &str) -> Result<String, ConnectError> {
 /// )?;
 /// let mut batch = MetadataBatch::default();
 /// batch.push(Uuid::from_u128(1), Metadata::new("cpu", "42%", "", SystemTime::now()));
-/// let updated = store.batch_update(&batch)?;
+/// let updated = store.batch_update(&batch)?.updated();
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct PgStore {
     /// The first writes every flush that fits one statement; the others join it, one
     /// statement each, for a backlog ([`PgOptions::parallel_statements`]).
     sessions: Vec<StatementSession>,
-    /// Statements run again after a conflict with another writer; see [`Store::conflicts`].
-    conflicts: u64,
 }
 
 /// How many times a statement that conflicted with another writer's transaction (a
 /// deadlock, a serialization failure) is run again, after a short pause, on the same
-/// session, before its rows go back to the batcher as [`StoreError::Canceled`]. The
+/// session, before its rows go back to the batcher as
+/// [`StoreErrorKind::ConflictsExhausted`](crate::StoreErrorKind::ConflictsExhausted). The
 /// batcher's own statements lock rows in one order and do not conflict with each other, so
 /// a conflict comes from another writer: its transaction has moved on once the server has
 /// aborted this one (a deadlock is found after `deadlock_timeout`, 1 s by default), and
@@ -144,11 +143,12 @@ impl PgStore {
         Self::connect_with(url, PgOptions::default())
     }
 
-    /// [`open`](Self::open), with the error flattened into [`StoreError::Unavailable`] (its
+    /// [`open`](Self::open), with the error flattened into an unavailable [`StoreError`] (its
     /// message says what was wrong), for callers that do not tell configuration problems
     /// from outages.
     pub fn connect_with(url: &str, options: PgOptions) -> Result<PgStore, StoreError> {
-        Self::open(url, options).map_err(|err| StoreError::Unavailable(err.to_string()))
+        Self::open(url, options)
+            .map_err(|err| StoreError::unavailable(err.to_string()).with_source(err))
     }
 
     /// Connects to a libpq connection string (a `postgres://` URL or `key=value` pairs).
@@ -200,7 +200,6 @@ impl PgStore {
         }
         Ok(PgStore {
             sessions: vec![StatementSession::connect(connector, statement)?],
-            conflicts: 0,
         })
     }
 }
@@ -221,22 +220,22 @@ fn encode(batch: &MetadataBatch) -> Result<Vec<Encoded>, Box<dyn std::error::Err
         .collect()
 }
 
-/// Writes `batch` on `session`, running it again after a conflict with another writer;
-/// returns the result and how many times it ran again. Runs inside the session's runtime.
+/// Writes `batch` on `session`, running it again after a conflict with another writer; the
+/// result says how many times it ran again. Runs inside the session's runtime.
 async fn write(
     session: &mut StatementSession,
     batch: &MetadataBatch,
-) -> (Result<u64, StoreError>, u64) {
+) -> Result<Written, StoreError> {
     let params = match encode(batch) {
         Ok(params) => params,
         Err(err) => {
             let message = format!("a value cannot be sent to PostgreSQL: {err}");
-            return (Err(StoreError::Rejected(message)), 0);
+            return Err(StoreError::rejected(message));
         }
     };
     let mut retries = 0;
     // No log line here: the batcher logs each failed call once, with the rows it held, and
-    // the conflicts it reads from `conflicts`.
+    // the conflicts the result carries.
     loop {
         match session.execute_async(&params).await {
             Err(Failure::Statement(err))
@@ -248,7 +247,13 @@ async fn write(
                 tokio::time::sleep(CONFLICT_PAUSE * (1 << retries)).await;
                 retries += 1;
             }
-            result => return (result_to_store(result), retries.into()),
+            result => {
+                let retries = u64::from(retries);
+                return match result_to_store(result) {
+                    Ok(written) => Ok(written.with_conflicts(retries)),
+                    Err(err) => Err(err.with_conflicts(retries)),
+                };
+            }
         }
     }
 }
@@ -256,7 +261,7 @@ async fn write(
 impl PgStore {
     /// Writes `batches` at once, one per session, on the sessions' shared runtime: their
     /// statements go out together and this thread waits for all the answers.
-    fn write_at_once(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+    fn write_at_once(&mut self, batches: &[MetadataBatch]) -> Vec<BatchResult> {
         // Opened at the first backlog that needs them: a replica that keeps up holds one
         // connection.
         while self.sessions.len() < batches.len() {
@@ -270,13 +275,7 @@ impl PgStore {
             .zip(batches)
             .map(|(session, batch)| write(session, batch));
         match runtime.block_on_caught(futures_util::future::join_all(writes)) {
-            Ok(outcomes) => outcomes
-                .into_iter()
-                .map(|(result, conflicts)| {
-                    self.conflicts += conflicts;
-                    result
-                })
-                .collect(),
+            Ok(outcomes) => outcomes.into_iter().map(BatchResult::from).collect(),
             Err(no_answer) => {
                 self.sessions
                     .iter_mut()
@@ -284,7 +283,7 @@ impl PgStore {
                 let message = no_answer.describe();
                 batches
                     .iter()
-                    .map(|_| Err(StoreError::Unavailable(message.clone())))
+                    .map(|_| BatchResult::Failed(StoreError::unavailable(message.clone())))
                     .collect()
             }
         }
@@ -292,14 +291,17 @@ impl PgStore {
 }
 
 impl Store for PgStore {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
-        self.write_at_once(std::slice::from_ref(batch))
-            .pop()
-            .expect("one result per batch")
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
+        match self.write_at_once(std::slice::from_ref(batch)).pop() {
+            Some(BatchResult::Written(written)) => Ok(written),
+            Some(BatchResult::Failed(err)) => Err(err),
+            // `write_at_once` answers every batch it is given.
+            _ => Err(StoreError::unavailable("the statement was not run")),
+        }
     }
 
     /// Cancels the running statements with PostgreSQL's cancel request and stops waiting
-    /// for them at once; the call fails with [`StoreError::Canceled`] and the sessions are
+    /// for them at once; the call fails as canceled and the sessions are
     /// replaced. Fired before the call's statements start (while their parameters are
     /// encoded, say), it stops them as they start; fired after the call returned, it
     /// stops the next call, unless a new handle is taken first (the batcher takes one
@@ -320,33 +322,29 @@ impl Store for PgStore {
         }))
     }
 
-    /// Deadlocks (40P01) and serialization failures (40001) run again, on the same session,
-    /// up to three times per statement.
-    fn conflicts(&self) -> u64 {
-        self.conflicts
-    }
-
-    /// [`PgOptions::max_statement_rows`].
-    fn max_batch_rows(&self) -> Option<usize> {
-        Some(self.sessions[0].connector().options.max_statement_rows)
-    }
-
-    /// [`PgOptions::parallel_statements`].
-    fn parallel_batches(&self) -> usize {
-        self.sessions[0].connector().options.parallel_statements
+    /// [`PgOptions::max_statement_rows`] rows a statement, and
+    /// [`PgOptions::parallel_statements`] statements at once.
+    fn capabilities(&self) -> Capabilities {
+        let options = &self.sessions[0].connector().options;
+        Capabilities::default()
+            .with_max_batch_rows(options.max_statement_rows)
+            .with_parallel_batches(options.parallel_statements)
     }
 
     /// Each group of up to [`PgOptions::parallel_statements`] batches at once, one per
-    /// session; stops after a group in which the database was unavailable.
-    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+    /// session; after a group in which the database was unavailable, the rest are not
+    /// tried.
+    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<BatchResult> {
+        let parallel = self.capabilities().parallel_batches();
         let mut results = Vec::with_capacity(batches.len());
-        for group in batches.chunks(self.parallel_batches()) {
-            results.extend(self.write_at_once(group));
-            if results
+        for group in batches.chunks(parallel) {
+            let unavailable = results
                 .iter()
-                .any(|result| matches!(result, Err(StoreError::Unavailable(_))))
-            {
-                break;
+                .any(|result| matches!(result, BatchResult::Failed(err) if err.is_unavailable()));
+            if unavailable {
+                results.extend(group.iter().map(|_| BatchResult::NotTried));
+            } else {
+                results.extend(self.write_at_once(group));
             }
         }
         results
@@ -354,13 +352,13 @@ impl Store for PgStore {
 }
 
 /// A session's answer as the batcher reads it.
-fn result_to_store(result: Result<u64, Failure>) -> Result<u64, StoreError> {
+fn result_to_store(result: Result<u64, Failure>) -> Result<Written, StoreError> {
     match result {
-        Ok(updated) => Ok(updated),
-        Err(Failure::Open(err)) => Err(StoreError::Unavailable(err.to_string())),
-        Err(Failure::Statement(err)) => Err(store_error(classify(&err), describe(&err))),
-        Err(Failure::NoAnswer(NoAnswer::Aborted)) => Err(StoreError::Canceled),
-        Err(Failure::NoAnswer(no_answer)) => Err(StoreError::Unavailable(no_answer.describe())),
+        Ok(updated) => Ok(Written::rows(updated)),
+        Err(Failure::Open(err)) => Err(StoreError::unavailable(err.to_string()).with_source(err)),
+        Err(Failure::Statement(err)) => Err(store_error(classify(&err), err)),
+        Err(Failure::NoAnswer(NoAnswer::Aborted)) => Err(StoreError::canceled()),
+        Err(Failure::NoAnswer(no_answer)) => Err(StoreError::unavailable(no_answer.describe())),
     }
 }
 

@@ -76,15 +76,15 @@ impl Worker {
         }
         let since = self.batch_since.take();
         self.in_flight = Some((seq, reason, since));
-        let (counters, in_hand) = (&self.shared.counters, self.in_hand);
+        let (counters, in_hand) = (&self.shared.telemetry, self.in_hand);
         self.shared.cancellation.moving_rows(|| {
             counters.in_flight.store(batch.len(), Relaxed);
             counters.batched.store(in_hand, Relaxed);
         });
-        self.shared.counters.in_flight_bytes.store(bytes, Relaxed);
+        self.shared.telemetry.in_flight_bytes.store(bytes, Relaxed);
         self.byte_budget = self.config.max_pending_bytes.saturating_sub(bytes);
-        self.shared.counters.set_oldest_in_flight(since);
-        self.shared.counters.set_oldest_batched(None);
+        self.shared.telemetry.set_oldest_in_flight(since);
+        self.shared.telemetry.set_oldest_batched(None);
         let job = FlushJob { seq, reason, batch };
         match &mut self.flushing {
             Flushing::Inline(flusher) => {
@@ -110,9 +110,9 @@ impl Worker {
     pub(super) fn complete(&mut self, outcome: FlushOutcome) {
         let since = self.in_flight.take().and_then(|(_, _, since)| since);
         self.last_completed = outcome.seq;
-        self.shared.counters.in_flight_bytes.store(0, Relaxed);
+        self.shared.telemetry.in_flight_bytes.store(0, Relaxed);
         self.byte_budget = self.config.max_pending_bytes;
-        self.shared.counters.set_oldest_in_flight(None);
+        self.shared.telemetry.set_oldest_in_flight(None);
         self.count_outcome(outcome.failed);
         self.batch.recycle(outcome.emptied);
         if !outcome.retained.is_empty() {
@@ -121,10 +121,10 @@ impl Worker {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            self.shared.counters.set_oldest_batched(self.batch_since);
+            self.shared.telemetry.set_oldest_batched(self.batch_since);
             self.trim(TrimTo::Bounds);
         }
-        let (counters, batched) = (&self.shared.counters, self.batch.len() + self.in_hand);
+        let (counters, batched) = (&self.shared.telemetry, self.batch.len() + self.in_hand);
         let superseded = self.batch.superseded();
         self.shared.cancellation.moving_rows(|| {
             counters.in_flight.store(0, Relaxed);
@@ -133,7 +133,7 @@ impl Worker {
         });
         // Before anyone waiting on this flush is answered, so they see the gauges after it,
         // and a test that moves a mock clock once `flush()` returns reaches the retry.
-        crate::gauges::update(&self.shared);
+        self.shared.update_gauges();
         self.timer = self.shared.clock.after(self.next_delay());
         let notifier = &self.shared.notifier;
         for reply in self.manual_in_flight.drain(..) {
@@ -173,7 +173,7 @@ impl Worker {
     /// the flush are counted as lost, its waiters are answered, and later flushes fail
     /// (their rows are kept, within the bound) instead of hanging.
     pub(super) fn lose_flusher(&mut self) {
-        let counters = &self.shared.counters;
+        let counters = &self.shared.telemetry;
         let lost = counters.in_flight.swap(0, Relaxed);
         counters.lost_to_panics.fetch_add(lost as u64, Relaxed);
         counters.panics.fetch_add(1, Relaxed);
@@ -202,7 +202,7 @@ impl Worker {
             0
         };
         self.shared
-            .counters
+            .telemetry
             .consecutive_failures
             .store(self.consecutive_failures.into(), Relaxed);
     }

@@ -54,15 +54,15 @@ impl Worker {
     pub(super) fn take_in(&mut self, update: Update) {
         let keys = update.metadata.len();
         self.shared
-            .counters
+            .telemetry
             .taken_in
             .fetch_add(keys as u64, Relaxed);
-        self.shared.counters.queued.fetch_sub(keys, Relaxed);
+        self.shared.telemetry.queued.fetch_sub(keys, Relaxed);
         let agent_id = update.agent_id;
         for (taken, metadata) in update.metadata.into_iter().enumerate() {
             if self.batch_since.is_none() {
                 self.batch_since = Some(self.shared.clock.now());
-                self.shared.counters.set_oldest_batched(self.batch_since);
+                self.shared.telemetry.set_oldest_batched(self.batch_since);
             }
             self.batch.insert(agent_id, metadata);
             let len = self.batch.len();
@@ -83,7 +83,7 @@ impl Worker {
                 self.trim(TrimTo::BelowByteBound);
             }
         }
-        let counters = &self.shared.counters;
+        let counters = &self.shared.telemetry;
         counters.batched.store(self.batch.len(), Relaxed);
         counters.superseded.store(self.batch.superseded(), Relaxed);
     }

@@ -21,7 +21,7 @@ impl Worker {
     /// byte bound less what the flush in flight still holds (the flusher releases each chunk
     /// as it is written, so the budget is refreshed here).
     pub(super) fn trim(&mut self, to: TrimTo) {
-        let in_flight = self.shared.counters.in_flight_bytes.load(Relaxed);
+        let in_flight = self.shared.telemetry.in_flight_bytes.load(Relaxed);
         let budget = self.config.max_pending_bytes.saturating_sub(in_flight);
         self.byte_budget = budget;
         let max_entries = self.config.max_pending;
@@ -38,16 +38,9 @@ impl Worker {
         if self.batch.is_empty() {
             // Nothing waits: `health()` must not report the age of what was dropped.
             self.batch_since = None;
-            self.shared.counters.set_oldest_batched(None);
+            self.shared.telemetry.set_oldest_batched(None);
         }
-        self.shared
-            .counters
-            .retention_dropped
-            .fetch_add(dropped as u64, Relaxed);
-        self.shared
-            .metrics
-            .retention_dropped
-            .increment(dropped as u64);
+        self.shared.telemetry.retention_dropped(dropped as u64);
         let max_entries = (max_entries != usize::MAX).then_some(max_entries);
         // While a flush in flight holds nearly all of the byte bound, every insert trims.
         let now = self.shared.clock.now();

@@ -33,7 +33,7 @@ impl Worker {
         // After `close` has given up, it has recorded what was unwritten when it did, and
         // its report says the same: the worker does not change it afterwards.
         let recorded = self.shared.cancellation.unless_abandoned(|| {
-            let counters = &self.shared.counters;
+            let counters = &self.shared.telemetry;
             counters
                 .unwritten_at_shutdown
                 .store(unwritten as u64, Relaxed);
@@ -46,7 +46,7 @@ impl Worker {
                 "metadata batcher closed with entries it could not write"
             );
         }
-        self.shared.counters.worker_alive.store(false, Relaxed);
+        self.shared.telemetry.worker_alive.store(false, Relaxed);
         self.end_flushing();
     }
 
@@ -72,7 +72,7 @@ impl Worker {
     /// which is what `close` then reports. Runs no user code but logging.
     pub(super) fn die(&mut self, message: &str) {
         let shared = self.shared.clone();
-        let counters = &shared.counters;
+        let counters = &shared.telemetry;
         counters.panics.fetch_add(1, Relaxed);
         // First, so that no caller answered below sees the worker alive.
         counters.worker_alive.store(false, Relaxed);

@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use metadata_batcher::{Interrupt, Metadata, MetadataBatch, Store, StoreError};
+use metadata_batcher::{
+    BatchResult, Capabilities, Interrupt, Metadata, MetadataBatch, Store, StoreError, Written,
+};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
-type Behaviour = dyn FnMut(&MetadataBatch) -> Result<u64, StoreError> + Send;
+type Behaviour = dyn FnMut(&MetadataBatch) -> Result<Written, StoreError> + Send;
 
 /// A store whose calls run a closure and are recorded.
 pub struct ScriptedStore {
@@ -27,7 +29,7 @@ struct OneByOne {
 }
 
 impl Store for OneByOne {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
         self.calls.lock().push(batch.clone());
         (self.behaviour)(batch)
     }
@@ -49,15 +51,16 @@ impl ScriptedStore {
         Self::new(|batch| Ok(batch.len() as u64))
     }
 
-    pub fn new(
-        behaviour: impl FnMut(&MetadataBatch) -> Result<u64, StoreError> + Send + 'static,
+    /// `behaviour` answers rows updated (a `u64`) or a [`Written`].
+    pub fn new<W: Into<Written>>(
+        mut behaviour: impl FnMut(&MetadataBatch) -> Result<W, StoreError> + Send + 'static,
     ) -> Self {
         let calls = Arc::new(Mutex::new(Vec::new()));
         ScriptedStore {
             calls: calls.clone(),
             one_by_one: OneByOne {
                 calls,
-                behaviour: Box::new(behaviour),
+                behaviour: Box::new(move |batch| behaviour(batch).map(Into::into)),
             },
             interrupt: None,
             max_batch_rows: None,
@@ -94,7 +97,7 @@ impl ScriptedStore {
 }
 
 impl Store for ScriptedStore {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
         self.one_by_one.batch_update(batch)
     }
 
@@ -102,15 +105,18 @@ impl Store for ScriptedStore {
         self.interrupt.as_mut().map(|make| make())
     }
 
-    fn max_batch_rows(&self) -> Option<usize> {
-        self.max_batch_rows
+    fn capabilities(&self) -> Capabilities {
+        let capabilities =
+            Capabilities::default().with_parallel_batches(self.parallel.batches.unwrap_or(1));
+        match self.max_batch_rows {
+            Some(rows) => capabilities.with_max_batch_rows(rows),
+            None => capabilities,
+        }
     }
 
-    fn parallel_batches(&self) -> usize {
-        self.parallel.batches.unwrap_or(1)
-    }
-
-    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+    /// With [`trying_only`](ScriptedStore::trying_only), answers a shorter list than it was
+    /// given, which the batcher reads as "the rest were not tried".
+    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<BatchResult> {
         self.parallel.groups.lock().push(batches.len());
         let tries = self.parallel.tries.unwrap_or(batches.len());
         self.one_by_one

@@ -11,7 +11,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use metadata_batcher::{Interrupt, MetadataBatch, MockClock, Store, StoreError};
+use metadata_batcher::{
+    BatchResult, Capabilities, Interrupt, MetadataBatch, MockClock, Store, StoreError,
+    StoreErrorKind, Written,
+};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
@@ -156,36 +159,43 @@ impl SimStore {
         true
     }
 
-    fn statement(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+    /// One statement; its result carries the conflicts it ran into.
+    fn statement(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
+        self.conflicts = 0;
+        match self.run(batch) {
+            Ok(updated) => Ok(Written::rows(updated).with_conflicts(self.conflicts)),
+            Err(error) => Err(error.with_conflicts(self.conflicts)),
+        }
+    }
+
+    fn run(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
         let fault = self.draw();
         let timeout = self.table.lock().final_flush_timeout;
         if let Some(kind) = fault.kind() {
             seen::count(kind);
         }
         match fault {
-            Fault::Unavailable => {
-                return Err(StoreError::Unavailable("sim: connection refused".into()))
-            }
+            Fault::Unavailable => return Err(StoreError::unavailable("sim: connection refused")),
             Fault::Panic => panic!("sim: store panicked"),
             Fault::Canceled => {
                 self.take_time(LOCK_TIMEOUT);
-                return Err(StoreError::Canceled);
+                return Err(StoreError::canceled());
             }
             Fault::ConflictsExhausted => {
                 self.conflicts += 3;
-                return Err(StoreError::Canceled);
+                return Err(StoreError::conflicts_exhausted());
             }
             Fault::Slow => {
                 let d = Duration::from_millis(self.rng.range(1, 100));
                 if !self.take_time(d) {
-                    return Err(StoreError::Canceled);
+                    return Err(StoreError::canceled());
                 }
             }
             Fault::Hang => {
                 let d = timeout.mul_f64(self.rng.range(1, 300) as f64 / 100.0);
                 if !self.take_time(d) {
                     seen::count("hang interrupted");
-                    return Err(StoreError::Canceled);
+                    return Err(StoreError::canceled());
                 }
             }
             Fault::Conflict => self.conflicts += 1,
@@ -195,7 +205,7 @@ impl SimStore {
         for i in 0..batch.len() {
             if batch.values[i].starts_with(POISON) {
                 seen::count("row refused");
-                return Err(StoreError::Rejected(format!(
+                return Err(StoreError::rejected(format!(
                     "sim: check violation on {}/{}",
                     batch.agent_ids[i], batch.keys[i]
                 )));
@@ -210,9 +220,9 @@ impl SimStore {
             seen::count("row locked");
             drop(table);
             if !self.take_time(LOCK_TIMEOUT) {
-                return Err(StoreError::Canceled);
+                return Err(StoreError::canceled());
             }
-            return Err(StoreError::Canceled);
+            return Err(StoreError::canceled());
         }
         let mut updated = 0;
         for i in 0..batch.len() {
@@ -228,8 +238,8 @@ impl SimStore {
             }
         }
         if fault == Fault::LostCommit {
-            return Err(StoreError::Unavailable(
-                "sim: connection lost after the commit".into(),
+            return Err(StoreError::unavailable(
+                "sim: connection lost after the commit",
             ));
         }
         let agents = batch.agent_ids.iter().copied();
@@ -239,7 +249,7 @@ impl SimStore {
 }
 
 impl Store for SimStore {
-    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<u64, StoreError> {
+    fn batch_update(&mut self, batch: &MetadataBatch) -> Result<Written, StoreError> {
         let result = self.statement(batch);
         self.interrupted = None;
         result
@@ -253,19 +263,17 @@ impl Store for SimStore {
         }))
     }
 
-    fn conflicts(&self) -> u64 {
-        self.conflicts
+    fn capabilities(&self) -> Capabilities {
+        let capabilities = Capabilities::default().with_parallel_batches(self.parallel);
+        match self.max_batch_rows {
+            Some(rows) => capabilities.with_max_batch_rows(rows),
+            None => capabilities,
+        }
     }
 
-    fn max_batch_rows(&self) -> Option<usize> {
-        self.max_batch_rows
-    }
-
-    fn parallel_batches(&self) -> usize {
-        self.parallel
-    }
-
-    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<Result<u64, StoreError>> {
+    /// In `Chaos`, sometimes answers for only the first batches: the batcher must read the
+    /// missing answers as "not tried".
+    fn batch_update_many(&mut self, batches: &[MetadataBatch]) -> Vec<BatchResult> {
         let short = {
             let table = self.table.lock();
             table.profile == Profile::Chaos && self.rng.chance(table.rates.short_results)
@@ -280,8 +288,8 @@ impl Store for SimStore {
         };
         let mut results = Vec::with_capacity(tries);
         for batch in &batches[..tries] {
-            let result = self.statement(batch);
-            let unavailable = matches!(result, Err(StoreError::Unavailable(_)));
+            let result = BatchResult::from(self.statement(batch));
+            let unavailable = matches!(&result, BatchResult::Failed(error) if error.kind() == StoreErrorKind::Unavailable);
             results.push(result);
             if unavailable {
                 break;

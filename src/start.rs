@@ -15,9 +15,9 @@ use std::thread;
 
 use parking_lot::Mutex;
 
+use crate::announcer::Announcer;
 use crate::batcher::Inner;
 use crate::builder::Builder;
-use crate::announcer::Announcer;
 use crate::flusher::Flusher;
 use crate::shared::Shared;
 use crate::worker::{Flushing, Worker, WorkerConfig};
@@ -48,7 +48,8 @@ impl Batcher {
             retry_backoff_max: builder.retry_backoff_max,
         };
         let shared = Shared::new(builder.clock, &builder.metric_labels, builder.interval);
-        crate::shared::spawn_gauges(&shared, thread_name(&name, "gauges")).map_err(BuildError::Spawn)?;
+        crate::shared::spawn_gauges(&shared, thread_name(&name, "gauges"))
+            .map_err(BuildError::Spawn)?;
         // Every message carries at least one key, so a channel of `channel_capacity`
         // messages never refuses a send that the key budget admitted.
         let (updates, updates_rx) = crossbeam_channel::bounded(channel_capacity);
@@ -65,9 +66,12 @@ impl Batcher {
                 builder.batch_size,
             )),
             FlushMode::Pipelined => {
-                let announcer =
-                    Announcer::spawn(builder.publisher, shared.clone(), thread_name(&name, "notify"))
-                        .map_err(BuildError::Spawn)?;
+                let announcer = Announcer::spawn(
+                    builder.publisher,
+                    shared.clone(),
+                    thread_name(&name, "notify"),
+                )
+                .map_err(BuildError::Spawn)?;
                 let flusher =
                     Flusher::new(builder.store, announcer, shared.clone(), builder.batch_size);
                 let (jobs, jobs_rx) = crossbeam_channel::bounded(1);

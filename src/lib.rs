@@ -15,8 +15,11 @@
 //!   flusher completions and control messages. Start reading there.
 //! - `flusher` (private, `src/flusher.rs`): one flush: write, announce, record. Its write
 //!   path is `chunk_writer` (chunks, isolating refused rows, splitting canceled ones) and
-//!   `progress` (every way a flush keeps rows and stops); `announcer` owns the
-//!   `mdbatch-notify` thread; `telemetry` records each event in the totals and the metrics.
+//!   `progress` (every way a flush keeps rows and stops) and `store_call` (one call, panics
+//!   caught); `announcer` and `notifier` own the `{name}-notify` thread; `telemetry` records
+//!   each event in the totals and the metrics.
+//! - `start` (src/start.rs) starts and names the threads; `close` (src/close.rs) is the close
+//!   protocol, with `cancellation` for giving up on a hung store call.
 //! - [`Clock`], [`SystemClock`], [`MockClock`]: every timer and duration comes from an
 //!   injected clock, so tests are deterministic.
 //! - [`Store`], [`Publisher`] and their in-process implementations [`MemoryStore`] and

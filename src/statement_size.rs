@@ -85,7 +85,8 @@ impl StatementSize {
         self.since_probe += 1;
         if self.probing && self.since_probe >= PROBE_EVERY {
             self.since_probe = 0;
-            return self.rows * 3 / 4;
+            // At least one row: at `batch_size(1)` three quarters would be an empty statement.
+            return (self.rows * 3 / 4).max(1);
         }
         self.rows
     }
@@ -167,6 +168,17 @@ mod tests {
             settle(&mut size, Duration::from_millis(50), Duration::ZERO),
             50_000
         );
+    }
+
+    #[test]
+    fn a_probe_at_batch_size_one_still_carries_a_row() {
+        let mut size = StatementSize::new(1, Some(1_000));
+        for _ in 0..50 {
+            let rows = size.next_rows(100);
+            assert!(rows >= 1, "an empty statement");
+            // Every statement costs the same: no fit, so the sizer keeps probing.
+            size.observe(rows, Duration::from_millis(1));
+        }
     }
 
     #[test]

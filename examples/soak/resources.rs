@@ -1,10 +1,12 @@
 //! The soak's monitor: a thread that samples this process's resources (RSS, threads, open
-//! file descriptors, sockets, from `/proc/self`) every [`SAMPLE_EVERY`], and the fleet's
-//! backlog every [`BACKLOG_EVERY`], keeping the peak since the last fault started.
+//! file descriptors, sockets, from `/proc/self`) and the proxies' process's RSS every
+//! [`SAMPLE_EVERY`], and the fleet's backlog every [`BACKLOG_EVERY`], keeping the peak
+//! since the last fault started.
 //!
-//! The process holds the batchers, the subscribers and the two proxies: the proxies'
-//! threads and sockets (two each per connection) come and go with the sessions they carry,
-//! so they return to their baseline when the sessions do.
+//! This process holds the fleet (batchers, stores, publishers, subscribers) and the
+//! harness's records of it (fixed-size histograms, a sample a second, a few records per
+//! fault); the proxies, whose threads, sockets and buffers come and go with every
+//! connection, run in a process of their own, sampled apart.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -23,22 +25,26 @@ const BACKLOG_EVERY: Duration = Duration::from_millis(100);
 pub struct Sample {
     pub at: Instant,
     pub rss_kib: u64,
+    /// The proxies' process's.
+    pub proxies_rss_kib: u64,
     pub threads: u64,
     pub fds: u64,
     pub sockets: u64,
 }
 
+/// A number field (e.g. `VmRSS:`) of `/proc/{process}/status`; 0 when unreadable.
+fn status_field(process: &str, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
 impl Sample {
-    fn take() -> Sample {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(0)
-        };
+    fn take(proxies_pid: u32) -> Sample {
         let (mut fds, mut sockets) = (0, 0);
         for fd in std::fs::read_dir("/proc/self/fd")
             .into_iter()
@@ -54,8 +60,9 @@ impl Sample {
         }
         Sample {
             at: Instant::now(),
-            rss_kib: field("VmRSS:"),
-            threads: field("Threads:"),
+            rss_kib: status_field("self", "VmRSS:"),
+            proxies_rss_kib: status_field(&proxies_pid.to_string(), "VmRSS:"),
+            threads: status_field("self", "Threads:"),
             fds,
             sockets,
         }
@@ -70,7 +77,7 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn start(batchers: Vec<Arc<Batcher>>) -> Result<Monitor, String> {
+    pub fn start(batchers: Vec<Arc<Batcher>>, proxies_pid: u32) -> Result<Monitor, String> {
         let stop = Arc::new(AtomicBool::new(false));
         let backlog_peak = Arc::new(AtomicU64::new(0));
         let (thread_stop, peak) = (stop.clone(), backlog_peak.clone());
@@ -89,7 +96,7 @@ impl Monitor {
                         .sum();
                     peak.fetch_max(backlog, Relaxed);
                     if Instant::now() >= next_sample {
-                        samples.push(Sample::take());
+                        samples.push(Sample::take(proxies_pid));
                         next_sample += SAMPLE_EVERY;
                     }
                     // A sampler's period; nothing to wait on.
@@ -117,27 +124,4 @@ impl Monitor {
             .join()
             .map_err(|_| "the monitor thread panicked".to_owned())
     }
-}
-
-/// The least-squares slope of `value` over time, per hour, for the samples in
-/// `[from, to]`; `None` with fewer than two.
-pub fn slope_per_hour(
-    samples: &[Sample],
-    (from, to): (Instant, Instant),
-    value: impl Fn(&Sample) -> f64,
-) -> Option<f64> {
-    let points: Vec<(f64, f64)> = samples
-        .iter()
-        .filter(|sample| sample.at >= from && sample.at <= to)
-        .map(|sample| ((sample.at - from).as_secs_f64(), value(sample)))
-        .collect();
-    if points.len() < 2 {
-        return None;
-    }
-    let n = points.len() as f64;
-    let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let mean_v = points.iter().map(|p| p.1).sum::<f64>() / n;
-    let covariance: f64 = points.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_v)).sum();
-    let variance: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
-    (variance > 0.0).then(|| covariance / variance * 3600.0)
 }

@@ -23,10 +23,12 @@ pub struct Config {
     pub pooler: bool,
     /// A quiet checkpoint after every this many faults; 0 for none.
     pub checkpoint_every: usize,
+    /// Where to write the resource samples as CSV, if anywhere.
+    pub samples: Option<String>,
 }
 
 /// Every flag that takes a value.
-const FLAGS: [&str; 13] = [
+const FLAGS: [&str; 14] = [
     "--duration",
     "--rate",
     "--replicas",
@@ -40,6 +42,7 @@ const FLAGS: [&str; 13] = [
     "--min-per-kind",
     "--retry-max",
     "--checkpoint-every",
+    "--samples",
 ];
 
 pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
@@ -60,6 +63,7 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> 
         retry_max: DEFAULT_RETRY_BACKOFF_MAX,
         pooler: false,
         checkpoint_every: 0,
+        samples: None,
     };
     let mut faults_named = false;
     let mut args = args.peekable();
@@ -100,6 +104,7 @@ pub fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> 
             "--min-per-kind" => config.min_per_kind = number()? as usize,
             "--retry-max" => config.retry_max = seconds()?,
             "--checkpoint-every" => config.checkpoint_every = number()? as usize,
+            "--samples" => config.samples = Some(value),
             other => unreachable!("{other} is in FLAGS but not handled"),
         }
     }

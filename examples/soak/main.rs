@@ -27,6 +27,7 @@
 //!                     after every N faults, a quiet checkpoint: the load stops, the
 //!                     batchers write all they accepted, every row is read back and must
 //!                     hold its newest value, the load starts again (0: none; the default)
+//!   --samples PATH    the resource samples (one a second) written to PATH as CSV
 //! ```
 //!
 //! It starts its own parts ([`parts`]): a throwaway primary with a synchronous streaming
@@ -310,6 +311,9 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
     let verified = load::verify(&mut verifier, &key_names, &newest)?;
     drop(verifier);
     let samples = monitor.stop()?;
+    if let Some(path) = &config.samples {
+        resources::write_csv(path, &samples, started)?;
+    }
 
     let stats: Vec<_> = batchers.iter().map(|batcher| batcher.stats()).collect();
     let (outside, inside) = {

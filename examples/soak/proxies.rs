@@ -11,7 +11,11 @@
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitCode, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use super::pg::Proxy;
 
@@ -112,6 +116,13 @@ impl Drop for Proxies {
 
 /// The child's side: serves the proxies until stdin closes.
 pub fn serve(targets: &[String]) -> ExitCode {
+    // A Ctrl-C reaches the whole process group: the soak ends its run on it, and still
+    // needs the proxies for its last checks, so they ignore it (the flag is never read).
+    for signal in [SIGINT, SIGTERM] {
+        if let Err(err) = signal_hook::flag::register(signal, Arc::new(AtomicBool::new(false))) {
+            eprintln!("soak {CHILD_FLAG}: handling signal {signal}: {err}");
+        }
+    }
     let proxies: Vec<Proxy> = match targets
         .iter()
         .map(|target| target.parse::<SocketAddr>().map(Proxy::start))

@@ -10,8 +10,8 @@ use hdrhistogram::Histogram;
 use super::faults::Fault;
 use super::fleet::{Heard, Timeline, GAP_MIN, SETTLE};
 use super::resources::Sample;
-use super::slopes::{show, Slopes};
 use super::schedule::Kind;
+use super::slopes::{show, Slopes};
 use super::workload::Checkpoint;
 
 /// A fault's write outage may exceed its own duration (for a failover: the promotion's) by
@@ -408,7 +408,7 @@ impl Run {
              dropped={} wrong={wrong} verified={checked} unwritten={} panics={} unheard={unheard_total} store_errors={} conflicts={} \
              fresh_out_p50_ms={:.1} fresh_out_p99_ms={:.1} fresh_out_max_ms={:.1} fresh_in_p50_ms={:.1} fresh_in_p99_ms={:.1} fresh_in_max_ms={:.1} \
              max_outage_s={:.2} checkpoints={} checkpoint_wrong={checkpoint_wrong} pooler={} retry_max_s={:.1} \
-             rss_slope_mib_per_h={} rss_growth_mib={} proxies_rss_slope_mib_per_h={} threads_slope_per_h={} fds_slope_per_h={} gap_min_ms={} violations={}",
+             rss_slope_mib_per_h={} rss_growth_mib={} anon_slope_mib_per_h={} proxies_rss_slope_mib_per_h={} threads_slope_per_h={} fds_slope_per_h={} gap_min_ms={} violations={}",
             self.replicas,
             self.rate,
             self.every.as_secs(),
@@ -431,6 +431,7 @@ impl Run {
             self.retry_max.as_secs_f64(),
             show(slopes.rss),
             show(slopes.rss_growth),
+            show(slopes.anon),
             show(slopes.proxies_rss),
             show(slopes.threads),
             show(slopes.fds),

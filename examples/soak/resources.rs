@@ -25,8 +25,13 @@ const BACKLOG_EVERY: Duration = Duration::from_millis(100);
 pub struct Sample {
     pub at: Instant,
     pub rss_kib: u64,
+    /// Of `rss_kib`: anonymous memory (heap, stacks); the rest is mapped files (the
+    /// binary's pages, touched as new code runs) and shared memory.
+    pub anon_kib: u64,
     /// The proxies' process's.
     pub proxies_rss_kib: u64,
+    /// Rows queued, batched or in flight, all replicas.
+    pub backlog: u64,
     pub threads: u64,
     pub fds: u64,
     pub sockets: u64,
@@ -44,7 +49,7 @@ fn status_field(process: &str, name: &str) -> u64 {
 }
 
 impl Sample {
-    fn take(proxies_pid: u32) -> Sample {
+    fn take(proxies_pid: u32, backlog: u64) -> Sample {
         let (mut fds, mut sockets) = (0, 0);
         for fd in std::fs::read_dir("/proc/self/fd")
             .into_iter()
@@ -61,6 +66,8 @@ impl Sample {
         Sample {
             at: Instant::now(),
             rss_kib: status_field("self", "VmRSS:"),
+            anon_kib: status_field("self", "RssAnon:"),
+            backlog,
             proxies_rss_kib: status_field(&proxies_pid.to_string(), "VmRSS:"),
             threads: status_field("self", "Threads:"),
             fds,
@@ -96,7 +103,7 @@ impl Monitor {
                         .sum();
                     peak.fetch_max(backlog, Relaxed);
                     if Instant::now() >= next_sample {
-                        samples.push(Sample::take(proxies_pid));
+                        samples.push(Sample::take(proxies_pid, backlog));
                         next_sample += SAMPLE_EVERY;
                     }
                     // A sampler's period; nothing to wait on.
@@ -124,4 +131,25 @@ impl Monitor {
             .join()
             .map_err(|_| "the monitor thread panicked".to_owned())
     }
+}
+
+/// Writes `samples` to `path` as CSV (seconds since `since`, then every figure), for a
+/// closer look at a curve than its slope.
+pub fn write_csv(path: &str, samples: &[Sample], since: Instant) -> Result<(), String> {
+    let mut csv =
+        String::from("t_s,rss_kib,anon_kib,proxies_rss_kib,threads,fds,sockets,backlog\n");
+    for s in samples {
+        csv.push_str(&format!(
+            "{:.1},{},{},{},{},{},{},{}\n",
+            s.at.saturating_duration_since(since).as_secs_f64(),
+            s.rss_kib,
+            s.anon_kib,
+            s.proxies_rss_kib,
+            s.threads,
+            s.fds,
+            s.sockets,
+            s.backlog
+        ));
+    }
+    std::fs::write(path, csv).map_err(|err| format!("writing the samples to {path}: {err}"))
 }

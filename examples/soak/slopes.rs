@@ -15,6 +15,8 @@ pub const RSS_JUDGED_FROM: Duration = Duration::from_secs(10 * 60);
 pub struct Slopes {
     pub rss: Option<f64>,
     pub rss_growth: Option<f64>,
+    /// Of `rss`: anonymous memory (heap, stacks).
+    pub anon: Option<f64>,
     pub proxies_rss: Option<f64>,
     pub threads: Option<f64>,
     pub fds: Option<f64>,
@@ -44,6 +46,7 @@ impl Slopes {
         let slopes = Slopes {
             rss,
             rss_growth: rss.map(|slope| slope * window_hours),
+            anon: slope_per_hour(samples, window, |s| mib(s.anon_kib)),
             proxies_rss: slope_per_hour(samples, window, |s| mib(s.proxies_rss_kib)),
             threads: slope_per_hour(samples, window, |s| s.threads as f64),
             fds: slope_per_hour(samples, window, |s| s.fds as f64),
@@ -69,10 +72,11 @@ impl Slopes {
         );
         let limit = RSS_GROWTH_PER_REPLICA_MIB * replicas as f64;
         println!(
-            "slopes per hour    over the last {:.0} s: RSS {} MiB (growth {} MiB, limit {limit:.1}), proxies' RSS {} MiB, threads {}, fds {}, sockets {}",
+            "slopes per hour    over the last {:.0} s: RSS {} MiB (growth {} MiB, limit {limit:.1}; anonymous {} MiB), proxies' RSS {} MiB, threads {}, fds {}, sockets {}",
             window_hours * 3600.0,
             show(slopes.rss),
             show(slopes.rss_growth),
+            show(slopes.anon),
             show(slopes.proxies_rss),
             show(slopes.threads),
             show(slopes.fds),

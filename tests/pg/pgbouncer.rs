@@ -129,7 +129,12 @@ impl PgBouncer {
     pub fn restart(&mut self) -> Result<(), String> {
         let _ = super::scratch::signal(self.child.id(), "INT");
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while self.child.try_wait().map_err(|err| err.to_string())?.is_none() {
+        while self
+            .child
+            .try_wait()
+            .map_err(|err| err.to_string())?
+            .is_none()
+        {
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();

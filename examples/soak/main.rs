@@ -27,7 +27,8 @@
 //!                     after every N faults, a quiet checkpoint: the load stops, the
 //!                     batchers write all they accepted, every row is read back and must
 //!                     hold its newest value, the load starts again (0: none; the default)
-//!   --samples PATH    the resource samples (one a second) written to PATH as CSV
+//!   --samples PATH    the resource samples (one a second) written to PATH as CSV, as
+//!                     they are taken
 //! ```
 //!
 //! It starts its own parts ([`parts`]): a throwaway primary with a synchronous streaming
@@ -212,7 +213,11 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
     let clock = Arc::new(load::Clock::default());
     prime(&batchers, &clock, config.agents, &key_names)?;
     let primed: u64 = batchers.iter().map(|batcher| batcher.stats().flushed).sum();
-    let monitor = resources::Monitor::start(batchers.clone(), parts.proxies.pid())?;
+    let monitor = resources::Monitor::start(
+        batchers.clone(),
+        parts.proxies.pid(),
+        config.samples.as_deref(),
+    )?;
     // The checkpoints' and the end's read-back, straight to the servers.
     let mut verifier = Reconnecting::new(&direct_url, options(0, "verify", false), VERIFY_PATIENCE)
         .map_err(|err| format!("verify: {err}"))?;
@@ -311,9 +316,6 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
     let verified = load::verify(&mut verifier, &key_names, &newest)?;
     drop(verifier);
     let samples = monitor.stop()?;
-    if let Some(path) = &config.samples {
-        resources::write_csv(path, &samples, started)?;
-    }
 
     let stats: Vec<_> = batchers.iter().map(|batcher| batcher.stats()).collect();
     let (outside, inside) = {

@@ -8,6 +8,7 @@
 //! fault); the proxies, whose threads, sockets and buffers come and go with every
 //! connection, run in a process of their own, sampled apart.
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -48,7 +49,25 @@ fn status_field(process: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The CSV columns of [`Sample::csv_line`].
+const CSV_HEADER: &str = "t_s,rss_kib,anon_kib,proxies_rss_kib,threads,fds,sockets,backlog";
+
 impl Sample {
+    /// The sample as a CSV line, its time in seconds since `since`.
+    fn csv_line(&self, since: Instant) -> String {
+        format!(
+            "{:.1},{},{},{},{},{},{},{}",
+            self.at.saturating_duration_since(since).as_secs_f64(),
+            self.rss_kib,
+            self.anon_kib,
+            self.proxies_rss_kib,
+            self.threads,
+            self.fds,
+            self.sockets,
+            self.backlog
+        )
+    }
+
     fn take(proxies_pid: u32, backlog: u64) -> Sample {
         let (mut fds, mut sockets) = (0, 0);
         for fd in std::fs::read_dir("/proc/self/fd")
@@ -84,7 +103,24 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn start(batchers: Vec<Arc<Batcher>>, proxies_pid: u32) -> Result<Monitor, String> {
+    /// Starts sampling; with `csv`, each sample is also appended to that file as it is
+    /// taken (so a run that fails still leaves its curves).
+    pub fn start(
+        batchers: Vec<Arc<Batcher>>,
+        proxies_pid: u32,
+        csv: Option<&str>,
+    ) -> Result<Monitor, String> {
+        let mut csv = csv
+            .map(|path| {
+                std::fs::File::create(path)
+                    .and_then(|mut file| {
+                        writeln!(file, "{CSV_HEADER}")?;
+                        Ok(file)
+                    })
+                    .map_err(|err| format!("--samples {path}: {err}"))
+            })
+            .transpose()?;
+        let since = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let backlog_peak = Arc::new(AtomicU64::new(0));
         let (thread_stop, peak) = (stop.clone(), backlog_peak.clone());
@@ -103,7 +139,12 @@ impl Monitor {
                         .sum();
                     peak.fetch_max(backlog, Relaxed);
                     if Instant::now() >= next_sample {
-                        samples.push(Sample::take(proxies_pid, backlog));
+                        let sample = Sample::take(proxies_pid, backlog);
+                        if let Some(file) = &mut csv {
+                            // The curves are a by-product: a failed write loses them only.
+                            let _ = writeln!(file, "{}", sample.csv_line(since));
+                        }
+                        samples.push(sample);
                         next_sample += SAMPLE_EVERY;
                     }
                     // A sampler's period; nothing to wait on.
@@ -131,25 +172,4 @@ impl Monitor {
             .join()
             .map_err(|_| "the monitor thread panicked".to_owned())
     }
-}
-
-/// Writes `samples` to `path` as CSV (seconds since `since`, then every figure), for a
-/// closer look at a curve than its slope.
-pub fn write_csv(path: &str, samples: &[Sample], since: Instant) -> Result<(), String> {
-    let mut csv =
-        String::from("t_s,rss_kib,anon_kib,proxies_rss_kib,threads,fds,sockets,backlog\n");
-    for s in samples {
-        csv.push_str(&format!(
-            "{:.1},{},{},{},{},{},{},{}\n",
-            s.at.saturating_duration_since(since).as_secs_f64(),
-            s.rss_kib,
-            s.anon_kib,
-            s.proxies_rss_kib,
-            s.threads,
-            s.fds,
-            s.sockets,
-            s.backlog
-        ));
-    }
-    std::fs::write(path, csv).map_err(|err| format!("writing the samples to {path}: {err}"))
 }

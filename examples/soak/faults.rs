@@ -7,11 +7,12 @@
 //! | terminate | `pg_terminate_backend` of every session of the batchers and subscribers | an instant |
 //! | terminate-subscribers | the same, of the subscribers' sessions alone | an instant |
 //! | failover | the primary stopped with `-m immediate`, the standby promoted; then the old primary rebuilt as the new standby (`pg_basebackup`), off the clock | until the promotion is done |
-//! | black-hole | both proxies stop forwarding, sockets left open, new connections held | [`HELD`] |
-//! | latency | both proxies hold every chunk [`LATENCY_ONE_WAY`] each way: a round trip 50 ms longer | [`LATENCY_FOR`] |
+//! | black-hole | every proxy stops forwarding, sockets left open, new connections held | [`HELD`] |
+//! | latency | every proxy holds every chunk [`LATENCY_ONE_WAY`] each way: a round trip 50 ms longer | [`LATENCY_FOR`] |
 //! | lock | a session holds `LOCK TABLE ... IN EXCLUSIVE MODE` on the table (reads go on, writes wait) | [`HELD`] |
 //! | read-only | `default_transaction_read_only = on` for every session (`ALTER SYSTEM`, reload) | [`HELD`] |
 //! | freeze | SIGSTOP of the primary's every process: a machine that froze, not one that died | [`HELD`] |
+//! | pooler-restart | the pgbouncer in front of the primary stopped (SIGINT: transactions in flight finish, every client is disconnected) and started again on its port | until it takes queries |
 //!
 //! Sleeping is the point here: a fault lasts a given time, while the batchers run.
 
@@ -67,22 +68,14 @@ pub fn inject(kind: Kind, parts: &mut Parts) -> Result<Fault, String> {
             promotion = Some(parts.pair.promote());
         }
         Kind::BlackHole => {
-            for proxy in &parts.proxies {
-                proxy.black_hole_all();
-            }
+            parts.proxies.black_hole()?;
             thread::sleep(HELD);
-            for proxy in &parts.proxies {
-                proxy.heal_all();
-            }
+            parts.proxies.heal()?;
         }
         Kind::Latency => {
-            for proxy in &parts.proxies {
-                proxy.set_latency(LATENCY_ONE_WAY);
-            }
+            parts.proxies.set_latency(LATENCY_ONE_WAY)?;
             thread::sleep(LATENCY_FOR);
-            for proxy in &parts.proxies {
-                proxy.set_latency(Duration::ZERO);
-            }
+            parts.proxies.set_latency(Duration::ZERO)?;
         }
         Kind::Lock => {
             let mut client = parts.pair.primary().socket_client(DBNAME, "soak fault");
@@ -107,6 +100,7 @@ pub fn inject(kind: Kind, parts: &mut Parts) -> Result<Fault, String> {
             thread::sleep(HELD);
             parts.pair.primary_mut().thaw();
         }
+        Kind::PoolerRestart => parts.restart_pooler()?,
     }
     let end = Instant::now();
     if kind == Kind::Failover {

@@ -11,7 +11,8 @@
 //!   --every S         seconds from one fault's start to the next's (30)
 //!   --faults LIST     comma-separated kinds, or all (all): crash-restart, fast-restart,
 //!                     terminate, terminate-subscribers, failover, black-hole, latency,
-//!                     lock, read-only, freeze (faults.rs says what each does)
+//!                     lock, read-only, freeze, pooler-restart (with --pooler); faults.rs
+//!                     says what each does
 //!   --seed N          the schedule's seed (default: from the clock; printed)
 //!   --warmup S        seconds of load before the first fault: the resource baseline (20)
 //!   --quiet-end S     seconds without a fault at the end, so the last checks see every
@@ -20,11 +21,20 @@
 //!   --retry-max S     the batchers' longest pause between retries (Builder::retry_backoff;
 //!                     default the library's, 5 s): a fault that fails calls fast can cost
 //!                     up to this much past its end
+//!   --pooler          the fleet's stores and publishers through a pgbouncer in transaction
+//!                     mode in front of each server (the subscribers straight to the servers)
+//!   --checkpoint-every N
+//!                     after every N faults, a quiet checkpoint: the load stops, the
+//!                     batchers write all they accepted, every row is read back and must
+//!                     hold its newest value, the load starts again (0: none; the default)
+//!   --samples PATH    the resource samples (one a second) written to PATH as CSV, as
+//!                     they are taken
 //! ```
 //!
 //! It starts its own parts ([`parts`]): a throwaway primary with a synchronous streaming
-//! standby, and a proxy in front of each (the network faults); every session the fleet
-//! opens goes through the proxies, on one URL that lists both servers with
+//! standby, optionally a pgbouncer in front of each, and the proxies in front of them (the
+//! network faults), in a process of their own ([`proxies`]); every session the fleet opens
+//! goes through the proxies, on a URL that lists both servers with
 //! `target_session_attrs=read-write`. Stopped when the soak ends, also on a panic.
 //!
 //! The load is loadgen's ([`load`]): each replica visits every agent in an order of its
@@ -48,30 +58,35 @@ mod pg;
 #[path = "../support/reconnecting.rs"]
 mod reconnecting;
 
+mod config;
 mod faults;
 mod fleet;
 mod parts;
+mod proxies;
 mod report;
 mod resources;
 mod schedule;
+mod slopes;
+mod workload;
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use metadata_batcher::postgres::{PgOptions, PgPublisher, PgStore, PgSubscriber};
+use metadata_batcher::postgres::{PgOptions, PgPublisher, PgStore, PgSubscriber, StatementMode};
 use metadata_batcher::{
-    Batcher, Metadata, Observe, DEFAULT_RETRY_BACKOFF_INITIAL, DEFAULT_RETRY_BACKOFF_MAX,
-    METADATA_BATCH_CHANNEL,
+    Batcher, Metadata, Observe, DEFAULT_RETRY_BACKOFF_INITIAL, METADATA_BATCH_CHANNEL,
 };
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+use config::Config;
 use fleet::{lock, Listener, Observed, Watched};
 use parts::Parts;
 use reconnecting::Reconnecting;
-use schedule::{Kind, Schedule};
+use schedule::Schedule;
+use workload::Workload;
 
 /// The longest a fault may take to inject (a failover with its rejoin included); no fault
 /// starts later than this before the quiet end.
@@ -87,96 +102,16 @@ const VERIFY_PATIENCE: Duration = Duration::from_secs(60);
 /// much before the other is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The soak's settings; see the module docs for the flags.
-struct Config {
-    duration: Duration,
-    rate: f64,
-    replicas: usize,
-    agents: usize,
-    keys: usize,
-    every: Duration,
-    kinds: Vec<Kind>,
-    seed: u64,
-    warmup: Duration,
-    quiet_end: Duration,
-    min_per_kind: usize,
-    retry_max: Duration,
-}
-
-/// Every flag; each takes a value.
-const FLAGS: [&str; 12] = [
-    "--duration",
-    "--rate",
-    "--replicas",
-    "--agents",
-    "--keys",
-    "--every",
-    "--faults",
-    "--seed",
-    "--warmup",
-    "--quiet-end",
-    "--min-per-kind",
-    "--retry-max",
-];
-
-fn parse_args(args: impl Iterator<Item = String>) -> Result<Config, String> {
-    let mut config = Config {
-        duration: Duration::from_secs(3600),
-        rate: 50_000.0,
-        replicas: 2,
-        agents: 10_000,
-        keys: 10,
-        every: Duration::from_secs(30),
-        kinds: Kind::ALL.to_vec(),
-        seed: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |since| since.as_nanos() as u64),
-        warmup: Duration::from_secs(20),
-        quiet_end: Duration::from_secs(20),
-        min_per_kind: 0,
-        retry_max: DEFAULT_RETRY_BACKOFF_MAX,
-    };
-    let mut args = args.peekable();
-    while let Some(flag) = args.next() {
-        if !FLAGS.contains(&flag.as_str()) {
-            return Err(format!("unknown flag {flag}; see examples/soak/main.rs"));
-        }
-        let value = args.next().ok_or(format!("{flag} needs a value"))?;
-        let number = || -> Result<f64, String> {
-            match value.parse::<f64>() {
-                Ok(n) if n.is_finite() && n >= 0.0 => Ok(n),
-                _ => Err(format!("{flag}: {value:?} is not a non-negative number")),
-            }
-        };
-        let seconds = || number().map(Duration::from_secs_f64);
-        match flag.as_str() {
-            "--duration" => config.duration = seconds()?,
-            "--rate" => config.rate = number()?,
-            "--replicas" => config.replicas = (number()? as usize).max(1),
-            "--agents" => config.agents = (number()? as usize).max(1),
-            "--keys" => config.keys = (number()? as usize).max(1),
-            "--every" => config.every = seconds()?.max(Duration::from_secs(1)),
-            "--faults" => config.kinds = Kind::parse_list(&value)?,
-            "--seed" => {
-                config.seed = value
-                    .parse()
-                    .map_err(|_| format!("--seed: {value:?} is not a whole number"))?
-            }
-            "--warmup" => config.warmup = seconds()?,
-            "--quiet-end" => config.quiet_end = seconds()?,
-            "--min-per-kind" => config.min_per_kind = number()? as usize,
-            "--retry-max" => config.retry_max = seconds()?,
-            other => unreachable!("{other} is in FLAGS but not handled"),
-        }
-    }
-    Ok(config)
-}
-
-/// Options of replica `replica`'s session `role`, named so faults can pick them.
-fn options(replica: usize, role: &str) -> PgOptions {
+/// Options of replica `replica`'s session `role`, named so faults can pick them; through
+/// a transaction pooler, statements unnamed (`StatementMode::Unnamed`).
+fn options(replica: usize, role: &str, pooled: bool) -> PgOptions {
     PgOptions::new()
         .application_name(format!("{}{replica} {role}", faults::SESSION_PREFIX))
         .connect_timeout(CONNECT_TIMEOUT)
+        .statement_mode(match pooled {
+            true => StatementMode::Unnamed,
+            false => StatementMode::Prepared,
+        })
 }
 
 /// Brings each replica to its steady state before the warm-up measures it: one update of
@@ -227,25 +162,38 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
     let key_names: Vec<String> = (0..config.keys).map(|k| format!("key{k}")).collect();
     // Each replica: a store (up to its parallel statements), a publisher, a subscriber.
     let sessions = 10 * config.replicas as u32 + 10;
-    let mut parts = Parts::start(sessions, config.agents, &key_names)?;
-    let url = parts.url();
+    let mut parts = Parts::start(sessions, config.agents, &key_names, config.pooler)?;
+    let (url, direct_url) = (parts.url(), parts.direct_url());
     println!(
-        "parts              primary {} and synchronous standby {}; fleet URL {url}",
+        "parts              primary {} and synchronous standby {}{}; fleet URL {url}; subscribers' URL {direct_url}; proxies in process {}",
         parts.pair.primary().port(),
-        parts.pair.standby().port()
+        parts.pair.standby().port(),
+        match &parts.poolers {
+            Some([first, second]) => format!(
+                "; pgbouncer (transaction mode, {} server connections) at {} and {}",
+                parts::POOL_SIZE,
+                first.port(),
+                second.port()
+            ),
+            None => String::new(),
+        },
+        parts.proxies.pid()
     );
 
     let observed = Arc::new(Observed::new(config.replicas));
     let mut listeners = Vec::new();
     let mut batchers = Vec::new();
     for replica in 0..config.replicas {
-        let subscriber =
-            PgSubscriber::open(&url, METADATA_BATCH_CHANNEL, options(replica, "subscriber"))
-                .map_err(|err| format!("replica {replica}: PgSubscriber::open: {err}"))?;
+        let subscriber = PgSubscriber::open(
+            &direct_url,
+            METADATA_BATCH_CHANNEL,
+            options(replica, "subscriber", false),
+        )
+        .map_err(|err| format!("replica {replica}: PgSubscriber::open: {err}"))?;
         listeners.push(Listener::start(replica, subscriber, config.agents)?);
-        let store = PgStore::open(&url, options(replica, "store"))
+        let store = PgStore::open(&url, options(replica, "store", config.pooler))
             .map_err(|err| format!("replica {replica}: PgStore::open: {err}"))?;
-        let publisher = PgPublisher::open(&url, options(replica, "publisher"))
+        let publisher = PgPublisher::open(&url, options(replica, "publisher", config.pooler))
             .map_err(|err| format!("replica {replica}: PgPublisher::open: {err}"))?;
         let watched = Observe::new(
             store,
@@ -267,31 +215,24 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
     let clock = Arc::new(load::Clock::default());
     prime(&batchers, &clock, config.agents, &key_names)?;
     let primed: u64 = batchers.iter().map(|batcher| batcher.stats().flushed).sum();
-    let monitor = resources::Monitor::start(batchers.clone())?;
+    let monitor = resources::Monitor::start(
+        batchers.clone(),
+        parts.proxies.pid(),
+        config.samples.as_deref(),
+    )?;
+    // The checkpoints' and the end's read-back, straight to the servers.
+    let mut verifier = Reconnecting::new(&direct_url, options(0, "verify", false), VERIFY_PATIENCE)
+        .map_err(|err| format!("verify: {err}"))?;
 
     let started = Instant::now();
-    let offered = Arc::new(AtomicU64::new(0));
-    let mut generators = Vec::new();
-    for (replica, batcher) in batchers.iter().enumerate() {
-        let generator = load::Generator {
-            replica,
-            batcher: batcher.clone(),
-            clock: clock.clone(),
-            order: load::VisitOrder::of(replica, config.replicas, config.agents),
-            agents: config.agents,
-            key_names: key_names.clone(),
-            rate: config.rate / config.replicas as f64,
-            duration: config.duration,
-            offered: offered.clone(),
-            stop: interrupted.clone(),
-        };
-        generators.push(
-            thread::Builder::new()
-                .name(format!("soak-load-r{replica}"))
-                .spawn(move || generator.run())
-                .map_err(|err| format!("starting replica {replica}'s generator: {err}"))?,
-        );
-    }
+    let mut workload = Workload::start(
+        batchers.clone(),
+        clock,
+        config.agents,
+        key_names.clone(),
+        config.rate,
+        config.duration,
+    )?;
 
     // The faults, one every `every` from the warm-up's end, none in the quiet end.
     let last_start = config
@@ -299,6 +240,7 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
         .saturating_sub(config.quiet_end + LONGEST_FAULT);
     let mut schedule = Schedule::new(config.seed, config.kinds.clone());
     let mut faults = Vec::new();
+    let mut checkpoints = Vec::new();
     let mut due = config.warmup;
     let warmed_up = started + config.warmup;
     // A fault that took longer than `every` delays the next; none starts past `last_start`.
@@ -310,6 +252,7 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
         }
         if interrupted.load(Relaxed) {
             println!("interrupted: ending the load and reporting the run so far");
+            workload.stop();
             break;
         }
         let kind = schedule.next().ok_or("the schedule ran out")?;
@@ -337,8 +280,21 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
         );
         faults.push((fault, 0));
         due += config.every;
+        if config.checkpoint_every > 0 && faults.len() % config.checkpoint_every == 0 {
+            // Right after the fault: its backlog is part of what the drain writes.
+            let checkpoint = workload.checkpoint(&mut verifier)?;
+            println!(
+                "[{:7.1} s] checkpoint             load paused {:.2} s: {} rows checked, {} not at their newest value",
+                (checkpoint.paused - started).as_secs_f64(),
+                (checkpoint.resumed - checkpoint.paused).as_secs_f64(),
+                checkpoint.checked,
+                checkpoint.wrong
+            );
+            checkpoints.push(checkpoint);
+        }
     }
-    let offers = load::join_generators(generators)?;
+    let offered = workload.offered.clone();
+    let offers = workload.finish()?;
     let load_ended = Instant::now();
     let peak = monitor.take_backlog_peak();
     if let Some((_, last_peak)) = faults.last_mut() {
@@ -359,10 +315,8 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
         .map(Listener::join)
         .collect::<Result<Vec<_>, _>>()?;
     let newest = load::newest_by_key(&offers, config.agents * config.keys);
-    let mut session = Reconnecting::new(&url, options(0, "verify"), VERIFY_PATIENCE)
-        .map_err(|err| format!("verify: {err}"))?;
-    let verified = load::verify(&mut session, &key_names, &newest)?;
-    drop(session);
+    let verified = load::verify(&mut verifier, &key_names, &newest)?;
+    drop(verifier);
     let samples = monitor.stop()?;
 
     let stats: Vec<_> = batchers.iter().map(|batcher| batcher.stats()).collect();
@@ -381,11 +335,15 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
         every: config.every,
         seed: config.seed,
         min_per_kind: config.min_per_kind,
+        timing_advisory: config.timing_advisory,
         kinds: config.kinds.clone(),
+        pooler: config.pooler,
+        retry_max: config.retry_max,
         started,
         warmed_up,
         load_ended,
         faults,
+        checkpoints,
         timelines,
         heard,
         outside,
@@ -406,6 +364,11 @@ fn run(config: &Config) -> Result<Vec<String>, String> {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // The same binary serves the proxies in a process of their own (proxies.rs).
+    if args.first().map(String::as_str) == Some(proxies::CHILD_FLAG) {
+        return proxies::serve(&args[1..]);
+    }
     // The library's warnings (each store failure, each lost subscriber session) on stderr,
     // timestamped, so a fault's report line can be read beside what the fleet logged.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -414,7 +377,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let config = match parse_args(std::env::args().skip(1)) {
+    let config = match config::parse_args(args.into_iter()) {
         Ok(config) => config,
         Err(problem) => {
             eprintln!("soak: {problem}");
@@ -423,17 +386,25 @@ fn main() -> ExitCode {
     };
     let kinds: Vec<_> = config.kinds.iter().map(|kind| kind.name()).collect();
     println!(
-        "soak               {:?} at {:.0} updates/s over {} replicas, {} agents x {} keys; retries at most {:?} apart; a fault every {:?} from {:?} (seed {}): {}",
+        "soak               {:?} at {:.0} updates/s over {} replicas, {} agents x {} keys; retries at most {:?} apart; {}; a fault every {:?} from {:?} (seed {}): {}{}",
         config.duration,
         config.rate,
         config.replicas,
         config.agents,
         config.keys,
         config.retry_max,
+        match config.pooler {
+            true => "through pgbouncer (transaction mode)",
+            false => "no pooler",
+        },
         config.every,
         config.warmup,
         config.seed,
-        kinds.join(", ")
+        kinds.join(", "),
+        match config.checkpoint_every {
+            0 => String::new(),
+            n => format!("; a quiet checkpoint every {n} faults"),
+        }
     );
     match run(&config) {
         Ok(violations) if violations.is_empty() => ExitCode::SUCCESS,

@@ -1,11 +1,14 @@
 //! The soak's monitor: a thread that samples this process's resources (RSS, threads, open
-//! file descriptors, sockets, from `/proc/self`) every [`SAMPLE_EVERY`], and the fleet's
-//! backlog every [`BACKLOG_EVERY`], keeping the peak since the last fault started.
+//! file descriptors, sockets, from `/proc/self`) and the proxies' process's RSS every
+//! [`SAMPLE_EVERY`], and the fleet's backlog every [`BACKLOG_EVERY`], keeping the peak
+//! since the last fault started.
 //!
-//! The process holds the batchers, the subscribers and the two proxies: the proxies'
-//! threads and sockets (two each per connection) come and go with the sessions they carry,
-//! so they return to their baseline when the sessions do.
+//! This process holds the fleet (batchers, stores, publishers, subscribers) and the
+//! harness's records of it (fixed-size histograms, a sample a second, a few records per
+//! fault); the proxies, whose threads, sockets and buffers come and go with every
+//! connection, run in a process of their own, sampled apart.
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -23,22 +26,49 @@ const BACKLOG_EVERY: Duration = Duration::from_millis(100);
 pub struct Sample {
     pub at: Instant,
     pub rss_kib: u64,
+    /// Of `rss_kib`: anonymous memory (heap, stacks); the rest is mapped files (the
+    /// binary's pages, touched as new code runs) and shared memory.
+    pub anon_kib: u64,
+    /// The proxies' process's.
+    pub proxies_rss_kib: u64,
+    /// Rows queued, batched or in flight, all replicas.
+    pub backlog: u64,
     pub threads: u64,
     pub fds: u64,
     pub sockets: u64,
 }
 
+/// A number field (e.g. `VmRSS:`) of `/proc/{process}/status`; 0 when unreadable.
+fn status_field(process: &str, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{process}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The CSV columns of [`Sample::csv_line`].
+const CSV_HEADER: &str = "t_s,rss_kib,anon_kib,proxies_rss_kib,threads,fds,sockets,backlog";
+
 impl Sample {
-    fn take() -> Sample {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|value| value.parse().ok())
-                .unwrap_or(0)
-        };
+    /// The sample as a CSV line, its time in seconds since `since`.
+    fn csv_line(&self, since: Instant) -> String {
+        format!(
+            "{:.1},{},{},{},{},{},{},{}",
+            self.at.saturating_duration_since(since).as_secs_f64(),
+            self.rss_kib,
+            self.anon_kib,
+            self.proxies_rss_kib,
+            self.threads,
+            self.fds,
+            self.sockets,
+            self.backlog
+        )
+    }
+
+    fn take(proxies_pid: u32, backlog: u64) -> Sample {
         let (mut fds, mut sockets) = (0, 0);
         for fd in std::fs::read_dir("/proc/self/fd")
             .into_iter()
@@ -54,8 +84,11 @@ impl Sample {
         }
         Sample {
             at: Instant::now(),
-            rss_kib: field("VmRSS:"),
-            threads: field("Threads:"),
+            rss_kib: status_field("self", "VmRSS:"),
+            anon_kib: status_field("self", "RssAnon:"),
+            backlog,
+            proxies_rss_kib: status_field(&proxies_pid.to_string(), "VmRSS:"),
+            threads: status_field("self", "Threads:"),
             fds,
             sockets,
         }
@@ -70,7 +103,24 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    pub fn start(batchers: Vec<Arc<Batcher>>) -> Result<Monitor, String> {
+    /// Starts sampling; with `csv`, each sample is also appended to that file as it is
+    /// taken (so a run that fails still leaves its curves).
+    pub fn start(
+        batchers: Vec<Arc<Batcher>>,
+        proxies_pid: u32,
+        csv: Option<&str>,
+    ) -> Result<Monitor, String> {
+        let mut csv = csv
+            .map(|path| {
+                std::fs::File::create(path)
+                    .and_then(|mut file| {
+                        writeln!(file, "{CSV_HEADER}")?;
+                        Ok(file)
+                    })
+                    .map_err(|err| format!("--samples {path}: {err}"))
+            })
+            .transpose()?;
+        let since = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let backlog_peak = Arc::new(AtomicU64::new(0));
         let (thread_stop, peak) = (stop.clone(), backlog_peak.clone());
@@ -89,7 +139,12 @@ impl Monitor {
                         .sum();
                     peak.fetch_max(backlog, Relaxed);
                     if Instant::now() >= next_sample {
-                        samples.push(Sample::take());
+                        let sample = Sample::take(proxies_pid, backlog);
+                        if let Some(file) = &mut csv {
+                            // The curves are a by-product: a failed write loses them only.
+                            let _ = writeln!(file, "{}", sample.csv_line(since));
+                        }
+                        samples.push(sample);
                         next_sample += SAMPLE_EVERY;
                     }
                     // A sampler's period; nothing to wait on.
@@ -117,27 +172,4 @@ impl Monitor {
             .join()
             .map_err(|_| "the monitor thread panicked".to_owned())
     }
-}
-
-/// The least-squares slope of `value` over time, per hour, for the samples in
-/// `[from, to]`; `None` with fewer than two.
-pub fn slope_per_hour(
-    samples: &[Sample],
-    (from, to): (Instant, Instant),
-    value: impl Fn(&Sample) -> f64,
-) -> Option<f64> {
-    let points: Vec<(f64, f64)> = samples
-        .iter()
-        .filter(|sample| sample.at >= from && sample.at <= to)
-        .map(|sample| ((sample.at - from).as_secs_f64(), value(sample)))
-        .collect();
-    if points.len() < 2 {
-        return None;
-    }
-    let n = points.len() as f64;
-    let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let mean_v = points.iter().map(|p| p.1).sum::<f64>() / n;
-    let covariance: f64 = points.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_v)).sum();
-    let variance: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
-    (variance > 0.0).then(|| covariance / variance * 3600.0)
 }

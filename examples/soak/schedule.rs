@@ -21,11 +21,12 @@ pub enum Kind {
     Lock,
     ReadOnly,
     Freeze,
+    PoolerRestart,
 }
 
 impl Kind {
     /// Every kind, in the order the report lists them.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::CrashRestart,
         Kind::FastRestart,
         Kind::Terminate,
@@ -36,6 +37,7 @@ impl Kind {
         Kind::Lock,
         Kind::ReadOnly,
         Kind::Freeze,
+        Kind::PoolerRestart,
     ];
 
     /// The name `--faults` takes and the report prints.
@@ -51,6 +53,7 @@ impl Kind {
             Kind::Lock => "lock",
             Kind::ReadOnly => "read-only",
             Kind::Freeze => "freeze",
+            Kind::PoolerRestart => "pooler-restart",
         }
     }
 

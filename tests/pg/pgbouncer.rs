@@ -11,7 +11,8 @@
 //! server connections, as they do on a busy production pool: whatever depends on a session
 //! shows at once instead of by chance.
 //! Running as root, it runs as the `postgres` OS user, as pgbouncer refuses root.
-//! Dropping it kills the process and removes its files.
+//! [`PgBouncer::restart`] stops it and starts it again on the same port (the soak's
+//! "pooler restart"). Dropping it kills the process and removes its files.
 
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
@@ -24,6 +25,8 @@ use super::scratch::{free_port, server_command, ScratchDir};
 /// How long a start may take before it counts as failed.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const START_ATTEMPTS: usize = 3;
+/// How long a restart waits for the safe shutdown before it kills the process.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A running pgbouncer; see the module docs.
 pub struct PgBouncer {
@@ -41,6 +44,12 @@ impl PgBouncer {
 
     /// The same with `default_pool_size = pool_size`.
     pub fn with_pool_size(url: &str, pool_size: u32) -> PgBouncer {
+        PgBouncer::with_settings(url, pool_size, "")
+    }
+
+    /// The same, with `extra` (`key = value` lines) after the shared settings: pgbouncer
+    /// takes the last value of a key, so these override them.
+    pub fn with_settings(url: &str, pool_size: u32, extra: &str) -> PgBouncer {
         let config: postgres::Config = url.parse().expect("a valid server URL");
         let (host, port) = match (config.get_hosts().first(), config.get_ports().first()) {
             (Some(postgres::config::Host::Tcp(host)), port) => {
@@ -66,15 +75,9 @@ impl PgBouncer {
                 listen_port,
                 pool_size,
                 dir.path(),
-            );
+            ) + extra;
             let ini_path = dir.write("pgbouncer.ini", ini, 0o600);
-            let child = server_command(&binary)
-                .arg(&ini_path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|err| panic!("start {}: {err}", binary.display()));
+            let child = spawn(&binary, &ini_path);
             let mut bouncer = PgBouncer {
                 child,
                 port: listen_port,
@@ -119,6 +122,32 @@ impl PgBouncer {
         std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
     }
 
+    /// Stops it as `systemctl restart` would (SIGINT, pgbouncer's safe shutdown: the
+    /// transactions in flight finish, then every client is disconnected; SIGKILL if it
+    /// has not exited within [`STOP_TIMEOUT`]), then starts it again with the same
+    /// configuration on the same port, and returns once a query goes through it.
+    pub fn restart(&mut self) -> Result<(), String> {
+        let _ = super::scratch::signal(self.child.id(), "INT");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while self
+            .child
+            .try_wait()
+            .map_err(|err| err.to_string())?
+            .is_none()
+        {
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            // Polling a child's exit: std offers no wait with a timeout.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child = spawn(&binary(), &self.dir.path().join("pgbouncer.ini"));
+        self.wait_ready()
+            .map_err(|err| format!("pgbouncer restart: {err}\n{}", self.log()))
+    }
+
     /// Polls (the pooler offers nothing to block on) until a query goes through.
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -150,6 +179,17 @@ impl Drop for PgBouncer {
         let _ = self.child.wait();
         // `dir` removes the files when it is dropped, right after this.
     }
+}
+
+/// pgbouncer on `ini`, as the server's OS user when running as root.
+fn spawn(binary: &std::path::Path, ini: &std::path::Path) -> Child {
+    server_command(binary)
+        .arg(ini)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| panic!("start {}: {err}", binary.display()))
 }
 
 /// The pgbouncer binary: `PGBOUNCER`, else on PATH, else /usr/sbin (Debian's place).

@@ -24,7 +24,7 @@ use super::cluster::{Cluster, ClusterOptions};
 
 /// Replication settings on top of the harness's throwaway defaults (`wal_level = minimal`,
 /// no WAL senders, asynchronous commits).
-const REPLICATION_CONF: [&str; 7] = [
+const REPLICATION_CONF: [&str; 9] = [
     "wal_level = replica",
     "max_wal_senders = 5",
     "hot_standby = on",
@@ -34,6 +34,11 @@ const REPLICATION_CONF: [&str; 7] = [
     "wal_retrieve_retry_interval = 200ms",
     "wal_receiver_timeout = 5s",
     "wal_sender_timeout = 5s",
+    // Checkpoints at least every 30 s or 256 MB of WAL, so a crash recovery replays that
+    // much at most: with the defaults (5 min, 1 GB) the soak's crash restarts replayed WAL
+    // for over 30 s.
+    "checkpoint_timeout = 30s",
+    "max_wal_size = 256MB",
 ];
 /// How long a standby may take to stream after it started.
 const STREAMING_TIMEOUT: Duration = Duration::from_secs(30);

@@ -184,14 +184,20 @@ fn close_timeout_gives_up_at_its_own_deadline_and_reports_it() {
     assert_eq!(b.close(), report);
 }
 
-#[test]
-fn close_timeout_in_time_is_ok() {
+/// A batcher on a mock clock whose store holds agent 1's `cpu`, and the store.
+fn with_one_key() -> (MemoryStore, Batcher) {
     let store = MemoryStore::new();
     store.register(agent(1), ["cpu"]);
     let b = Batcher::builder(store.clone(), MemoryPubsub::new())
         .clock(MockClock::new())
         .build()
         .unwrap();
+    (store, b)
+}
+
+#[test]
+fn close_timeout_in_time_is_ok() {
+    let (store, b) = with_one_key();
     b.add(agent(1), vec![md("cpu", "1%", 1)]).unwrap();
     let report = b.close_timeout(TIMEOUT).expect("closed in time");
     assert_eq!((report.written, report.unwritten), (1, 0));
@@ -230,12 +236,7 @@ fn dropping_the_batcher_never_blocks_and_its_close_still_gives_up_at_the_deadlin
 
 #[test]
 fn a_close_guard_waits_for_the_final_flush() {
-    let store = MemoryStore::new();
-    store.register(agent(1), ["cpu"]);
-    let b = Batcher::builder(store.clone(), MemoryPubsub::new())
-        .clock(MockClock::new())
-        .build()
-        .unwrap();
+    let (store, b) = with_one_key();
     let guard = b.close_guard();
     b.add(agent(1), vec![md("cpu", "1%", 1)]).unwrap();
     drop(b);
